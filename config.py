@@ -1,0 +1,158 @@
+"""Every knob of the project, and the parser that lets the command line turn them.
+
+Each field of DefaultConfig is an option: `python main.py train --lr=0.01 --use-gpu=False`.
+Relative paths are relative to the project folder (where this file is), not to the current
+directory, so a run behaves the same wherever it is started from.
+"""
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class DefaultConfig:
+    env: str = 'dogcat'  # visdom environment the curves go to
+    vis: bool = True  # send curves to a visdom server (training runs on if none answers)
+    vis_server: str = 'http://127.0.0.1'  # visdom server address
+    vis_port: int = 8097  # visdom server port
+    model: str = 'ResNet34'  # network to train: ResNet34, SqueezeNet or AlexNet
+
+    train_data_root: str = 'data/train'  # folder of cat.N.jpg / dog.N.jpg (Kaggle train/)
+    test_data_root: str = 'data/test1'  # folder of N.jpg to predict (Kaggle test1/)
+    load_model_path: str = ''  # weights or checkpoint to start from (val/test: best.pth if empty)
+    resume: str = ''  # checkpoint to continue training from, e.g. checkpoints/last.pth
+    checkpoint_dir: str = 'checkpoints'  # where last.pth, best.pth and metrics.jsonl go
+    result_file: str = 'result.csv'  # Kaggle submission written by `test`
+
+    batch_size: int = 32  # images per step
+    use_gpu: bool = True  # use CUDA (or Apple MPS) when there is one; CPU otherwise
+    amp: bool = False  # mixed precision: fp16 on CUDA, bf16 on CPU
+    num_workers: int = min(4, os.cpu_count() or 1)  # processes decoding images (0 = in the main one)
+    print_freq: int = 20  # steps between loss points, progress updates and debug-file checks
+    debug_file: str = 'tmp/debug'  # while this file exists, training stops in ipdb
+
+    max_epoch: int = 10  # epochs to train
+    lr: float = 0.001  # initial learning rate (Adam)
+    lr_decay: float = 0.5  # multiply lr by this when validation loss stops improving
+    weight_decay: float = 1e-4  # L2 penalty (Adam's weight_decay)
+    image_size: int = 224  # side of the square the network sees
+    val_ratio: float = 0.3  # share of each class held out for validation
+    seed: int = 0  # fixes the split, the shuffling and the initial weights
+
+    def __post_init__(self):
+        self._given = set()  # options set on the command line (not a field: not in to_dict)
+
+    def parse(self, kwargs):
+        """Apply command-line overrides, check them, print the result, and return self.
+
+        An unknown option or a value of the wrong type or range is a UserError naming the
+        option and what it accepts: a typo never falls back silently to a default.
+        """
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for raw_key, value in kwargs.items():
+            key = raw_key.replace('-', '_')
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+                hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else \
+                    "; `python main.py help` lists them"
+                raise UserError(f"unknown option --{raw_key}{hint}")
+            setattr(self, key, _coerce(key, value, fields[key].type))
+            self._given.add(key)
+        self._check()
+        print(self.describe())
+        return self
+
+    def _check(self):
+        from models import MODELS  # here, not at the top: `help` should not wait for torch
+
+        if self.model not in MODELS:
+            raise UserError(f'--model={self.model!r} is invalid; it takes one of {", ".join(MODELS)}')
+        min_size = MODELS[self.model].min_image_size
+        rules = [
+            ('lr', self.lr > 0, 'a number > 0'),
+            ('lr_decay', 0 < self.lr_decay <= 1, 'a number in (0, 1]'),
+            ('weight_decay', self.weight_decay >= 0, 'a number >= 0'),
+            ('batch_size', self.batch_size >= 1, 'a whole number >= 1'),
+            ('max_epoch', self.max_epoch >= 1, 'a whole number >= 1'),
+            ('num_workers', self.num_workers >= 0, 'a whole number >= 0'),
+            ('print_freq', self.print_freq >= 1, 'a whole number >= 1'),
+            ('image_size', self.image_size >= min_size, f'a whole number >= {min_size} for {self.model}'),
+            ('val_ratio', 0 < self.val_ratio < 1, 'a number strictly between 0 and 1'),
+            ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),
+        ]
+        for name, ok, accepts in rules:
+            if not ok:
+                raise UserError(f'--{name}={getattr(self, name)!r} is invalid; it takes {accepts}')
+
+    def inherit(self, stored, keys, source):
+        """Take `keys` from the config a checkpoint was made with, unless given on the command line.
+
+        A given value that differs from the stored one is an error: the run would silently not
+        be what the checkpoint is (another model, another split, another learning rate).
+        """
+        taken = {}
+        for key in keys:
+            if key not in stored or stored[key] == getattr(self, key):
+                continue
+            if key in self._given:
+                raise UserError(f'--{key}={getattr(self, key)!r} conflicts with {source}, which was '
+                                f'made with {key}={stored[key]!r}; drop --{key} or use another checkpoint')
+            taken[key] = stored[key]
+            setattr(self, key, stored[key])
+        if taken:
+            print(f'from {source}: ' + ' '.join(f'{k}={v}' for k, v in taken.items()))
+
+    def path(self, name):
+        """The option `name` as an absolute Path, relative ones taken from the project folder."""
+        return ROOT / Path(getattr(self, name)).expanduser()
+
+    def require_dir(self, name):
+        folder = self.path(name)
+        if not folder.is_dir():
+            raise UserError(f'--{name}: folder {folder} does not exist')
+        return folder
+
+    def to_dict(self):
+        """Plain values only, so a checkpoint that stores them loads with weights_only=True."""
+        return dataclasses.asdict(self)
+
+    def describe(self):
+        return 'config: ' + ' '.join(f'{k}={v}' for k, v in self.to_dict().items())
+
+
+def _coerce(key, value, kind):
+    """Turn what fire parsed into the field's type, or say what the option accepts."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in ('true', 'yes', '1', 'on'):
+            return True
+        if word in ('false', 'no', '0', 'off'):
+            return False
+        raise UserError(f'--{key}={value!r} is invalid; it takes True or False')
+    if kind is str:
+        # fire turns `--env=123` into an int and `--load_model_path=None` into None
+        return '' if value is None else str(value)
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        name = 'a whole number' if kind is int else 'a number'
+        raise UserError(f'--{key}={value!r} is invalid; it takes {name}') from None
+
+
+def option_help():
+    """{option: (default, comment)} read from the comments beside the fields above."""
+    source = Path(__file__).read_text(encoding='utf-8')
+    comments = dict(re.findall(r'^    (\w+): \w+ = .*?  # (.*)$', source, flags=re.M))
+    return {f.name: (getattr(DefaultConfig(), f.name), comments.get(f.name, ''))
+            for f in dataclasses.fields(DefaultConfig)}

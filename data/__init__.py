@@ -1,0 +1,3 @@
+from .dataset import DogCat, collate_fn
+
+__all__ = ['DogCat', 'collate_fn']

@@ -1,0 +1,130 @@
+"""The Dogs vs. Cats images as a torch Dataset, and a collate function that survives bad files.
+
+Kaggle layout: train/ holds cat.N.jpg and dog.N.jpg (label from the name: 0 = cat, 1 = dog),
+test1/ holds N.jpg (N is the id the submission needs). Only the file's own name is read, never
+the folder's, so a root such as /home/dog/data labels nothing wrong.
+"""
+import os
+import random
+import re
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import v2 as T
+
+from utils import UserError
+
+LABELS = ('cat', 'dog')
+EXTENSIONS = r'\.(?:jpe?g|png)'
+TRAIN_NAME = re.compile(r'(cat|dog)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
+TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
+# the statistics the torchvision models' first layers expect
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DogCat(Dataset):
+    """Samples of one of the modes 'train', 'val' (a held-out share of train/) or 'test'.
+
+    A sample is (image, target, index): target is the label (train, val) or the Kaggle id (test),
+    index points into `self.paths`. An image that cannot be decoded comes back as None, so that
+    collate_fn can drop it instead of one bad file ending the run.
+    Only the paths are kept in memory; images are read when asked for.
+    """
+
+    def __init__(self, root, mode='train', image_size=224, val_ratio=0.3, seed=0):
+        if mode not in ('train', 'val', 'test'):
+            raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f'data folder {root} does not exist')
+        self.mode = mode
+        samples, self.ignored = _list_samples(root, TEST_NAME if mode == 'test' else TRAIN_NAME)
+        if not samples:
+            expected = 'N.jpg' if mode == 'test' else 'cat.N.jpg / dog.N.jpg'
+            found = f"only {len(self.ignored)} other entries such as {', '.join(self.ignored[:3])}" \
+                if self.ignored else 'nothing'
+            raise UserError(f'{root} holds no {expected} images ({found})')
+        if mode != 'test':
+            samples = _split(samples, val_ratio, seed)[mode]
+            if not samples:
+                raise UserError(f'{root}: too few images to hold out a {mode} split at '
+                                f'val_ratio={val_ratio}')
+        self.paths = [str(root / name) for name, _ in samples]
+        self.targets = [target for _, target in samples]
+        self.transform = train_transform(image_size) if mode == 'train' else eval_transform(image_size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            with Image.open(self.paths[index]) as img:
+                img = img.convert('RGB')  # decodes now: a broken file fails here, not later
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, self.targets[index], index
+        return self.transform(img), self.targets[index], index
+
+
+def _list_samples(root, pattern):
+    """[(file name, target)] sorted by target and number, and the names that are not samples."""
+    samples, ignored = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match and entry.is_file():
+                if pattern is TEST_NAME:
+                    samples.append((entry.name, int(match[1])))
+                else:
+                    samples.append((entry.name, LABELS.index(match[1].lower()), int(match[2])))
+            else:
+                ignored.append(entry.name)
+    samples.sort(key=lambda s: s[1:])  # a fixed order, whatever order the disk lists them in
+    return [s[:2] for s in samples], sorted(ignored)
+
+
+def _split(samples, val_ratio, seed):
+    """Split each class on its own (stratified), shuffled by `seed`: same seed, same split."""
+    parts = {'train': [], 'val': []}
+    for label in range(len(LABELS)):
+        members = [s for s in samples if s[1] == label]
+        random.Random(seed).shuffle(members)
+        n_val = round(len(members) * val_ratio)
+        parts['val'] += members[:n_val]
+        parts['train'] += members[n_val:]
+    return parts
+
+
+def train_transform(size):
+    return T.Compose([
+        T.RandomResizedCrop(size, antialias=True),
+        T.RandomHorizontalFlip(),
+        *_to_normalized_tensor(),
+    ])
+
+
+def eval_transform(size):
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), *_to_normalized_tensor()])
+
+
+def _to_normalized_tensor():
+    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
+
+
+Batch = namedtuple('Batch', 'images targets indices skipped')
+
+
+def collate_fn(samples):
+    """Stack the samples that loaded; `skipped` lists the indices of those that did not.
+
+    When every sample of a batch failed, images, targets and indices are None and the training
+    loop skips the batch.
+    """
+    good = [s for s in samples if s[0] is not None]
+    skipped = [index for image, _, index in samples if image is None]
+    if not good:
+        return Batch(None, None, None, skipped)
+    images, targets, indices = default_collate(good)
+    return Batch(images, targets, indices, skipped)

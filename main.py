@@ -1,0 +1,292 @@
+"""dogcat: train, validate and test a cat-vs-dog classifier.  `python main.py help` lists all."""
+import inspect
+import json
+import math
+import time
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader
+from torchnet import meter
+from tqdm import tqdm
+
+from config import DefaultConfig, option_help
+from data import DogCat, collate_fn
+from data.demo import make_demo_data
+from models import MODELS
+from utils import UserError
+from utils.cli import run
+from utils.files import atomic_open, atomic_save, load_checkpoint
+from utils.runtime import autocast, pick_device, seed_everything
+from utils.visualize import Visualizer
+
+# Kaggle scores log loss, which punishes a confident mistake without bound: keep P(dog) away
+# from 0 and 1 so a few wrong answers cannot ruin the score.
+P_MIN, P_MAX = 0.005, 0.995
+# what --resume takes from the checkpoint: changing any of them would make another run
+RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay')
+
+
+def train(**kwargs):
+    """Train a model on train_data_root, validating after every epoch."""
+    cfg = DefaultConfig().parse(kwargs)
+    resume = load_checkpoint(cfg.path('resume')) if cfg.resume else None
+    if resume is not None:
+        if 'optimizer' not in resume:
+            raise UserError(f'{cfg.resume} holds weights only, not a training state; '
+                            f'start from it with --load_model_path instead')
+        cfg.inherit(resume['config'], RESUME_KEYS, cfg.resume)
+    device = pick_device(cfg.use_gpu)
+    seed_everything(cfg.seed)
+
+    # step 1: model
+    model = MODELS[cfg.model]()
+    if cfg.load_model_path:
+        model.load(cfg.path('load_model_path'))
+    model.to(device)
+    print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}')
+
+    # step 2: data
+    root = cfg.require_dir('train_data_root')
+    train_data = DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed)
+    val_data = DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
+    train_loader = make_loader(train_data, cfg, device, shuffle=True)
+    val_loader = make_loader(val_data, cfg, device)
+    print(f'{len(train_data)} training and {len(val_data)} validation images in {root}'
+          + (f' ({len(train_data.ignored)} other entries ignored)' if train_data.ignored else ''))
+
+    # step 3: objective, optimizer, and the decay of the learning rate
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
+    scheduler = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == 'cuda')
+    start_epoch, best_accuracy = 0, 0.0
+    if resume is not None:
+        model.load_state(resume, cfg.resume)
+        optimizer.load_state_dict(resume['optimizer'])
+        scheduler.load_state_dict(resume['scheduler'])
+        scaler.load_state_dict(resume['scaler'])
+        start_epoch, best_accuracy = resume['epoch'] + 1, resume['best_accuracy']
+        print(f'resuming {cfg.resume} at epoch {start_epoch + 1} (best accuracy so far '
+              f'{best_accuracy:.2%})')
+
+    # step 4: train, validate, log and keep the checkpoints, epoch by epoch
+    vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis)
+    checkpoint_dir = cfg.path('checkpoint_dir')
+    for epoch in range(start_epoch, cfg.max_epoch):
+        # shuffling, augmentation and dropout depend on (seed, epoch) only, so a resumed run
+        # draws the same numbers as one that never stopped
+        seed_everything(cfg.seed + epoch)
+        lr = optimizer.param_groups[0]['lr']
+        started = time.perf_counter()
+        model.train()
+        train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer, scaler,
+                                                    device, cfg, epoch, vis)
+        seconds = time.perf_counter() - started
+        model.eval()
+        metrics = evaluate(model, val_loader, device, cfg.amp)
+        scheduler.step(metrics['loss'])
+
+        best_accuracy = max(best_accuracy, metrics['accuracy'])
+        state = {
+            'model': model.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(),
+            'scaler': scaler.state_dict(),
+            'epoch': epoch,  # the last finished epoch, counted from 0: resume starts at epoch + 1
+            'best_accuracy': best_accuracy,
+            'config': cfg.to_dict(),
+        }
+        atomic_save(state, checkpoint_dir / 'last.pth')
+        if metrics['accuracy'] == best_accuracy:
+            atomic_save(state, checkpoint_dir / 'best.pth')
+
+        skipped_files = [train_data.paths[i] for i in skipped] + \
+                        [val_data.paths[i] for i in metrics['skipped']]
+        record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss, 'val_loss': metrics['loss'],
+                  'val_accuracy': metrics['accuracy'], 'val_log_loss': metrics['log_loss'],
+                  'confusion': metrics['confusion'], 'seconds': round(seconds, 2),
+                  'images_per_second': round(seen / seconds, 1), 'skipped': len(skipped_files),
+                  'skipped_files': skipped_files[:5]}
+        with open(checkpoint_dir / 'metrics.jsonl', 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        summary = (f"epoch {epoch + 1}/{cfg.max_epoch}  lr {lr:.3g}  train loss {train_loss:.4f}  "
+                   f"val loss {metrics['loss']:.4f}  val acc {metrics['accuracy']:.2%}  "
+                   f"{seconds:.1f}s  {record['images_per_second']:g} img/s")
+        if skipped_files:
+            summary += f"  skipped {len(skipped_files)} unreadable: {', '.join(skipped_files[:3])}"
+        print(summary)
+        vis.lines('loss', {'train': train_loss, 'val': metrics['loss']}, x=epoch + 1)
+        vis.plot('val_accuracy', metrics['accuracy'], x=epoch + 1)
+        vis.plot('lr', lr, x=epoch + 1)
+        vis.heatmap('confusion', metrics['confusion'], rownames=['cat', 'dog'],
+                    columnnames=['predicted cat', 'predicted dog'])
+        vis.log(summary)
+    print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {checkpoint_dir}')
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg, epoch, vis):
+    """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices."""
+    loss_meter = meter.AverageValueMeter()
+    skipped, seen = [], 0
+    # the loss is summed on the device and read back every print_freq steps: reading it every
+    # step (.item()) would make the GPU wait for the CPU once per batch
+    window_sum, window_count = torch.zeros((), device=device), 0
+    debug_file = cfg.path('debug_file')
+    steps = len(loader)
+    progress = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
+                    disable=None)  # None: no bar when output is not a terminal (logs, CI)
+    for step, (images, targets, _, bad) in enumerate(progress, start=1):
+        skipped += bad
+        if images is not None:  # None: every image of the batch failed to load
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast(device, cfg.amp):
+                loss = criterion(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            window_sum += loss.detach() * len(targets)
+            window_count += len(targets)
+
+        if step % cfg.print_freq == 0 or step == steps:
+            if window_count:
+                window_loss = window_sum.item() / window_count
+                if not math.isfinite(window_loss):
+                    raise UserError(f'the loss became {window_loss} in epoch {epoch + 1} (steps '
+                                    f'{step - cfg.print_freq + 1}-{step}); try a lower --lr. '
+                                    f'{cfg.checkpoint_dir}/last.pth holds the last good epoch')
+                loss_meter.add(window_sum.item(), window_count)
+                seen += window_count
+                if step % cfg.print_freq == 0:
+                    progress.set_postfix(loss=f'{window_loss:.4f}')
+                    vis.plot('train_loss', window_loss, x=epoch * steps + step)
+                window_sum.zero_()
+                window_count = 0
+            if debug_file.exists():
+                import ipdb
+                # model, optimizer, cfg, images, targets and loss are all in reach here;
+                # `c` continues (remove the file first), `q` quits
+                ipdb.set_trace()
+    progress.close()
+    return loss_meter.value()[0], seen, skipped
+
+
+@torch.inference_mode()
+def predict(model, loader, device, amp=False):
+    """Log-probabilities (N, 2) of the images that loaded, with their targets and indices.
+
+    Also returns the indices of the images that could not be read.
+    """
+    log_probs, targets, indices, skipped = [], [], [], []
+    for images, batch_targets, batch_indices, bad in loader:
+        skipped += bad
+        if images is None:
+            continue
+        with autocast(device, amp):
+            logits = model(images.to(device, non_blocking=True))
+        log_probs.append(logits.float().log_softmax(dim=1).cpu())
+        targets.append(batch_targets)
+        indices.append(batch_indices)
+    if not log_probs:
+        raise UserError(f'none of the {len(skipped)} images could be read')
+    return torch.cat(log_probs), torch.cat(targets), torch.cat(indices), skipped
+
+
+def evaluate(model, loader, device, amp=False):
+    """Loss, accuracy, confusion matrix (rows: true cat/dog) and Kaggle log loss over `loader`."""
+    log_probs, labels, indices, skipped = predict(model, loader, device, amp)
+    confusion = meter.ConfusionMeter(2)
+    confusion.add(log_probs, labels)
+    matrix = confusion.value()
+    p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
+    log_loss = -torch.where(labels == 1, p_dog.log(), (1 - p_dog).log()).mean().item()
+    return {
+        'loss': nn.functional.nll_loss(log_probs, labels).item(),
+        'accuracy': float(matrix.trace() / matrix.sum()),
+        'log_loss': log_loss,
+        'confusion': matrix.tolist(),
+        'p_dog': p_dog, 'labels': labels, 'indices': indices, 'skipped': skipped,
+    }
+
+
+def val(**kwargs):
+    """Evaluate a checkpoint on the validation split: loss, accuracy, confusion, log loss."""
+    cfg = DefaultConfig().parse(kwargs)
+    device = pick_device(cfg.use_gpu)
+    model = load_trained(cfg, device)
+    data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
+    m = evaluate(model, make_loader(data, cfg, device), device, cfg.amp)
+    (cat_cat, cat_dog), (dog_cat, dog_dog) = m['confusion']
+    print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
+          f"Kaggle log loss {m['log_loss']:.4f}")
+    print(f'confusion          predicted cat  predicted dog\n'
+          f'  true cat         {cat_cat:13d}  {cat_dog:13d}\n'
+          f'  true dog         {dog_cat:13d}  {dog_dog:13d}')
+    if m['skipped']:
+        print(f"skipped {len(m['skipped'])} unreadable images")
+
+
+def test(**kwargs):
+    """Predict test_data_root and write the Kaggle submission (id,label with label = P(dog))."""
+    cfg = DefaultConfig().parse(kwargs)
+    device = pick_device(cfg.use_gpu)
+    model = load_trained(cfg, device)
+    data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
+    log_probs, ids, _, skipped = predict(model, make_loader(data, cfg, device), device, cfg.amp)
+    p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
+    order = ids.argsort()
+    result_file = cfg.path('result_file')
+    with atomic_open(result_file, 'w') as f:
+        f.write('id,label\n')
+        f.writelines(f'{ids[i]},{p_dog[i]:.4f}\n' for i in order.tolist())
+    print(f'wrote {len(ids)} predictions to {result_file}')
+    if skipped:
+        names = [data.paths[i] for i in skipped]
+        print(f"could not read {len(names)} images, left out: {', '.join(names[:5])}")
+
+
+def load_trained(cfg, device):
+    """The model at load_model_path (default: best.pth in checkpoint_dir), ready for inference.
+
+    The model name and image size come from the checkpoint unless given on the command line.
+    """
+    path = cfg.path('load_model_path') if cfg.load_model_path else cfg.path('checkpoint_dir') / 'best.pth'
+    state = load_checkpoint(path)
+    cfg.inherit(state.get('config', {}), ('model', 'image_size'), path)
+    model = MODELS[cfg.model]().load_state(state, path)
+    return model.to(device).eval()
+
+
+def make_loader(dataset, cfg, device, shuffle=False):
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate_fn,
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                      pin_memory=device.type == 'cuda')
+
+
+def demo_data(root='data/demo', n_train=600, n_test=100, seed=0):
+    """Write a small synthetic dataset in the Kaggle layout: ROOT/train and ROOT/test1."""
+    from config import ROOT
+    folder = ROOT / root
+    make_demo_data(folder, n_train, n_test, seed)
+    print(f'wrote {n_train} training images to {folder / "train"} and {n_test} test images to '
+          f'{folder / "test1"}')
+
+
+def help():
+    """Show the verbs and every option with its default."""
+    print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
+    for name, verb in VERBS.items():
+        print(f'  {name:<10} {inspect.getdoc(verb).splitlines()[0]}')
+    print('\noptions of train, val and test (default, meaning):')
+    for name, (default, comment) in option_help().items():
+        print(f'  --{name:<16} {default!r:<18} {comment}')
+
+
+VERBS = {'train': train, 'val': val, 'test': test, 'demo_data': demo_data, 'help': help}
+
+if __name__ == '__main__':
+    run(VERBS)

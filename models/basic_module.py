@@ -1,0 +1,50 @@
+"""BasicModule: an nn.Module that can save and load its own weights."""
+import time
+from pathlib import Path
+
+from torch import nn
+
+from utils import UserError
+from utils.files import atomic_save, load_checkpoint
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / 'checkpoints'
+
+
+class BasicModule(nn.Module):
+    """Base of every model here: a name, a parameter count, save() and load() of the weights.
+
+    Full training state (optimizer, epoch, ...) is the training code's business, not the model's.
+    """
+    min_image_size = 32  # smallest input side the network's pooling layers accept
+
+    @property
+    def model_name(self):
+        return type(self).__name__
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path=None):
+        """Write the weights (atomically) to `path`, by default checkpoints/<name>_<time>.pth."""
+        if path is None:
+            path = CHECKPOINT_DIR / f"{self.model_name}_{time.strftime('%Y%m%d-%H%M%S')}.pth"
+        atomic_save(self.state_dict(), path)
+        return Path(path)
+
+    def load(self, path):
+        """Load weights written by save(), or the model part of a training checkpoint."""
+        return self.load_state(load_checkpoint(path), source=path)
+
+    def load_state(self, state, source='the checkpoint'):
+        """Like load(), from a dict already read from `source`."""
+        if isinstance(state.get('model'), dict):  # a training checkpoint, see main.py
+            made_as = state.get('config', {}).get('model')
+            if made_as and made_as != self.model_name:
+                raise UserError(f'{source} is a checkpoint of {made_as}, not of {self.model_name}; '
+                                f'pass --model={made_as}')
+            state = state['model']
+        try:
+            self.load_state_dict(state)
+        except RuntimeError:
+            raise UserError(f'{source} holds weights that do not fit {self.model_name}') from None
+        return self

@@ -1,0 +1,93 @@
+import pytest
+
+from config import DefaultConfig, option_help
+from utils import UserError
+
+
+def test_overrides_are_applied_with_their_types():
+    cfg = DefaultConfig().parse({'lr': 0.01, 'use_gpu': False, 'batch_size': 8, 'env': 123})
+    assert (cfg.lr, cfg.use_gpu, cfg.batch_size, cfg.env) == (0.01, False, 8, '123')
+
+
+def test_dashes_work_like_underscores():
+    cfg = DefaultConfig().parse({'batch-size': 4, 'use-gpu': True, 'max-epoch': 3})
+    assert (cfg.batch_size, cfg.use_gpu, cfg.max_epoch) == (4, True, 3)
+
+
+@pytest.mark.parametrize('text, expected', [('True', True), ('false', False), ('yes', True), ('0', False)])
+def test_bool_options_accept_words(text, expected):
+    assert DefaultConfig().parse({'vis': text}).vis is expected
+
+
+def test_unknown_option_names_the_closest_valid_ones():
+    with pytest.raises(UserError, match=r'--lr_decy.*did you mean --lr_decay'):
+        DefaultConfig().parse({'lr_decy': 0.5})
+
+
+def test_unknown_option_far_from_any_points_to_help():
+    with pytest.raises(UserError, match='main.py help'):
+        DefaultConfig().parse({'zzzzzz': 1})
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('lr', 'abc', r"--lr='abc' is invalid; it takes a number"),
+    ('lr', -1, r'--lr=-1.0 is invalid; it takes a number > 0'),
+    ('lr', 0, r'--lr=0.0 is invalid'),
+    ('batch_size', 0, r'--batch_size=0 is invalid; it takes a whole number >= 1'),
+    ('batch_size', 2.5, r'--batch_size=2.5 is invalid; it takes a whole number'),
+    ('use_gpu', 'maybe', r'--use_gpu=.maybe. is invalid; it takes True or False'),
+    ('model', 'ResNet35', r'--model=.ResNet35. is invalid; it takes one of ResNet34, SqueezeNet, AlexNet'),
+    ('val_ratio', 1.0, r'--val_ratio=1.0 is invalid'),
+])
+def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):
+    with pytest.raises(UserError, match=message):
+        DefaultConfig().parse({key: value})
+
+
+def test_image_size_too_small_for_the_model():
+    with pytest.raises(UserError, match='>= 63 for AlexNet'):
+        DefaultConfig().parse({'model': 'AlexNet', 'image_size': 32})
+
+
+def test_missing_folder_is_named(tmp_path):
+    cfg = DefaultConfig().parse({'train_data_root': str(tmp_path / 'nowhere')})
+    with pytest.raises(UserError, match=f'--train_data_root: folder {tmp_path / "nowhere"} does not exist'):
+        cfg.require_dir('train_data_root')
+
+
+def test_relative_paths_are_taken_from_the_project_folder(monkeypatch, tmp_path):
+    from config import ROOT
+    monkeypatch.chdir(tmp_path)
+    assert DefaultConfig().path('debug_file') == ROOT / 'tmp' / 'debug'
+
+
+def test_parse_prints_the_effective_config_once(capsys):
+    DefaultConfig().parse({'lr': 0.5})
+    out = capsys.readouterr().out
+    assert out.count('config:') == 1 and 'lr=0.5' in out
+
+
+def test_inherit_takes_stored_values_unless_given():
+    cfg = DefaultConfig().parse({'batch_size': 4})
+    cfg.inherit({'model': 'AlexNet', 'image_size': 96, 'batch_size': 64}, ('model', 'image_size'), 'ck.pth')
+    assert (cfg.model, cfg.image_size, cfg.batch_size) == ('AlexNet', 96, 4)
+
+
+def test_inherit_refuses_a_conflicting_given_value():
+    cfg = DefaultConfig().parse({'model': 'ResNet34'})
+    with pytest.raises(UserError, match=r"--model='ResNet34' conflicts with ck.pth.*model='AlexNet'"):
+        cfg.inherit({'model': 'AlexNet'}, ('model',), 'ck.pth')
+
+
+def test_every_option_has_a_comment_for_help():
+    options = option_help()
+    assert set(options) >= {'env', 'vis_port', 'model', 'train_data_root', 'test_data_root',
+                            'load_model_path', 'batch_size', 'use_gpu', 'num_workers', 'print_freq',
+                            'debug_file', 'result_file', 'max_epoch', 'lr', 'lr_decay', 'weight_decay',
+                            'image_size', 'seed'}
+    assert all(comment for _, comment in options.values()), options
+
+
+def test_to_dict_is_plain_values():
+    values = DefaultConfig().to_dict().values()
+    assert all(isinstance(v, (str, int, float, bool)) for v in values)

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from PIL import Image
+
+from data import DogCat, collate_fn
+from utils import UserError
+
+
+def write_images(folder, names, size=(40, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new('RGB', size, (200, 100, 50)).save(folder / name, format='PNG' if name.lower().endswith('png') else 'JPEG')
+    return folder
+
+
+def labelled_names(n_per_class):
+    return [f'{kind}.{i}.jpg' for kind in ('cat', 'dog') for i in range(n_per_class)]
+
+
+def test_labels_come_from_the_file_name_not_the_folder(tmp_path):
+    # the original template read the label from the whole path: everything under .../dog/... was a dog
+    root = write_images(tmp_path / 'dog' / 'dogs-and-cats', ['cat.1.jpg', 'cat.2.JPG', 'dog.3.jpeg', 'Dog.4.PNG'])
+    data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
+    val = DogCat(root, 'val', image_size=32, val_ratio=0.5)
+    labels = {p.rsplit('/', 1)[1]: t for p, t in zip(data.paths + val.paths, data.targets + val.targets)}
+    assert labels == {'cat.1.jpg': 0, 'cat.2.JPG': 0, 'dog.3.jpeg': 1, 'Dog.4.PNG': 1}
+
+
+def test_test_mode_targets_are_the_kaggle_ids(tmp_path):
+    root = write_images(tmp_path / 'test1', ['10.jpg', '2.jpg', '1.png'])
+    data = DogCat(root, 'test', image_size=32)
+    assert sorted(data.targets) == [1, 2, 10]
+    image, target, index = data[data.targets.index(10)]
+    assert target == 10 and data.paths[index].endswith('10.jpg')
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+
+
+def test_names_that_are_not_samples_are_ignored_and_counted(tmp_path):
+    root = write_images(tmp_path, labelled_names(2) + ['notes.jpg', 'cat.jpg', '12.jpg'])
+    (root / 'readme.txt').write_text('hello')
+    (root / 'sub').mkdir()
+    data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
+    assert data.ignored == ['12.jpg', 'cat.jpg', 'notes.jpg', 'readme.txt', 'sub']
+
+
+def test_a_folder_without_samples_is_a_clear_error(tmp_path):
+    write_images(tmp_path, ['1.jpg', 'photo.jpg'])
+    with pytest.raises(UserError, match=r'holds no cat.N.jpg / dog.N.jpg images \(only 2 other entries'):
+        DogCat(tmp_path, 'train')
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match='does not exist'):
+        DogCat(tmp_path / 'nope', 'test')
+
+
+def test_split_is_disjoint_complete_stratified_and_deterministic(tmp_path):
+    root = write_images(tmp_path, labelled_names(10))
+    train = DogCat(root, 'train', val_ratio=0.3, seed=5)
+    val = DogCat(root, 'val', val_ratio=0.3, seed=5)
+    assert not set(train.paths) & set(val.paths)
+    assert len(set(train.paths) | set(val.paths)) == 20
+    assert sorted(val.targets) == [0, 0, 0, 1, 1, 1]  # 30 % of each class
+    assert DogCat(root, 'val', val_ratio=0.3, seed=5).paths == val.paths
+    assert DogCat(root, 'val', val_ratio=0.3, seed=6).paths != val.paths
+
+
+def test_transforms_give_the_configured_size(tmp_path):
+    root = write_images(tmp_path, labelled_names(3), size=(90, 50))
+    for mode in ('train', 'val'):
+        image, label, _ = DogCat(root, mode, image_size=48, val_ratio=0.4)[0]
+        assert image.shape == (3, 48, 48)
+
+
+def test_grayscale_and_rgba_images_become_rgb(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    Image.new('L', (40, 40), 128).save(tmp_path / '1.jpg')
+    Image.new('RGBA', (40, 40), (1, 2, 3, 4)).save(tmp_path / '2.png')
+    data = DogCat(tmp_path, 'test', image_size=32)
+    assert all(data[i][0].shape == (3, 32, 32) for i in range(2))
+
+
+def test_a_corrupt_image_comes_back_as_none_and_collate_drops_it(tmp_path):
+    root = write_images(tmp_path, ['1.jpg', '3.jpg'])
+    (root / '2.jpg').write_bytes(b'not an image at all')
+    data = DogCat(root, 'test', image_size=32)
+    samples = [data[i] for i in range(len(data))]
+    bad = data.targets.index(2)
+    assert samples[bad][0] is None
+    batch = collate_fn(samples)
+    assert batch.images.shape == (2, 3, 32, 32)
+    assert sorted(batch.targets.tolist()) == [1, 3]
+    assert batch.skipped == [bad]
+
+
+def test_a_batch_of_only_bad_images_collates_to_none():
+    batch = collate_fn([(None, 0, 4), (None, 1, 7)])
+    assert batch.images is None and batch.skipped == [4, 7]
+
+
+def test_dataset_keeps_paths_not_images(tmp_path):
+    root = write_images(tmp_path, labelled_names(3))
+    data = DogCat(root, 'train', val_ratio=0.4)
+    assert all(isinstance(p, str) for p in data.paths)
+    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform'}
+
+
+def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
+    root = write_images(tmp_path, labelled_names(1))
+    with pytest.raises(UserError, match='too few images to hold out a val split'):
+        DogCat(root, 'val', val_ratio=0.3)

@@ -1,0 +1,120 @@
+"""The verbs called in-process on tiny generated data."""
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+import main
+from conftest import fast_options
+from models import SqueezeNet
+from utils import UserError
+from utils.files import load_checkpoint
+
+
+def test_train_keeps_last_and_best_checkpoints_and_a_metrics_file(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2))
+    last = load_checkpoint(tmp_path / 'checkpoints' / 'last.pth')
+    assert set(last) >= {'model', 'optimizer', 'scheduler', 'epoch', 'best_accuracy', 'config'}
+    assert last['epoch'] == 1 and last['config']['model'] == 'SqueezeNet'
+    assert (tmp_path / 'checkpoints' / 'best.pth').exists()
+    records = [json.loads(line) for line in (tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [1, 2]
+    assert all(0 <= r['val_accuracy'] <= 1 and r['skipped'] == 0 for r in records)
+    assert last['best_accuracy'] == max(r['val_accuracy'] for r in records)
+    assert not list((tmp_path / 'checkpoints').glob('*.tmp'))
+
+
+def weights(path):
+    return load_checkpoint(path)['model']
+
+
+def test_resume_continues_at_the_next_epoch_and_ends_where_an_unbroken_run_does(tmp_path, tiny_data):
+    whole = tmp_path / 'whole'
+    main.train(**fast_options(whole, tiny_data, max_epoch=2))
+
+    parts = tmp_path / 'parts'
+    main.train(**fast_options(parts, tiny_data, max_epoch=1))
+    assert load_checkpoint(parts / 'checkpoints' / 'last.pth')['epoch'] == 0
+    main.train(**fast_options(parts, tiny_data, max_epoch=2, resume=str(parts / 'checkpoints' / 'last.pth')))
+
+    resumed = load_checkpoint(parts / 'checkpoints' / 'last.pth')
+    assert resumed['epoch'] == 1
+    epochs = [json.loads(line)['epoch'] for line in (parts / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()]
+    assert epochs == [1, 2]
+    for name, tensor in weights(whole / 'checkpoints' / 'last.pth').items():
+        assert torch.equal(tensor, resumed['model'][name]), name
+
+
+def test_resume_refuses_options_that_would_make_another_run(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data))
+    last = str(tmp_path / 'checkpoints' / 'last.pth')
+    with pytest.raises(UserError, match=r'--lr=0.5 conflicts with .*last.pth, which was made with lr=0.001'):
+        main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume=last, lr=0.5))
+
+
+def test_resume_from_weights_only_says_to_use_load_model_path(tmp_path, tiny_data):
+    path = SqueezeNet().save(tmp_path / 'weights.pth')
+    with pytest.raises(UserError, match='--load_model_path'):
+        main.train(**fast_options(tmp_path, tiny_data, resume=str(path)))
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_data, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data / 'train', data / 'train')
+    for name in ('cat.0.jpg', 'dog.0.jpg', 'cat.1.jpg', 'dog.1.jpg'):
+        (data / 'train' / name).write_bytes(b'\xff\xd8 truncated')
+    # batch_size=1: each broken file makes a batch with nothing left in it
+    main.train(**fast_options(tmp_path, data, batch_size=1, max_epoch=1))
+    record = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text())
+    assert record['skipped'] == 4
+    assert {p.rsplit('/', 1)[1] for p in record['skipped_files']} == {'cat.0.jpg', 'dog.0.jpg', 'cat.1.jpg', 'dog.1.jpg'}
+    assert 'skipped 4 unreadable' in capsys.readouterr().out
+
+
+def checkpoint_that_always_says(tmp_path, p_dog_logit):
+    """A SqueezeNet checkpoint whose answer is fixed: logits (0, p_dog_logit) for every image."""
+    model = SqueezeNet()
+    head = model.net.classifier[1]  # 1x1 conv, followed by ReLU and pooling
+    torch.nn.init.zeros_(head.weight)
+    head.bias.data = torch.tensor([max(0.0, -p_dog_logit), max(0.0, p_dog_logit)])
+    path = tmp_path / 'fixed.pth'
+    torch.save({'model': model.state_dict(), 'config': {'model': 'SqueezeNet', 'image_size': 32}}, path)
+    return path
+
+
+@pytest.mark.parametrize('logit, expected', [(1.0, 0.7311), (10.0, 0.995), (-10.0, 0.005)])
+def test_submission_holds_p_dog_clipped_sorted_by_numeric_id(tmp_path, tiny_data, logit, expected):
+    options = fast_options(tmp_path, tiny_data, load_model_path=str(checkpoint_that_always_says(tmp_path, logit)))
+    del options['model'], options['image_size']  # taken from the checkpoint
+    main.test(**options)
+    with open(tmp_path / 'result.csv', newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['id', 'label']
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 9))
+    assert all(float(r[1]) == pytest.approx(expected, abs=1e-4) for r in rows[1:])
+
+
+def test_val_reports_loss_accuracy_confusion_and_log_loss(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data))
+    capsys.readouterr()
+    options = fast_options(tmp_path, tiny_data)
+    del options['model']
+    main.val(**options)
+    out = capsys.readouterr().out
+    assert '12 validation images: loss' in out and 'accuracy' in out and 'Kaggle log loss' in out
+    assert 'true cat' in out and 'true dog' in out
+
+
+def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data)
+    from config import DefaultConfig
+    from data import DogCat
+    cfg = DefaultConfig().parse(options)
+    data = DogCat(tiny_data / 'train', 'val', 32, cfg.val_ratio, cfg.seed)
+    model = SqueezeNet().eval()
+    metrics = main.evaluate(model, main.make_loader(data, cfg, torch.device('cpu')), torch.device('cpu'))
+    assert sum(map(sum, metrics['confusion'])) == len(data) == 12
+    assert sorted(metrics['indices'].tolist()) == list(range(12))
+    assert metrics['accuracy'] == pytest.approx((metrics['confusion'][0][0] + metrics['confusion'][1][1]) / 12)

@@ -1,0 +1,56 @@
+"""Files that are never left half-written (checkpoints, the submission), and checkpoint loading."""
+import contextlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from utils import UserError
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode='wb'):
+    """Open a temporary file beside `path`; on success rename it over `path`, else delete it.
+
+    The rename is atomic, so `path` always holds either the old complete file or the new
+    complete one: a kill, an exception or a full disk mid-write never leaves a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path), atomically."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path):
+    """The dict stored at `path`, on the CPU; tensors and plain values only (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint {path} does not exist')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any pickle that would import or call code
+        raise UserError(f'{path} is refused: it holds more than weights and plain values '
+                        f'({str(e).splitlines()[0]})') from None
+    except Exception as e:  # torch.load raises many kinds on a file that is not its own
+        raise UserError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else "unreadable"})') from None
+    if not isinstance(state, dict):
+        raise UserError(f'{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict')
+    return state

@@ -1,0 +1,81 @@
+"""Live training curves in a visdom server (start one with the command in README.md)."""
+import logging
+import sys
+import time
+
+import numpy as np
+
+RETRY_SECONDS = 30  # how long to stay quiet after the server failed to answer
+
+
+class Visualizer:
+    """Thin wrapper over visdom.Visdom: one window per name, points appended as they come.
+
+    Training never waits on it: with no server answering it warns once, drops what it is given,
+    and tries the server again every RETRY_SECONDS, so plotting resumes when the server is back.
+    """
+
+    def __init__(self, env='dogcat', server='http://127.0.0.1', port=8097, enabled=True):
+        self.env, self.server, self.port, self.enabled = env, server, port, enabled
+        self.vis = None
+        self.next_try = 0.0  # time.monotonic() before which the server is not tried again
+        self.warned = False
+        self.steps = {}  # window name -> x of its next point
+
+    def plot(self, name, y, x=None, title=None):
+        """Append the point (x, y) to the line chart `name`; x defaults to a per-window counter."""
+        x = self.steps.get(name, 0) if x is None else x
+        self.steps[name] = x + 1
+        self._call('line', Y=np.array([y]), X=np.array([x]), win=name,
+                   opts={'title': title or name}, update='append')
+
+    def plot_many(self, values, x=None):
+        for name, y in values.items():
+            self.plot(name, y, x)
+
+    def lines(self, name, values, x, title=None):
+        """Append one point to each named line of the shared chart `name` (e.g. train vs val loss)."""
+        for line, y in values.items():
+            self._call('line', Y=np.array([y]), X=np.array([x]), win=name, name=line,
+                       opts={'title': title or name, 'showlegend': True}, update='append')
+
+    def img(self, name, images, caption=None):
+        """Show an image tensor (C, H, W) or a grid of a batch (N, C, H, W), values in [0, 1]."""
+        images = images.detach().cpu().numpy()
+        method = 'images' if images.ndim == 4 else 'image'
+        self._call(method, images, win=name, opts={'title': name, 'caption': caption or name})
+
+    def img_many(self, named_images):
+        for name, images in named_images.items():
+            self.img(name, images)
+
+    def log(self, text, win='log'):
+        """Append a line (with the time) to a text window."""
+        first = win not in self.steps  # visdom appends only to a window that exists
+        self.steps[win] = 1
+        self._call('text', f"[{time.strftime('%H:%M:%S')}] {text}<br>", win=win, append=not first)
+
+    def heatmap(self, name, matrix, **opts):
+        self._call('heatmap', np.asarray(matrix), win=name, opts={'title': name, **opts})
+
+    def _call(self, method, *args, **kwargs):
+        if not self.enabled or time.monotonic() < self.next_try:
+            return
+        try:
+            if self.vis is None:
+                self.vis = self._connect()
+            getattr(self.vis, method)(*args, env=self.env, **kwargs)
+        except (ConnectionError, OSError):
+            self.vis = None
+            self.next_try = time.monotonic() + RETRY_SECONDS
+            if not self.warned:
+                self.warned = True
+                print(f'warning: no visdom server answers at {self.server}:{self.port}; training '
+                      f'goes on without live curves (see README.md to start one)', file=sys.stderr)
+
+    def _connect(self):
+        import visdom  # here: runs with vis=False never pay for the import
+
+        logging.getLogger('visdom').setLevel(logging.ERROR)  # it warns about options we chose
+        return visdom.Visdom(server=self.server, port=self.port, env=self.env,
+                             raise_exceptions=True, use_incoming_socket=False)
