@@ -37,6 +37,7 @@ def train(**kwargs):
             raise UserError(f'{cfg.resume} holds weights only, not a training state; '
                             f'start from it with --load_model_path instead')
         cfg.inherit(resume['config'], RESUME_KEYS, cfg.resume)
+    root = cfg.require_dir('train_data_root')
     device = pick_device(cfg.use_gpu)
     seed_everything(cfg.seed)
 
@@ -48,7 +49,6 @@ def train(**kwargs):
     print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}')
 
     # step 2: data
-    root = cfg.require_dir('train_data_root')
     train_data = DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed)
     val_data = DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
     train_loader = make_loader(train_data, cfg, device, shuffle=True)
@@ -75,6 +75,9 @@ def train(**kwargs):
     # step 4: train, validate, log and keep the checkpoints, epoch by epoch
     vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis)
     checkpoint_dir = cfg.path('checkpoint_dir')
+    metrics_file = checkpoint_dir / 'metrics.jsonl'  # one JSON line per epoch
+    if resume is None:
+        metrics_file.unlink(missing_ok=True)  # a new run starts a new record; --resume adds to it
     for epoch in range(start_epoch, cfg.max_epoch):
         # shuffling, augmentation and dropout depend on (seed, epoch) only, so a resumed run
         # draws the same numbers as one that never stopped
@@ -110,7 +113,7 @@ def train(**kwargs):
                   'confusion': metrics['confusion'], 'seconds': round(seconds, 2),
                   'images_per_second': round(seen / seconds, 1), 'skipped': len(skipped_files),
                   'skipped_files': skipped_files[:5]}
-        with open(checkpoint_dir / 'metrics.jsonl', 'a') as f:
+        with open(metrics_file, 'a') as f:
             f.write(json.dumps(record) + '\n')
         summary = (f"epoch {epoch + 1}/{cfg.max_epoch}  lr {lr:.3g}  train loss {train_loss:.4f}  "
                    f"val loss {metrics['loss']:.4f}  val acc {metrics['accuracy']:.2%}  "
@@ -216,9 +219,10 @@ def evaluate(model, loader, device, amp=False):
 def val(**kwargs):
     """Evaluate a checkpoint on the validation split: loss, accuracy, confusion, log loss."""
     cfg = DefaultConfig().parse(kwargs)
-    device = pick_device(cfg.use_gpu)
-    model = load_trained(cfg, device)
+    model = load_trained(cfg)
     data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
+    device = pick_device(cfg.use_gpu)
+    model.to(device)
     m = evaluate(model, make_loader(data, cfg, device), device, cfg.amp)
     (cat_cat, cat_dog), (dog_cat, dog_dog) = m['confusion']
     print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
@@ -233,9 +237,10 @@ def val(**kwargs):
 def test(**kwargs):
     """Predict test_data_root and write the Kaggle submission (id,label with label = P(dog))."""
     cfg = DefaultConfig().parse(kwargs)
-    device = pick_device(cfg.use_gpu)
-    model = load_trained(cfg, device)
+    model = load_trained(cfg)
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
+    device = pick_device(cfg.use_gpu)
+    model.to(device)
     log_probs, ids, _, skipped = predict(model, make_loader(data, cfg, device), device, cfg.amp)
     p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
     order = ids.argsort()
@@ -249,16 +254,15 @@ def test(**kwargs):
         print(f"could not read {len(names)} images, left out: {', '.join(names[:5])}")
 
 
-def load_trained(cfg, device):
-    """The model at load_model_path (default: best.pth in checkpoint_dir), ready for inference.
+def load_trained(cfg):
+    """The model at load_model_path (default: best.pth in checkpoint_dir), on the CPU, in eval mode.
 
     The model name and image size come from the checkpoint unless given on the command line.
     """
     path = cfg.path('load_model_path') if cfg.load_model_path else cfg.path('checkpoint_dir') / 'best.pth'
     state = load_checkpoint(path)
     cfg.inherit(state.get('config', {}), ('model', 'image_size'), path)
-    model = MODELS[cfg.model]().load_state(state, path)
-    return model.to(device).eval()
+    return MODELS[cfg.model]().load_state(state, path).eval()
 
 
 def make_loader(dataset, cfg, device, shuffle=False):

@@ -91,3 +91,10 @@ def test_every_option_has_a_comment_for_help():
 def test_to_dict_is_plain_values():
     values = DefaultConfig().to_dict().values()
     assert all(isinstance(v, (str, int, float, bool)) for v in values)
+
+
+def test_readme_documents_every_option():
+    from config import ROOT
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    missing = [name for name in option_help() if f'| `{name}` |' not in readme]
+    assert not missing

@@ -1,0 +1,76 @@
+"""main.py run as a user runs it: a subprocess, options on the command line."""
+import csv
+import json
+
+import pytest
+
+from conftest import as_flags, fast_options, run_main
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    assert 'Traceback' not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_train_then_test_end_to_end(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, max_epoch=2)
+    trained = run_main('train', *as_flags(options))
+    assert trained.returncode == 0, trained.stderr
+    assert 'epoch 2/2' in trained.stdout and 'val acc' in trained.stdout
+    assert (tmp_path / 'checkpoints' / 'best.pth').exists()
+
+    # test takes model and image size from the checkpoint, and reads options with dashes
+    tested = run_main('test', f'--load-model-path={tmp_path}/checkpoints/best.pth',
+                      f'--test-data-root={tiny_data}/test1', f'--result-file={tmp_path}/result.csv',
+                      '--use-gpu=False', '--num-workers=0')
+    assert tested.returncode == 0, tested.stderr
+    assert f'wrote 8 predictions to {tmp_path}/result.csv' in tested.stdout
+    with open(tmp_path / 'result.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['id']) for r in rows] == list(range(1, 9))
+    assert all(0.005 <= float(r['label']) <= 0.995 for r in rows)
+
+
+def test_help_lists_verbs_and_every_option():
+    result = run_main('help')
+    assert result.returncode == 0
+    for word in ('train', 'val', 'test', 'demo_data', '--lr', '--use_gpu', '--debug_file', '--resume'):
+        assert word in result.stdout
+    assert run_main('train', '--help').stdout == result.stdout
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['train', '--lr_decy=0.5'], ['unknown option --lr_decy', '--lr_decay']),
+    (['train', '--lr=abc'], ["--lr='abc' is invalid", 'a number']),
+    (['train', '--lr=-1'], ['--lr=-1.0 is invalid', '> 0']),
+    (['train', '--batch_size=0'], ['--batch_size=0 is invalid', '>= 1']),
+    (['train', '--model=ResNet35'], ['ResNet34, SqueezeNet, AlexNet']),
+    (['train', '--train_data_root=/no/such/dir'], ['--train_data_root', '/no/such/dir does not exist']),
+    (['test', '--load_model_path=/no/such.pth'], ['/no/such.pth does not exist']),
+    (['train', '0.1'], ["unexpected word '0.1'", '--name=value']),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragments):
+    assert_one_line_error(run_main(*args), *fragments)
+
+
+def test_demo_reaches_90_percent_and_writes_a_submission(tmp_path):
+    """The README's first command, in a temporary folder: generated data, train, test."""
+    demo = tmp_path / 'demo'
+    made = run_main('demo_data', f'--root={demo}')
+    assert made.returncode == 0, made.stderr
+    options = dict(train_data_root=demo / 'train', test_data_root=demo / 'test1',
+                   checkpoint_dir=tmp_path / 'checkpoints', result_file=tmp_path / 'result.csv',
+                   model='ResNet34', image_size=64, batch_size=16, max_epoch=10, vis=False)
+    trained = run_main('train', *as_flags(options), timeout=900)
+    assert trained.returncode == 0, trained.stderr
+    best = max(json.loads(line)['val_accuracy']
+               for line in (tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines())
+    assert best >= 0.9
+    tested = run_main('test', *as_flags(options))
+    assert tested.returncode == 0, tested.stderr
+    with open(tmp_path / 'result.csv', newline='') as f:
+        assert len(list(csv.DictReader(f))) == 100
