@@ -3,6 +3,7 @@ import inspect
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,65 +70,92 @@ def train(**kwargs):
         scheduler.load_state_dict(resume['scheduler'])
         scaler.load_state_dict(resume['scaler'])
         start_epoch, best_accuracy = resume['epoch'] + 1, resume['best_accuracy']
-        print(f'resuming {cfg.resume} at epoch {start_epoch + 1} (best accuracy so far '
+        again = ' again, from its start' if resume.get('interrupted') else ''
+        print(f'resuming {cfg.resume}: epoch {start_epoch + 1}{again} (best accuracy so far '
               f'{best_accuracy:.2%})')
 
     # step 4: train, validate, log and keep the checkpoints, epoch by epoch
     vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis)
     checkpoint_dir = cfg.path('checkpoint_dir')
+    for stale in checkpoint_dir.glob('.*.tmp'):  # left by a run killed while saving
+        stale.unlink()
     metrics_file = checkpoint_dir / 'metrics.jsonl'  # one JSON line per epoch
     if resume is None:
         metrics_file.unlink(missing_ok=True)  # a new run starts a new record; --resume adds to it
-    for epoch in range(start_epoch, cfg.max_epoch):
-        # shuffling, augmentation and dropout depend on (seed, epoch) only, so a resumed run
-        # draws the same numbers as one that never stopped
-        seed_everything(cfg.seed + epoch)
-        lr = optimizer.param_groups[0]['lr']
-        started = time.perf_counter()
-        model.train()
-        train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer, scaler,
-                                                    device, cfg, epoch, vis)
-        seconds = time.perf_counter() - started
-        model.eval()
-        metrics = evaluate(model, val_loader, device, cfg.amp)
-        scheduler.step(metrics['loss'])
+    finished = start_epoch - 1  # the last epoch whose checkpoint is on disk
+    try:
+        for epoch in range(start_epoch, cfg.max_epoch):
+            # shuffling, augmentation and dropout depend on (seed, epoch) only, so a resumed run
+            # draws the same numbers as one that never stopped
+            seed_everything(cfg.seed + epoch)
+            lr = optimizer.param_groups[0]['lr']
+            started = time.perf_counter()
+            model.train()
+            train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer,
+                                                        scaler, device, cfg, epoch, vis)
+            seconds = time.perf_counter() - started
+            model.eval()
+            metrics = evaluate(model, val_loader, device, cfg.amp)
+            scheduler.step(metrics['loss'])
 
-        best_accuracy = max(best_accuracy, metrics['accuracy'])
-        state = {
-            'model': model.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(),
-            'scaler': scaler.state_dict(),
-            'epoch': epoch,  # the last finished epoch, counted from 0: resume starts at epoch + 1
-            'best_accuracy': best_accuracy,
-            'config': cfg.to_dict(),
-        }
+            best_accuracy = max(best_accuracy, metrics['accuracy'])
+            state = training_state(model, optimizer, scheduler, scaler, cfg, epoch, best_accuracy)
+            atomic_save(state, checkpoint_dir / 'last.pth')
+            if metrics['accuracy'] == best_accuracy:
+                atomic_save(state, checkpoint_dir / 'best.pth')
+            finished = epoch
+
+            skipped_files = [train_data.paths[i] for i in skipped] + \
+                            [val_data.paths[i] for i in metrics['skipped']]
+            record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
+                      'val_loss': metrics['loss'], 'val_accuracy': metrics['accuracy'],
+                      'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
+                      'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
+                      'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
+            with open(metrics_file, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            report_epoch(record, cfg.max_epoch, vis)
+    except KeyboardInterrupt:
+        # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
+        state = training_state(model, optimizer, scheduler, scaler, cfg, finished, best_accuracy,
+                               interrupted=True)
         atomic_save(state, checkpoint_dir / 'last.pth')
-        if metrics['accuracy'] == best_accuracy:
-            atomic_save(state, checkpoint_dir / 'best.pth')
-
-        skipped_files = [train_data.paths[i] for i in skipped] + \
-                        [val_data.paths[i] for i in metrics['skipped']]
-        record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss, 'val_loss': metrics['loss'],
-                  'val_accuracy': metrics['accuracy'], 'val_log_loss': metrics['log_loss'],
-                  'confusion': metrics['confusion'], 'seconds': round(seconds, 2),
-                  'images_per_second': round(seen / seconds, 1), 'skipped': len(skipped_files),
-                  'skipped_files': skipped_files[:5]}
-        with open(metrics_file, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        summary = (f"epoch {epoch + 1}/{cfg.max_epoch}  lr {lr:.3g}  train loss {train_loss:.4f}  "
-                   f"val loss {metrics['loss']:.4f}  val acc {metrics['accuracy']:.2%}  "
-                   f"{seconds:.1f}s  {record['images_per_second']:g} img/s")
-        if skipped_files:
-            summary += f"  skipped {len(skipped_files)} unreadable: {', '.join(skipped_files[:3])}"
-        print(summary)
-        vis.lines('loss', {'train': train_loss, 'val': metrics['loss']}, x=epoch + 1)
-        vis.plot('val_accuracy', metrics['accuracy'], x=epoch + 1)
-        vis.plot('lr', lr, x=epoch + 1)
-        vis.heatmap('confusion', metrics['confusion'], rownames=['cat', 'dog'],
-                    columnnames=['predicted cat', 'predicted dog'])
-        vis.log(summary)
+        print(f'\nstopped during epoch {finished + 2}; saved {checkpoint_dir / "last.pth"}; '
+              f'--resume={checkpoint_dir / "last.pth"} continues')
+        raise
     print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {checkpoint_dir}')
+
+
+def training_state(model, optimizer, scheduler, scaler, cfg, epoch, best_accuracy, interrupted=False):
+    """What last.pth and best.pth hold: all a run needs to continue, in weights_only-safe types."""
+    return {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scheduler': scheduler.state_dict(),
+        'scaler': scaler.state_dict(),
+        'epoch': epoch,  # the last finished epoch, counted from 0: resume starts at epoch + 1
+        'interrupted': interrupted,  # True: the weights are from the middle of epoch + 1
+        'best_accuracy': best_accuracy,
+        'config': cfg.to_dict(),
+    }
+
+
+def report_epoch(record, max_epoch, vis):
+    """The one-line summary of an epoch, on the terminal and in visdom."""
+    summary = (f"epoch {record['epoch']}/{max_epoch}  lr {record['lr']:.3g}  "
+               f"train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
+               f"val acc {record['val_accuracy']:.2%}  {record['seconds']:.1f}s  "
+               f"{record['images_per_second']:g} img/s")
+    if record['skipped']:
+        summary += f"  skipped {record['skipped']} unreadable: {', '.join(record['skipped_files'][:3])}"
+    print(summary)
+    epoch = record['epoch']
+    vis.lines('loss', {'train': record['train_loss'], 'val': record['val_loss']}, x=epoch)
+    vis.plot('val_accuracy', record['val_accuracy'], x=epoch)
+    vis.plot('lr', record['lr'], x=epoch)
+    vis.heatmap('confusion', record['confusion'], rownames=['cat', 'dog'],
+                columnnames=['predicted cat', 'predicted dog'])
+    vis.log(summary)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg, epoch, vis):
@@ -195,7 +223,8 @@ def predict(model, loader, device, amp=False):
         targets.append(batch_targets)
         indices.append(batch_indices)
     if not log_probs:
-        raise UserError(f'none of the {len(skipped)} images could be read')
+        folder = Path(loader.dataset.paths[0]).parent
+        raise UserError(f'none of the {len(skipped)} images in {folder} could be read')
     return torch.cat(log_probs), torch.cat(targets), torch.cat(indices), skipped
 
 

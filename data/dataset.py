@@ -7,11 +7,12 @@ the folder's, so a root such as /home/dog/data labels nothing wrong.
 import os
 import random
 import re
+import warnings
 from collections import namedtuple
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2 as T
 
@@ -61,11 +62,27 @@ class DogCat(Dataset):
 
     def __getitem__(self, index):
         try:
-            with Image.open(self.paths[index]) as img:
-                img = img.convert('RGB')  # decodes now: a broken file fails here, not later
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            img = load_rgb(self.paths[index])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             return None, self.targets[index], index
         return self.transform(img), self.targets[index], index
+
+
+def load_rgb(path):
+    """Decode `path` now (a broken file fails here, not in the transform), upright, as RGB.
+
+    Raises an OSError for a file that is not a whole image, and DecompressionBombWarning for
+    one larger than Pillow's pixel limit (which would otherwise only warn and eat the memory).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
+                # 16-bit and 32-bit grey: keep the top 8 bits instead of clipping to white
+                img = img.convert('I').point(lambda v: v * (1 / 256)).convert('L')
+            img = ImageOps.exif_transpose(img)  # phones store portraits sideways plus a tag
+            return img.convert('RGB')
 
 
 def _list_samples(root, pattern):

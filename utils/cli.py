@@ -1,4 +1,6 @@
 """The command line: python-fire dispatches the verbs; mistakes a user can make become one line."""
+import bdb
+import signal
 import sys
 
 import fire
@@ -6,20 +8,42 @@ import fire
 from utils import UserError
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or a SIGTERM (a scheduler, `kill`, a closing container): stop, keep what was done."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def run(verbs, argv=None):
-    """Call the verb named in argv with its --options; exit 2 on a UserError, 130 on Ctrl-C."""
+    """Call the verb named in argv with its --options.
+
+    Exit codes: 2 for a UserError (one line, no traceback); 128 + the signal's number when
+    interrupted (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a killed command.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or any(word in ('-h', '--help') for word in argv):
         argv = ['help']  # ours lists every option; fire's cannot see inside **kwargs
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         _reject_stray_words(argv)
         fire.Fire(verbs, command=argv, name='main.py')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        print(f'stopped by {signal.Signals(signum).name}', file=sys.stderr)
+        sys.exit(128 + signum)
+    except bdb.BdbQuit:
+        print('quit from the debugger', file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def _reject_stray_words(argv):

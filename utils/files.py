@@ -26,15 +26,24 @@ def atomic_open(path, mode='wb'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f'could not write {path} ({e.strerror or e}); '
+                            f'the previous {path.name}, if any, is unchanged') from None
         raise
 
 
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically."""
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if 'inline_container' not in str(e) and 'PytorchStreamWriter' not in str(e):
+                raise
+            # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+            raise OSError(f'writing failed; is the disk full? {str(e).splitlines()[0]}') from None
 
 
 def load_checkpoint(path):
@@ -44,13 +53,12 @@ def load_checkpoint(path):
         raise UserError(f'checkpoint {path} does not exist')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any pickle that would import or call code
-        raise UserError(f'{path} is refused: it holds more than weights and plain values '
-                        f'({str(e).splitlines()[0]})') from None
     except Exception as e:  # torch.load raises many kinds on a file that is not its own
-        raise UserError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '
-                        f'{str(e).splitlines()[0] if str(e) else "unreadable"})') from None
+        blocked = [line for line in str(e).splitlines() if 'GLOBAL' in line]
+        if isinstance(e, pickle.UnpicklingError) and blocked:
+            # weights_only refuses any pickle that would import (and so could run) code
+            raise UserError(f'{path} is refused: loading it would run code ({blocked[0].strip()})') from None
+        raise UserError(f'{path} is not a PyTorch checkpoint ({type(e).__name__})') from None
     if not isinstance(state, dict):
         raise UserError(f'{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict')
     return state
