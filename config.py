@@ -23,6 +23,9 @@ class DefaultConfig:
     vis_server: str = 'http://127.0.0.1'  # visdom server address
     vis_port: int = 8097  # visdom server port
     model: str = 'ResNet34'  # network to train: ResNet34, SqueezeNet or AlexNet
+    pretrained: bool = False  # start from torchvision's ImageNet weights (from TORCH_HOME's cache)
+    pretrained_path: str = ''  # or from this file of ImageNet weights of the same architecture
+    freeze_features: bool = False  # train only the 2-class head, keep the features fixed
 
     train_data_root: str = 'data/train'  # folder of cat.N.jpg / dog.N.jpg (Kaggle train/)
     test_data_root: str = 'data/test1'  # folder of N.jpg to predict (Kaggle test1/)

@@ -1,7 +1,9 @@
 """dogcat: train, validate and test a cat-vs-dog classifier.  `python main.py help` lists all."""
+import csv
 import inspect
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from torchnet import meter
 from tqdm import tqdm
 
 from config import DefaultConfig, option_help
-from data import DogCat, collate_fn
+from data import DogCat, ImageFiles, collate_fn
+from data.dataset import IMAGE_SUFFIXES, LABELS, eval_transform
 from data.demo import make_demo_data
-from models import MODELS
+from models import MODELS, build_model
 from utils import UserError
 from utils.cli import run
 from utils.files import atomic_open, atomic_save, load_checkpoint
@@ -26,7 +29,8 @@ from utils.visualize import Visualizer
 # from 0 and 1 so a few wrong answers cannot ruin the score.
 P_MIN, P_MAX = 0.005, 0.995
 # what --resume takes from the checkpoint: changing any of them would make another run
-RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay')
+RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay',
+               'freeze_features')
 
 
 def train(**kwargs):
@@ -43,7 +47,10 @@ def train(**kwargs):
     seed_everything(cfg.seed)
 
     # step 1: model
-    model = MODELS[cfg.model]()
+    fresh = resume is None  # a resumed run gets its weights from the checkpoint
+    model = build_model(cfg.model, cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
+    if cfg.freeze_features:
+        model.freeze_features()
     if cfg.load_model_path:
         model.load(cfg.path('load_model_path'))
     model.to(device)
@@ -59,7 +66,8 @@ def train(**kwargs):
 
     # step 3: objective, optimizer, and the decay of the learning rate
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
     scheduler = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == 'cuda')
@@ -207,7 +215,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg, ep
 
 
 @torch.inference_mode()
-def predict(model, loader, device, amp=False):
+def infer(model, loader, device, amp=False):
     """Log-probabilities (N, 2) of the images that loaded, with their targets and indices.
 
     Also returns the indices of the images that could not be read.
@@ -230,7 +238,7 @@ def predict(model, loader, device, amp=False):
 
 def evaluate(model, loader, device, amp=False):
     """Loss, accuracy, confusion matrix (rows: true cat/dog) and Kaggle log loss over `loader`."""
-    log_probs, labels, indices, skipped = predict(model, loader, device, amp)
+    log_probs, labels, indices, skipped = infer(model, loader, device, amp)
     confusion = meter.ConfusionMeter(2)
     confusion.add(log_probs, labels)
     matrix = confusion.value()
@@ -270,7 +278,7 @@ def test(**kwargs):
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
     device = pick_device(cfg.use_gpu)
     model.to(device)
-    log_probs, ids, _, skipped = predict(model, make_loader(data, cfg, device), device, cfg.amp)
+    log_probs, ids, _, skipped = infer(model, make_loader(data, cfg, device), device, cfg.amp)
     p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
     order = ids.argsort()
     result_file = cfg.path('result_file')
@@ -281,6 +289,48 @@ def test(**kwargs):
     if skipped:
         names = [data.paths[i] for i in skipped]
         print(f"could not read {len(names)} images, left out: {', '.join(names[:5])}")
+
+
+def predict(*paths, out='', **kwargs):
+    """Classify your own photos: predict PATH [PATH ...] (files or folders) [--out=FILE.csv]."""
+    cfg = DefaultConfig().parse(kwargs)
+    files = find_images(paths)
+    model = load_trained(cfg)
+    data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size))
+    device = pick_device(cfg.use_gpu)
+    model.to(device)
+    log_probs, _, indices, skipped = infer(model, make_loader(data, cfg, device), device, cfg.amp)
+    p_dog = log_probs[:, 1].exp()
+    rows = sorted((indices[i].item(), files[indices[i]], p_dog[i].item()) for i in range(len(indices)))
+    for _, path, p in rows:
+        print(f'{path}  {LABELS[p >= 0.5]}  {p:.4f}')
+    if out:
+        with atomic_open(Path(out), 'w') as f:
+            writer = csv.writer(f)
+            writer.writerow(['path', 'label', 'p_dog'])
+            writer.writerows((path, LABELS[p >= 0.5], f'{p:.4f}') for _, path, p in rows)
+        print(f'wrote {len(rows)} predictions to {Path(out).resolve()}')
+    if skipped:
+        print(f"could not read {len(skipped)} files, left out: {', '.join(files[i] for i in skipped[:5])}",
+              file=sys.stderr)
+
+
+def find_images(paths):
+    """The image files among `paths`, folders searched recursively (relative to where you are)."""
+    if not paths:
+        raise UserError('predict needs images or folders: python main.py predict PATH [PATH ...]')
+    files = []
+    for path in (Path(str(p)).expanduser() for p in paths):  # str: fire reads `123.jpg`... and `7` as 7
+        if path.is_dir():
+            files += sorted(f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES
+                            and not f.name.startswith('.') and f.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f'{path} does not exist')
+    if not files:
+        raise UserError(f"no .jpg, .jpeg or .png files in {', '.join(map(str, paths))}")
+    return [str(f) for f in files]
 
 
 def load_trained(cfg):
@@ -314,12 +364,13 @@ def help():
     print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
     for name, verb in VERBS.items():
         print(f'  {name:<10} {inspect.getdoc(verb).splitlines()[0]}')
-    print('\noptions of train, val and test (default, meaning):')
+    print('\noptions of train, val, test and predict (default, meaning):')
     for name, (default, comment) in option_help().items():
         print(f'  --{name:<16} {default!r:<18} {comment}')
 
 
-VERBS = {'train': train, 'val': val, 'test': test, 'demo_data': demo_data, 'help': help}
+VERBS = {'train': train, 'val': val, 'test': test, 'predict': predict, 'demo_data': demo_data,
+         'help': help}
 
 if __name__ == '__main__':
     run(VERBS)

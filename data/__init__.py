@@ -1,3 +1,3 @@
-from .dataset import DogCat, collate_fn
+from .dataset import DogCat, ImageFiles, collate_fn
 
-__all__ = ['DogCat', 'collate_fn']
+__all__ = ["DogCat", "ImageFiles", "collate_fn"]

@@ -20,19 +20,39 @@ from utils import UserError
 
 LABELS = ('cat', 'dog')
 EXTENSIONS = r'\.(?:jpe?g|png)'
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 TRAIN_NAME = re.compile(r'(cat|dog)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
 TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
 # the statistics the torchvision models' first layers expect
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class DogCat(Dataset):
+class ImageFiles(Dataset):
+    """Images read from `paths` when asked for, each with its target.
+
+    A sample is (image, target, index), index pointing into `self.paths`. An image that cannot
+    be decoded comes back as None, so that collate_fn can drop it instead of one bad file ending
+    the run. Only the paths are kept in memory, never decoded images.
+    """
+
+    def __init__(self, paths, targets, transform):
+        self.paths, self.targets, self.transform = paths, targets, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            img = load_rgb(self.paths[index])
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return None, self.targets[index], index
+        return self.transform(img), self.targets[index], index
+
+
+class DogCat(ImageFiles):
     """Samples of one of the modes 'train', 'val' (a held-out share of train/) or 'test'.
 
-    A sample is (image, target, index): target is the label (train, val) or the Kaggle id (test),
-    index points into `self.paths`. An image that cannot be decoded comes back as None, so that
-    collate_fn can drop it instead of one bad file ending the run.
-    Only the paths are kept in memory; images are read when asked for.
+    The target is the label (train, val) or the Kaggle id (test).
     """
 
     def __init__(self, root, mode='train', image_size=224, val_ratio=0.3, seed=0):
@@ -53,19 +73,8 @@ class DogCat(Dataset):
             if not samples:
                 raise UserError(f'{root}: too few images to hold out a {mode} split at '
                                 f'val_ratio={val_ratio}')
-        self.paths = [str(root / name) for name, _ in samples]
-        self.targets = [target for _, target in samples]
-        self.transform = train_transform(image_size) if mode == 'train' else eval_transform(image_size)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            img = load_rgb(self.paths[index])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return None, self.targets[index], index
-        return self.transform(img), self.targets[index], index
+        super().__init__([str(root / name) for name, _ in samples], [target for _, target in samples],
+                         train_transform(image_size) if mode == 'train' else eval_transform(image_size))
 
 
 def load_rgb(path):

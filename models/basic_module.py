@@ -14,8 +14,11 @@ class BasicModule(nn.Module):
     """Base of every model here: a name, a parameter count, save() and load() of the weights.
 
     Full training state (optimizer, epoch, ...) is the training code's business, not the model's.
+    Subclasses take `imagenet_state` (torchvision's 1000-class weights, loaded before the
+    2-class head replaces theirs) and name their head in head(), so freeze_features() works.
     """
     min_image_size = 32  # smallest input side the network's pooling layers accept
+    imagenet_weights = None  # torchvision's weights enum entry for --pretrained
 
     @property
     def model_name(self):
@@ -23,6 +26,25 @@ class BasicModule(nn.Module):
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
+
+    def head(self):
+        """The layer that maps features to the 2 classes: what --freeze_features leaves trainable."""
+        raise NotImplementedError
+
+    def freeze_features(self):
+        head = {id(p) for p in self.head().parameters()}
+        for p in self.parameters():
+            p.requires_grad = id(p) in head
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        # a frozen BatchNorm keeps its ImageNet statistics too: in train mode it would drift
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+                    not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
 
     def save(self, path=None):
         """Write the weights (atomically) to `path`, by default checkpoints/<name>_<time>.pth."""

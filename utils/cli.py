@@ -1,5 +1,6 @@
 """The command line: python-fire dispatches the verbs; mistakes a user can make become one line."""
 import bdb
+import inspect
 import signal
 import sys
 
@@ -32,7 +33,11 @@ def run(verbs, argv=None):
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _reject_stray_words(argv)
+        verb = verbs.get(argv[0])
+        takes_words = verb is not None and any(
+            p.kind is p.VAR_POSITIONAL for p in inspect.signature(verb).parameters.values())
+        if not takes_words:
+            _reject_stray_words(argv)
         fire.Fire(verbs, command=argv, name='main.py')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
