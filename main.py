@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torchnet import meter
 from tqdm import tqdm
 
@@ -22,7 +23,7 @@ from models import MODELS, build_model
 from utils import UserError
 from utils.cli import run
 from utils.files import atomic_open, atomic_save, load_checkpoint
-from utils.runtime import autocast, pick_device, seed_everything
+from utils.runtime import autocast, runtime, seed_everything
 from utils.visualize import Visualizer
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep P(dog) away
@@ -43,7 +44,13 @@ def train(**kwargs):
                             f'start from it with --load_model_path instead')
         cfg.inherit(resume['config'], RESUME_KEYS, cfg.resume)
     root = cfg.require_dir('train_data_root')
-    device = pick_device(cfg.use_gpu)
+    with runtime(cfg.use_gpu) as rt:
+        fit(cfg, root, resume, rt)
+
+
+def fit(cfg, root, resume, rt):
+    """The training recipe; under torchrun every process runs it on its share of the data."""
+    device = rt.device
     seed_everything(cfg.seed)
 
     # step 1: model
@@ -53,14 +60,22 @@ def train(**kwargs):
         model.freeze_features()
     if cfg.load_model_path:
         model.load(cfg.path('load_model_path'))
+    if cfg.sync_bn and rt.distributed:
+        if device.type != 'cuda':
+            raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}')
+    # the wrapper averages gradients across processes; `model` stays the plain one to save
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
+        if rt.distributed else model
+    print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}'
+          + (f' in each of {rt.world_size} processes' if rt.distributed else ''))
 
     # step 2: data
     train_data = DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed)
     val_data = DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
-    train_loader = make_loader(train_data, cfg, device, shuffle=True)
-    val_loader = make_loader(val_data, cfg, device)
+    train_loader = make_loader(train_data, cfg, rt, shuffle=True)
+    val_loader = make_loader(val_data, cfg, rt)
     print(f'{len(train_data)} training and {len(val_data)} validation images in {root}'
           + (f' ({len(train_data.ignored)} other entries ignored)' if train_data.ignored else ''))
 
@@ -83,34 +98,38 @@ def train(**kwargs):
               f'{best_accuracy:.2%})')
 
     # step 4: train, validate, log and keep the checkpoints, epoch by epoch
-    vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis)
+    vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
     checkpoint_dir = cfg.path('checkpoint_dir')
-    for stale in checkpoint_dir.glob('.*.tmp'):  # left by a run killed while saving
-        stale.unlink()
     metrics_file = checkpoint_dir / 'metrics.jsonl'  # one JSON line per epoch
-    if resume is None:
-        metrics_file.unlink(missing_ok=True)  # a new run starts a new record; --resume adds to it
+    save = atomic_save if rt.is_main else lambda state, path: None
+    if rt.is_main:
+        for stale in checkpoint_dir.glob('.*.tmp'):  # left by a run killed while saving
+            stale.unlink()
+        if resume is None:
+            metrics_file.unlink(missing_ok=True)  # a new run starts a new record; --resume adds to it
     finished = start_epoch - 1  # the last epoch whose checkpoint is on disk
     try:
         for epoch in range(start_epoch, cfg.max_epoch):
-            # shuffling, augmentation and dropout depend on (seed, epoch) only, so a resumed run
-            # draws the same numbers as one that never stopped
-            seed_everything(cfg.seed + epoch)
+            # shuffling, augmentation and dropout depend on (seed, epoch, rank) only, so a
+            # resumed run draws the same numbers as one that never stopped
+            seed_everything(cfg.seed + epoch * rt.world_size + rt.rank)
+            train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]['lr']
             started = time.perf_counter()
             model.train()
-            train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer,
-                                                        scaler, device, cfg, epoch, vis)
+            train_loss, seen, skipped = train_one_epoch(trained, train_loader, criterion, optimizer,
+                                                        scaler, rt, cfg, epoch, vis)
             seconds = time.perf_counter() - started
             model.eval()
-            metrics = evaluate(model, val_loader, device, cfg.amp)
+            rt.share_buffers(model)
+            metrics = evaluate(model, val_loader, rt, cfg.amp)
             scheduler.step(metrics['loss'])
 
             best_accuracy = max(best_accuracy, metrics['accuracy'])
             state = training_state(model, optimizer, scheduler, scaler, cfg, epoch, best_accuracy)
-            atomic_save(state, checkpoint_dir / 'last.pth')
+            save(state, checkpoint_dir / 'last.pth')
             if metrics['accuracy'] == best_accuracy:
-                atomic_save(state, checkpoint_dir / 'best.pth')
+                save(state, checkpoint_dir / 'best.pth')
             finished = epoch
 
             skipped_files = [train_data.paths[i] for i in skipped] + \
@@ -120,14 +139,15 @@ def train(**kwargs):
                       'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
                       'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
                       'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
-            with open(metrics_file, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            if rt.is_main:
+                with open(metrics_file, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
             report_epoch(record, cfg.max_epoch, vis)
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
         state = training_state(model, optimizer, scheduler, scaler, cfg, finished, best_accuracy,
                                interrupted=True)
-        atomic_save(state, checkpoint_dir / 'last.pth')
+        save(state, checkpoint_dir / 'last.pth')
         print(f'\nstopped during epoch {finished + 2}; saved {checkpoint_dir / "last.pth"}; '
               f'--resume={checkpoint_dir / "last.pth"} continues')
         raise
@@ -166,17 +186,22 @@ def report_epoch(record, max_epoch, vis):
     vis.log(summary)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg, epoch, vis):
-    """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices."""
+def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis):
+    """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices.
+
+    Under torchrun `model` is the DistributedDataParallel wrapper and the figures returned are
+    those of all processes together.
+    """
+    device = rt.device
     loss_meter = meter.AverageValueMeter()
-    skipped, seen = [], 0
-    # the loss is summed on the device and read back every print_freq steps: reading it every
-    # step (.item()) would make the GPU wait for the CPU once per batch
-    window_sum, window_count = torch.zeros((), device=device), 0
+    skipped = []
+    # loss and image count are summed on the device and read back every print_freq steps:
+    # reading them every step (.item()) would make the GPU wait for the CPU once per batch
+    window = torch.zeros(2, device=device)
     debug_file = cfg.path('debug_file')
     steps = len(loader)
     progress = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
-                    disable=None)  # None: no bar when output is not a terminal (logs, CI)
+                    disable=None if rt.is_main else True)  # None: no bar unless on a terminal
     for step, (images, targets, _, bad) in enumerate(progress, start=1):
         skipped += bad
         if images is not None:  # None: every image of the batch failed to load
@@ -188,57 +213,63 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg, ep
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            window_sum += loss.detach() * len(targets)
-            window_count += len(targets)
+            window[0] += loss.detach().float() * len(targets)
+            window[1] += len(targets)
 
         if step % cfg.print_freq == 0 or step == steps:
-            if window_count:
-                window_loss = window_sum.item() / window_count
+            loss_sum, count = rt.sum(window).tolist()  # every process joins, whatever it holds
+            window.zero_()
+            if count:
+                window_loss = loss_sum / count
                 if not math.isfinite(window_loss):
                     raise UserError(f'the loss became {window_loss} in epoch {epoch + 1} (steps '
                                     f'{step - cfg.print_freq + 1}-{step}); try a lower --lr. '
                                     f'{cfg.checkpoint_dir}/last.pth holds the last good epoch')
-                loss_meter.add(window_sum.item(), window_count)
-                seen += window_count
+                loss_meter.add(loss_sum, int(count))
                 if step % cfg.print_freq == 0:
                     progress.set_postfix(loss=f'{window_loss:.4f}')
                     vis.plot('train_loss', window_loss, x=epoch * steps + step)
-                window_sum.zero_()
-                window_count = 0
-            if debug_file.exists():
+            if rt.is_main and debug_file.exists():
                 import ipdb
                 # model, optimizer, cfg, images, targets and loss are all in reach here;
-                # `c` continues (remove the file first), `q` quits
+                # `c` continues (remove the file first), `q` quits. Other processes wait.
                 ipdb.set_trace()
     progress.close()
-    return loss_meter.value()[0], seen, skipped
+    skipped = [i for part in rt.gather(skipped) for i in part]
+    return loss_meter.value()[0], loss_meter.n, skipped
 
 
 @torch.inference_mode()
-def infer(model, loader, device, amp=False):
-    """Log-probabilities (N, 2) of the images that loaded, with their targets and indices.
+def infer(model, loader, rt, amp=False):
+    """Log-probabilities (N, 2) of the images that loaded, with their targets and indices,
+    ordered by index, and the indices of the images that could not be read.
 
-    Also returns the indices of the images that could not be read.
+    Under torchrun each process reads its share and every process gets the whole result.
     """
     log_probs, targets, indices, skipped = [], [], [], []
     for images, batch_targets, batch_indices, bad in loader:
         skipped += bad
         if images is None:
             continue
-        with autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True))
+        with autocast(rt.device, amp):
+            logits = model(images.to(rt.device, non_blocking=True))
         log_probs.append(logits.float().log_softmax(dim=1).cpu())
         targets.append(batch_targets)
         indices.append(batch_indices)
-    if not log_probs:
+    parts = rt.gather((log_probs, targets, indices, skipped))
+    log_probs, targets, indices = (torch.cat([t for part in parts for t in part[k]] or [torch.empty(0)])
+                                   for k in range(3))
+    skipped = sorted(i for part in parts for i in part[3])
+    if not len(indices):
         folder = Path(loader.dataset.paths[0]).parent
         raise UserError(f'none of the {len(skipped)} images in {folder} could be read')
-    return torch.cat(log_probs), torch.cat(targets), torch.cat(indices), skipped
+    order = indices.argsort()
+    return log_probs[order], targets[order], indices[order], skipped
 
 
-def evaluate(model, loader, device, amp=False):
+def evaluate(model, loader, rt, amp=False):
     """Loss, accuracy, confusion matrix (rows: true cat/dog) and Kaggle log loss over `loader`."""
-    log_probs, labels, indices, skipped = infer(model, loader, device, amp)
+    log_probs, labels, indices, skipped = infer(model, loader, rt, amp)
     confusion = meter.ConfusionMeter(2)
     confusion.add(log_probs, labels)
     matrix = confusion.value()
@@ -258,9 +289,8 @@ def val(**kwargs):
     cfg = DefaultConfig().parse(kwargs)
     model = load_trained(cfg)
     data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
-    device = pick_device(cfg.use_gpu)
-    model.to(device)
-    m = evaluate(model, make_loader(data, cfg, device), device, cfg.amp)
+    with runtime(cfg.use_gpu) as rt:
+        m = evaluate(model.to(rt.device), make_loader(data, cfg, rt), rt, cfg.amp)
     (cat_cat, cat_dog), (dog_cat, dog_dog) = m['confusion']
     print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
           f"Kaggle log loss {m['log_loss']:.4f}")
@@ -276,11 +306,12 @@ def test(**kwargs):
     cfg = DefaultConfig().parse(kwargs)
     model = load_trained(cfg)
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
-    device = pick_device(cfg.use_gpu)
-    model.to(device)
-    log_probs, ids, _, skipped = infer(model, make_loader(data, cfg, device), device, cfg.amp)
+    with runtime(cfg.use_gpu) as rt:
+        log_probs, ids, _, skipped = infer(model.to(rt.device), make_loader(data, cfg, rt), rt, cfg.amp)
+    if not rt.is_main:
+        return
     p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
-    order = ids.argsort()
+    order = ids.argsort()  # by the Kaggle id, as a number
     result_file = cfg.path('result_file')
     with atomic_open(result_file, 'w') as f:
         f.write('id,label\n')
@@ -297,20 +328,19 @@ def predict(*paths, out='', **kwargs):
     files = find_images(paths)
     model = load_trained(cfg)
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size))
-    device = pick_device(cfg.use_gpu)
-    model.to(device)
-    log_probs, _, indices, skipped = infer(model, make_loader(data, cfg, device), device, cfg.amp)
-    p_dog = log_probs[:, 1].exp()
-    rows = sorted((indices[i].item(), files[indices[i]], p_dog[i].item()) for i in range(len(indices)))
-    for _, path, p in rows:
-        print(f'{path}  {LABELS[p >= 0.5]}  {p:.4f}')
-    if out:
+    with runtime(cfg.use_gpu) as rt:
+        log_probs, _, indices, skipped = infer(model.to(rt.device), make_loader(data, cfg, rt), rt, cfg.amp)
+    rows = [(files[i], LABELS[p >= 0.5], f'{p:.4f}')
+            for i, p in zip(indices.tolist(), log_probs[:, 1].exp().tolist())]
+    for row in rows:
+        print('  '.join(row))
+    if out and rt.is_main:
         with atomic_open(Path(out), 'w') as f:
             writer = csv.writer(f)
             writer.writerow(['path', 'label', 'p_dog'])
-            writer.writerows((path, LABELS[p >= 0.5], f'{p:.4f}') for _, path, p in rows)
+            writer.writerows(rows)
         print(f'wrote {len(rows)} predictions to {Path(out).resolve()}')
-    if skipped:
+    if skipped and rt.is_main:
         print(f"could not read {len(skipped)} files, left out: {', '.join(files[i] for i in skipped[:5])}",
               file=sys.stderr)
 
@@ -344,10 +374,20 @@ def load_trained(cfg):
     return MODELS[cfg.model]().load_state(state, path).eval()
 
 
-def make_loader(dataset, cfg, device, shuffle=False):
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate_fn,
+def make_loader(dataset, cfg, rt, shuffle=False):
+    """Batches of this process's share of `dataset` (all of it without torchrun).
+
+    Training shuffles by (seed, epoch): call loader.sampler.set_epoch(epoch). Evaluation gives
+    each process every world_size-th image, so none is seen twice and none is left out.
+    """
+    if shuffle:
+        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                     seed=cfg.seed)
+    else:
+        sampler = range(rt.rank, len(dataset), rt.world_size)
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                      pin_memory=device.type == 'cuda')
+                      pin_memory=rt.device.type == 'cuda')
 
 
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0):

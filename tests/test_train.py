@@ -11,6 +11,7 @@ from conftest import fast_options
 from models import SqueezeNet
 from utils import UserError
 from utils.files import load_checkpoint
+from utils.runtime import Runtime
 
 
 def test_train_keeps_last_and_best_checkpoints_and_a_metrics_file(tmp_path, tiny_data):
@@ -114,7 +115,8 @@ def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
     cfg = DefaultConfig().parse(options)
     data = DogCat(tiny_data / 'train', 'val', 32, cfg.val_ratio, cfg.seed)
     model = SqueezeNet().eval()
-    metrics = main.evaluate(model, main.make_loader(data, cfg, torch.device('cpu')), torch.device('cpu'))
+    rt = Runtime(torch.device('cpu'))
+    metrics = main.evaluate(model, main.make_loader(data, cfg, rt), rt)
     assert sum(map(sum, metrics['confusion'])) == len(data) == 12
     assert sorted(metrics['indices'].tolist()) == list(range(12))
     assert metrics['accuracy'] == pytest.approx((metrics['confusion'][0][0] + metrics['confusion'][1][1]) / 12)

@@ -1,6 +1,7 @@
 """The command line: python-fire dispatches the verbs; mistakes a user can make become one line."""
 import bdb
 import inspect
+import os
 import signal
 import sys
 
@@ -30,6 +31,8 @@ def run(verbs, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or any(word in ('-h', '--help') for word in argv):
         argv = ['help']  # ours lists every option; fire's cannot see inside **kwargs
+    if int(os.environ.get('RANK', 0)) > 0:
+        sys.stdout = open(os.devnull, 'w')  # under torchrun, rank 0 alone talks; errors still show
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -1,0 +1,97 @@
+"""torchrun with two CPU processes (gloo): the same answers as one process, written once."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, as_flags, fast_options, run_main
+from models import ResNet34
+from utils.files import load_checkpoint
+
+
+def torchrun(*args, processes=2, timeout=300):
+    """`torchrun --standalone --nproc_per_node=N main.py ARGS`; the whole process group is
+    killed on the way out, whatever happens."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               f'--nproc_per_node={processes}', str(ROOT / 'main.py'), *args]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory, tiny_data):
+    folder = tmp_path_factory.mktemp('ddp')
+    # ResNet34: its answers vary from image to image, so equal submissions mean something
+    options = fast_options(folder, tiny_data, model='ResNet34', max_epoch=2, batch_size=4)
+    result = torchrun('train', *as_flags(options))
+    assert result.returncode == 0, result.stderr
+    return folder, options, result
+
+
+def test_two_processes_train_and_write_one_checkpoint_that_loads_alone(two_process_run):
+    folder, options, result = two_process_run
+    assert result.stdout.count('epoch 2/2') == 1  # rank 0 alone reports
+    assert 'in each of 2 processes' in result.stdout
+    files = sorted(p.name for p in (folder / 'checkpoints').iterdir())
+    assert files == ['best.pth', 'last.pth', 'metrics.jsonl']
+    state = load_checkpoint(folder / 'checkpoints' / 'last.pth')
+    assert state['epoch'] == 1
+    assert not any(key.startswith('module.') for key in state['model'])
+    ResNet34().load(folder / 'checkpoints' / 'last.pth')
+    assert len((folder / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()) == 2
+
+
+def test_validation_accuracy_equals_a_single_process_val(two_process_run):
+    folder, options, _ = two_process_run
+    record = json.loads((folder / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()[-1])
+    alone = run_main('val', *as_flags(options), f"--load_model_path={folder / 'checkpoints' / 'last.pth'}")
+    assert alone.returncode == 0, alone.stderr
+    assert f"12 validation images: loss {record['val_loss']:.4f}  accuracy {record['val_accuracy']:.2%}" \
+        in alone.stdout
+    together = torchrun('val', *as_flags(options), f"--load_model_path={folder / 'checkpoints' / 'last.pth'}")
+    assert together.returncode == 0, together.stderr
+    assert together.stdout.count('validation images') == 1
+    assert alone.stdout.splitlines()[-4:] == together.stdout.splitlines()[-4:]
+
+
+def test_test_under_torchrun_writes_the_single_process_submission(two_process_run, tmp_path):
+    folder, options, _ = two_process_run
+    checkpoint = f"--load_model_path={folder / 'checkpoints' / 'last.pth'}"
+    one = run_main('test', *as_flags({**options, 'result_file': tmp_path / 'one.csv'}), checkpoint)
+    two = torchrun('test', *as_flags({**options, 'result_file': tmp_path / 'two.csv'}), checkpoint)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    submission = (tmp_path / 'one.csv').read_text()
+    assert (tmp_path / 'two.csv').read_text() == submission
+    ids = [line.split(',')[0] for line in submission.splitlines()[1:]]
+    assert ids == [str(i) for i in range(1, 9)]  # 8 images over 2 processes: each id once
+    assert len({line.split(',')[1] for line in submission.splitlines()[1:]}) > 1
+
+
+def test_resume_under_torchrun_from_a_single_process_checkpoint(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, max_epoch=1)
+    assert run_main('train', *as_flags(options)).returncode == 0
+    last = tmp_path / 'checkpoints' / 'last.pth'
+    result = torchrun('train', *as_flags({**options, 'max_epoch': 2, 'resume': last}))
+    assert result.returncode == 0, result.stderr
+    assert 'resuming' in result.stdout and result.stdout.count('epoch 2/2') == 1
+    assert load_checkpoint(last)['epoch'] == 1
+    assert [json.loads(line)['epoch'] for line in (tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, tiny_data):
+    result = torchrun('train', *as_flags(fast_options(tmp_path, tiny_data, sync_bn=True)))
+    assert result.returncode != 0
+    assert 'error: --sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only' in result.stderr
+    assert '[rank0]: Traceback' not in result.stderr  # torchrun's own report follows; ours is one line
