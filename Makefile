@@ -17,6 +17,8 @@ $(VENV)/installed: requirements.txt build-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=build-constraints.txt PIP_BUILD_CONSTRAINT=build-constraints.txt \
 		$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m utils.visdom_server --provision-only || \
+		echo "warning: the visdom page will need internet (see README.md, Live curves)"
 	touch $@
 
 demo: install

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from config import DefaultConfig, option_help
 from data import DogCat, ImageFiles, collate_fn
-from data.dataset import IMAGE_SUFFIXES, LABELS, eval_transform
+from data.dataset import IMAGE_SUFFIXES, LABELS, eval_transform, load_rgb
 from data.demo import make_demo_data
 from models import MODELS, build_model
 from utils import UserError
@@ -99,6 +99,8 @@ def fit(cfg, root, resume, rt):
 
     # step 4: train, validate, log and keep the checkpoints, epoch by epoch
     vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
+    if resume is None:
+        vis.reset()  # a new run starts on a clean page; a resumed one adds to its curves
     checkpoint_dir = cfg.path('checkpoint_dir')
     metrics_file = checkpoint_dir / 'metrics.jsonl'  # one JSON line per epoch
     save = atomic_save if rt.is_main else lambda state, path: None
@@ -143,6 +145,8 @@ def fit(cfg, root, resume, rt):
                 with open(metrics_file, 'a') as f:
                     f.write(json.dumps(record) + '\n')
             report_epoch(record, cfg.max_epoch, vis)
+            if vis.enabled:
+                vis.captioned_images('most wrong (validation)', most_wrong(val_data, metrics))
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
         state = training_state(model, optimizer, scheduler, scaler, cfg, finished, best_accuracy,
@@ -184,6 +188,16 @@ def report_epoch(record, max_epoch, vis):
     vis.heatmap('confusion', record['confusion'], rownames=['cat', 'dog'],
                 columnnames=['predicted cat', 'predicted dog'])
     vis.log(summary)
+
+
+def most_wrong(dataset, metrics, count=16):
+    """(image, 'name P(dog)') of the misclassified validation images, the most confident first."""
+    error = (metrics['labels'] - metrics['p_dog']).abs()
+    wrong = (metrics['p_dog'] > 0.5) != metrics['labels'].bool()  # a tie counts as cat, as argmax does
+    worst = [i for i in error.argsort(descending=True, stable=True).tolist() if wrong[i]][:count]
+    paths = [dataset.paths[metrics['indices'][i]] for i in worst]
+    return [(load_rgb(path), f"{Path(path).name} P(dog)={metrics['p_dog'][i]:.2f}")
+            for path, i in zip(paths, worst)]
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis):

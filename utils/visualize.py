@@ -1,4 +1,4 @@
-"""Live training curves in a visdom server (start one with the command in README.md)."""
+"""Live training curves in a visdom server (start one with `python -m utils.visdom_server`)."""
 import logging
 import sys
 import time
@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 RETRY_SECONDS = 30  # how long to stay quiet after the server failed to answer
+TIMEOUT_SECONDS = 5  # a server that takes longer than this to answer counts as gone
 
 
 class Visualizer:
@@ -21,6 +22,10 @@ class Visualizer:
         self.next_try = 0.0  # time.monotonic() before which the server is not tried again
         self.warned = False
         self.steps = {}  # window name -> x of its next point
+
+    def reset(self):
+        """Close every window of the env: a new run starts on a clean page."""
+        self._call('close', None)
 
     def plot(self, name, y, x=None, title=None):
         """Append the point (x, y) to the line chart `name`; x defaults to a per-window counter."""
@@ -49,11 +54,25 @@ class Visualizer:
         for name, images in named_images.items():
             self.img(name, images)
 
+    def captioned_images(self, name, items, size=112):
+        """A grid of (PIL image, caption) pairs, each caption written under its picture."""
+        if not self.enabled or not items:
+            return
+        from PIL import Image, ImageDraw, ImageOps
+
+        tiles = []
+        for image, caption in items:
+            tile = Image.new('RGB', (size, size + 14), 'white')
+            tile.paste(ImageOps.fit(image, (size, size)))
+            ImageDraw.Draw(tile).text((2, size + 1), caption, fill='black')
+            tiles.append(np.asarray(tile).transpose(2, 0, 1) / 255)
+        self._call('images', np.stack(tiles), nrow=4, win=name,
+                   opts={'title': name, 'caption': '; '.join(caption for _, caption in items)})
+
     def log(self, text, win='log'):
         """Append a line (with the time) to a text window."""
-        first = win not in self.steps  # visdom appends only to a window that exists
-        self.steps[win] = 1
-        self._call('text', f"[{time.strftime('%H:%M:%S')}] {text}<br>", win=win, append=not first)
+        self._call('text', f"[{time.strftime('%H:%M:%S')}] {text}<br>", win=win, append=True,
+                   opts={'title': win})
 
     def heatmap(self, name, matrix, **opts):
         self._call('heatmap', np.asarray(matrix), win=name, opts={'title': name, **opts})
@@ -64,6 +83,8 @@ class Visualizer:
         try:
             if self.vis is None:
                 self.vis = self._connect()
+            if method == 'text' and kwargs.get('append') and not self.vis.win_exists(kwargs['win'], self.env):
+                kwargs['append'] = False  # visdom appends only to a window that exists
             getattr(self.vis, method)(*args, env=self.env, **kwargs)
         except (ConnectionError, OSError):
             self.vis = None
@@ -71,11 +92,18 @@ class Visualizer:
             if not self.warned:
                 self.warned = True
                 print(f'warning: no visdom server answers at {self.server}:{self.port}; training '
-                      f'goes on without live curves (see README.md to start one)', file=sys.stderr)
+                      f'goes on without live curves (python -m utils.visdom_server starts one)',
+                      file=sys.stderr)
 
     def _connect(self):
         import visdom  # here: runs with vis=False never pay for the import
 
+        class Client(visdom.Visdom):
+            def _handle_post(self, url, data=None):
+                # visdom posts with no timeout: a server that accepts and never answers would
+                # hang training; this makes it a ConnectionError like a refused connection
+                return self.session.post(url, data=data, timeout=TIMEOUT_SECONDS).text
+
         logging.getLogger('visdom').setLevel(logging.ERROR)  # it warns about options we chose
-        return visdom.Visdom(server=self.server, port=self.port, env=self.env,
-                             raise_exceptions=True, use_incoming_socket=False)
+        return Client(server=self.server, port=self.port, env=self.env, raise_exceptions=True,
+                      use_incoming_socket=False)

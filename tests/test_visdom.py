@@ -1,0 +1,201 @@
+"""Live curves in a real visdom server (started offline by utils.visdom_server), seen through
+visdom's own API and in a headless Chromium; and what training does when no server answers."""
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import main
+import utils.visualize
+from conftest import ROOT, as_flags, fast_options, run_main
+from utils.visdom_server import missing_files, provision
+from utils.visualize import Visualizer
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_server(port, env_path):
+    if missing_files():
+        provision()  # make install has done this; a bare checkout does it here (needs npm)
+    process = subprocess.Popen([sys.executable, '-m', 'utils.visdom_server', f'--port={port}',
+                                f'--env_path={env_path}'], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=1)
+            return process
+        except OSError:
+            assert process.poll() is None, 'the visdom server died at start'
+            assert time.monotonic() < deadline, 'the visdom server did not answer'
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    port = free_port()
+    process = start_server(port, tmp_path_factory.mktemp('visdom-envs'))
+    yield port
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def window(port, env, name):
+    import visdom
+    client = visdom.Visdom(port=port, use_incoming_socket=False, raise_exceptions=True)
+    data = client.get_window_data(name, env=env)
+    return json.loads(data) if data else None
+
+
+def points(port, env, name):
+    """{line name: number of points} of a line chart."""
+    content = window(port, env, name)['content']
+    return {trace.get('name'): len(trace['x']) for trace in content['data']}
+
+
+def train_with_visdom(tmp_path, data, port, env, **more):
+    # 28 training images, batch 4: 7 steps an epoch, a loss point every 2 steps = 3 an epoch
+    main.train(**fast_options(tmp_path, data, vis=True, vis_port=port, env=env, model='ResNet34',
+                              batch_size=4, print_freq=2, **more))
+
+
+def test_a_training_run_shows_its_curves_matrix_log_and_worst_images(tmp_path, tiny_data, server):
+    train_with_visdom(tmp_path, tiny_data, server, 'run', max_epoch=2)
+    assert list(points(server, 'run', 'train_loss').values()) == [6]
+    assert list(points(server, 'run', 'val_accuracy').values()) == [2]
+    assert list(points(server, 'run', 'lr').values()) == [2]
+    assert points(server, 'run', 'loss') == {'train': 2, 'val': 2}
+    assert window(server, 'run', 'confusion')['type'] == 'plot'
+    log = window(server, 'run', 'log')['content']
+    assert log.count('epoch 1/2') == 1 and log.count('epoch 2/2') == 1
+
+    last = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()[-1])
+    wrong = last['confusion'][0][1] + last['confusion'][1][0]
+    grid = window(server, 'run', 'most wrong (validation)')
+    if wrong == 0:
+        assert grid is None
+    else:
+        assert grid['type'] == 'image' and grid['content']['src'].startswith('data:image/png;base64,')
+        captions = grid['content']['caption'].split('; ')
+        assert len(captions) == min(wrong, 16)
+        assert all(re.fullmatch(r'(cat|dog)\.\d+\.jpg P\(dog\)=\d\.\d\d', c) for c in captions)
+
+
+def test_a_new_run_starts_clean_and_a_resumed_one_adds(tmp_path, tiny_data, server):
+    train_with_visdom(tmp_path, tiny_data, server, 'again', max_epoch=2)
+    train_with_visdom(tmp_path, tiny_data, server, 'again', max_epoch=1)
+    assert list(points(server, 'again', 'train_loss').values()) == [3]
+    train_with_visdom(tmp_path, tiny_data, server, 'again', max_epoch=2,
+                      resume=str(tmp_path / 'checkpoints' / 'last.pth'))
+    assert list(points(server, 'again', 'train_loss').values()) == [6]
+    assert list(points(server, 'again', 'val_accuracy').values()) == [2]
+    assert 'epoch 2/2' in window(server, 'again', 'log')['content']
+
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')
+def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server):
+    train_with_visdom(tmp_path, tiny_data, server, 'browser', max_epoch=2)
+    flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+             '--disable-component-update', '--disable-sync', '--no-first-run',
+             f'--user-data-dir={tmp_path / "chromium"}', '--window-size=1600,1300',
+             '--virtual-time-budget=20000']
+    url = f'http://127.0.0.1:{server}/env/browser'
+    dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', url], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count('class="main-svg"') >= 5  # Plotly drew the charts, not just the HTML
+    lines = re.findall(r'class="js-line"[^>]*d="([^"]+)"', dom)
+    vertices = sorted(path.count('L') + 1 for path in lines)
+    assert 6 in vertices  # train_loss: its 6 points, drawn
+    assert 'data:image/png;base64' in dom or 'most wrong' not in dom
+    shot = tmp_path / 'page.png'
+    subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', url], capture_output=True, timeout=120)
+    from PIL import Image
+    colours = Image.open(shot).convert('RGB').getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 200  # charts, text and pictures, not a blank page
+
+
+def test_without_a_server_training_runs_with_one_warning(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, vis=True, vis_port=free_port(), max_epoch=2)
+    result = run_main('train', *as_flags(options))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count('warning: no visdom server answers') == 1
+    assert 'Traceback' not in result.stderr and 'Exception' not in result.stderr
+    assert 'epoch 2/2' in result.stdout
+
+
+def test_a_server_that_never_answers_does_not_hang_training(tmp_path, tiny_data, monkeypatch, capsys):
+    monkeypatch.setattr(utils.visualize, 'TIMEOUT_SECONDS', 0.5)
+    with socket.socket() as silent:  # accepts connections, never replies
+        silent.bind(('127.0.0.1', 0))
+        silent.listen(100)
+        main.train(**fast_options(tmp_path, tiny_data, vis=True, vis_port=silent.getsockname()[1]))
+    assert capsys.readouterr().err.count('warning: no visdom server answers') == 1
+
+
+def test_plotting_resumes_when_the_server_comes_back(tmp_path, monkeypatch, capsys):
+    port = free_port()
+    vis = Visualizer(env='back', port=port)
+    vis.plot('curve', 1.0)
+    assert 'no visdom server answers' in capsys.readouterr().err
+    process = start_server(port, tmp_path / 'envs')
+    try:
+        vis.plot('curve', 2.0)  # still inside the quiet period: dropped, no waiting
+        vis.next_try = 0  # the quiet period is over
+        vis.plot('curve', 3.0)
+        vis.plot('curve', 4.0)
+        assert list(points(port, 'back', 'curve').values()) == [2]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_server_listens_on_loopback_only(server):
+    listening = subprocess.run(['ss', '-ltn'], capture_output=True, text=True).stdout
+    assert f'127.0.0.1:{server} ' in listening
+    assert f'0.0.0.0:{server} ' not in listening and f'*:{server} ' not in listening
+
+
+def debug_run(tmp_path, tiny_data, keys, **more):
+    """Train with the debug file present, typing `keys` at the ipdb prompt."""
+    debug = tmp_path / 'debug'
+    debug.touch()
+    options = fast_options(tmp_path, tiny_data, max_epoch=2, batch_size=4, print_freq=3, **more)
+    return subprocess.run([sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)], cwd=ROOT,
+                          input=keys, capture_output=True, text=True, timeout=300)
+
+
+def test_debug_file_stops_in_ipdb_with_the_loop_at_hand_and_removing_it_continues(tmp_path, tiny_data):
+    keys = ("p ('AT', step, type(model).__name__, tuple(images.shape), cfg.lr)\n"
+            "import os; os.remove(cfg.path('debug_file'))\n"
+            "c\n")
+    result = debug_run(tmp_path, tiny_data, keys)
+    assert result.returncode == 0, result.stderr
+    assert "('AT', 3, 'SqueezeNet', (4, 3, 32, 32), 0.001)" in result.stdout  # at step print_freq
+    assert result.stdout.count('ipdb>') == 3  # stopped once: the file was gone at the next check
+    assert 'epoch 2/2' in result.stdout
+
+
+def test_quitting_the_debugger_ends_cleanly_and_keeps_the_checkpoint(tmp_path, tiny_data):
+    assert run_main('train', *as_flags(fast_options(tmp_path, tiny_data))).returncode == 0
+    last = tmp_path / 'checkpoints' / 'last.pth'
+    before = last.read_bytes()
+    result = debug_run(tmp_path, tiny_data, 'q\n', resume=str(last), num_workers=2)
+    assert result.returncode == 130
+    assert 'quit from the debugger' in result.stderr and 'Traceback' not in result.stderr
+    assert last.read_bytes() == before
+    time.sleep(0.5)
+    leftover = subprocess.run(['pgrep', '-f', str(tmp_path / 'checkpoints')], capture_output=True, text=True)
+    assert not leftover.stdout.split(), 'DataLoader workers outlived the run'
