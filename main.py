@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from config import DefaultConfig, option_help
 from data import DogCat, ImageFiles, collate_fn
-from data.dataset import IMAGE_SUFFIXES, LABELS, eval_transform, load_rgb
+from data.dataset import IMAGE_SUFFIXES, LABELS, CenterSquare, load_rgb, model_input
 from data.demo import make_demo_data
 from models import MODELS, build_model
 from utils import UserError
@@ -64,10 +64,12 @@ def fit(cfg, root, resume, rt):
         if device.type != 'cuda':
             raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+    on_device(model, cfg, rt)
     # the wrapper averages gradients across processes; `model` stays the plain one to save
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
         if rt.distributed else model
+    if cfg.compile:
+        trained = torch.compile(trained)  # the same parameters: `model` still saves them
     print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}'
           + (f' in each of {rt.world_size} processes' if rt.distributed else ''))
 
@@ -124,7 +126,7 @@ def fit(cfg, root, resume, rt):
             seconds = time.perf_counter() - started
             model.eval()
             rt.share_buffers(model)
-            metrics = evaluate(model, val_loader, rt, cfg.amp)
+            metrics = evaluate(model, val_loader, rt, cfg.amp, memory_format(cfg))
             scheduler.step(metrics['loss'])
 
             best_accuracy = max(best_accuracy, metrics['accuracy'])
@@ -219,7 +221,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
     for step, (images, targets, _, bad) in enumerate(progress, start=1):
         skipped += bad
         if images is not None:  # None: every image of the batch failed to load
-            images = images.to(device, non_blocking=True)
+            images = model_input(images, device, memory_format(cfg))
             targets = targets.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
                 loss = criterion(model(images), targets)
@@ -254,7 +256,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
 
 
 @torch.inference_mode()
-def infer(model, loader, rt, amp=False):
+def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
     """Log-probabilities (N, 2) of the images that loaded, with their targets and indices,
     ordered by index, and the indices of the images that could not be read.
 
@@ -266,7 +268,7 @@ def infer(model, loader, rt, amp=False):
         if images is None:
             continue
         with autocast(rt.device, amp):
-            logits = model(images.to(rt.device, non_blocking=True))
+            logits = model(model_input(images, rt.device, layout))
         log_probs.append(logits.float().log_softmax(dim=1).cpu())
         targets.append(batch_targets)
         indices.append(batch_indices)
@@ -281,9 +283,9 @@ def infer(model, loader, rt, amp=False):
     return log_probs[order], targets[order], indices[order], skipped
 
 
-def evaluate(model, loader, rt, amp=False):
+def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format):
     """Loss, accuracy, confusion matrix (rows: true cat/dog) and Kaggle log loss over `loader`."""
-    log_probs, labels, indices, skipped = infer(model, loader, rt, amp)
+    log_probs, labels, indices, skipped = infer(model, loader, rt, amp, layout)
     confusion = meter.ConfusionMeter(2)
     confusion.add(log_probs, labels)
     matrix = confusion.value()
@@ -304,7 +306,7 @@ def val(**kwargs):
     model = load_trained(cfg)
     data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
     with runtime(cfg.use_gpu) as rt:
-        m = evaluate(model.to(rt.device), make_loader(data, cfg, rt), rt, cfg.amp)
+        m = evaluate(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt, cfg.amp, memory_format(cfg))
     (cat_cat, cat_dog), (dog_cat, dog_dog) = m['confusion']
     print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
           f"Kaggle log loss {m['log_loss']:.4f}")
@@ -321,7 +323,8 @@ def test(**kwargs):
     model = load_trained(cfg)
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
     with runtime(cfg.use_gpu) as rt:
-        log_probs, ids, _, skipped = infer(model.to(rt.device), make_loader(data, cfg, rt), rt, cfg.amp)
+        log_probs, ids, _, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
+                                           cfg.amp, memory_format(cfg))
     if not rt.is_main:
         return
     p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
@@ -341,9 +344,10 @@ def predict(*paths, out='', **kwargs):
     cfg = DefaultConfig().parse(kwargs)
     files = find_images(paths)
     model = load_trained(cfg)
-    data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size))
+    data = ImageFiles(files, list(range(len(files))), CenterSquare(cfg.image_size), draft=cfg.image_size)
     with runtime(cfg.use_gpu) as rt:
-        log_probs, _, indices, skipped = infer(model.to(rt.device), make_loader(data, cfg, rt), rt, cfg.amp)
+        log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
+                                               cfg.amp, memory_format(cfg))
     rows = [(files[i], LABELS[p >= 0.5], f'{p:.4f}')
             for i, p in zip(indices.tolist(), log_probs[:, 1].exp().tolist())]
     for row in rows:
@@ -388,6 +392,18 @@ def load_trained(cfg):
     return MODELS[cfg.model]().load_state(state, path).eval()
 
 
+def memory_format(cfg):
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def on_device(model, cfg, rt):
+    return model.to(rt.device, memory_format=memory_format(cfg))
+
+
+def eval_batch_size(cfg):
+    return 2 * cfg.batch_size  # no activations kept for a backward pass: twice the images fit
+
+
 def make_loader(dataset, cfg, rt, shuffle=False):
     """Batches of this process's share of `dataset` (all of it without torchrun).
 
@@ -399,7 +415,8 @@ def make_loader(dataset, cfg, rt, shuffle=False):
                                      seed=cfg.seed)
     else:
         sampler = range(rt.rank, len(dataset), rt.world_size)
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn,
+    return DataLoader(dataset, batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
+                      sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                       pin_memory=rt.device.type == 'cuda')
 

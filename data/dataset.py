@@ -4,6 +4,7 @@ Kaggle layout: train/ holds cat.N.jpg and dog.N.jpg (label from the name: 0 = ca
 test1/ holds N.jpg (N is the id the submission needs). Only the file's own name is read, never
 the folder's, so a root such as /home/dog/data labels nothing wrong.
 """
+import functools
 import os
 import random
 import re
@@ -11,10 +12,12 @@ import warnings
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch import nn
 from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import v2 as T
+from torchvision.transforms import RandomResizedCrop
 
 from utils import UserError
 
@@ -35,15 +38,15 @@ class ImageFiles(Dataset):
     the run. Only the paths are kept in memory, never decoded images.
     """
 
-    def __init__(self, paths, targets, transform):
-        self.paths, self.targets, self.transform = paths, targets, transform
+    def __init__(self, paths, targets, transform, draft=None):
+        self.paths, self.targets, self.transform, self.draft = paths, targets, transform, draft
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            img = load_rgb(self.paths[index])
+            img = load_rgb(self.paths[index], self.draft)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
             return None, self.targets[index], index
         return self.transform(img), self.targets[index], index
@@ -52,7 +55,8 @@ class ImageFiles(Dataset):
 class DogCat(ImageFiles):
     """Samples of one of the modes 'train', 'val' (a held-out share of train/) or 'test'.
 
-    The target is the label (train, val) or the Kaggle id (test).
+    The target is the label (train, val) or the Kaggle id (test). Images are (3, size, size)
+    uint8 tensors; model_input() turns a batch of them into the network's input.
     """
 
     def __init__(self, root, mode='train', image_size=224, val_ratio=0.3, seed=0):
@@ -73,12 +77,18 @@ class DogCat(ImageFiles):
             if not samples:
                 raise UserError(f'{root}: too few images to hold out a {mode} split at '
                                 f'val_ratio={val_ratio}')
-        super().__init__([str(root / name) for name, _ in samples], [target for _, target in samples],
-                         train_transform(image_size) if mode == 'train' else eval_transform(image_size))
+        paths, targets = [str(root / name) for name, _ in samples], [target for _, target in samples]
+        if mode == 'train':
+            super().__init__(paths, targets, RandomResizedCropFlip(image_size))
+        else:  # a JPEG may be decoded straight to a smaller scale, never below image_size
+            super().__init__(paths, targets, CenterSquare(image_size), draft=image_size)
 
 
-def load_rgb(path):
+def load_rgb(path, draft=None):
     """Decode `path` now (a broken file fails here, not in the transform), upright, as RGB.
+
+    draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (much faster) as long as both sides
+    stay at least this long.
 
     Raises an OSError for a file that is not a whole image, and DecompressionBombWarning for
     one larger than Pillow's pixel limit (which would otherwise only warn and eat the memory).
@@ -86,12 +96,14 @@ def load_rgb(path):
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            if draft:
+                img.draft('RGB', (draft, draft))
             img.load()
             if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
                 # 16-bit and 32-bit grey: keep the top 8 bits instead of clipping to white
                 img = img.convert('I').point(lambda v: v * (1 / 256)).convert('L')
-            img = ImageOps.exif_transpose(img)  # phones store portraits sideways plus a tag
-            return img.convert('RGB')
+            ImageOps.exif_transpose(img, in_place=True)  # phones store portraits sideways plus a tag
+            return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def _list_samples(root, pattern):
@@ -123,20 +135,62 @@ def _split(samples, val_ratio, seed):
     return parts
 
 
-def train_transform(size):
-    return T.Compose([
-        T.RandomResizedCrop(size, antialias=True),
-        T.RandomHorizontalFlip(),
-        *_to_normalized_tensor(),
-    ])
+class RandomResizedCropFlip:
+    """Train transform: a random crop (8-100% of the area, aspect 3/4-4/3) resized to size x size,
+    flipped left-right half the time, as a (3, size, size) uint8 tensor.
+
+    The crop is a view of the decoded pixels and the resize is torch's antialiased bilinear on
+    uint8, about twice as fast as Pillow's and within 0.1 of its values: one resample of the crop
+    region only. The classic recipe, Resize(256) then RandomResizedCrop(224), resamples twice.
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, img):
+        top, left, h, w = RandomResizedCrop.get_params(img, self.scale, self.ratio)  # torch's RNG
+        image = resize_region(img, top, left, h, w, self.size)
+        return image.flip(-1) if torch.rand(1).item() < 0.5 else image
 
 
-def eval_transform(size):
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), *_to_normalized_tensor()])
+class CenterSquare:
+    """Eval transform: the central square of the image resized to size x size (what Resize(size)
+    then CenterCrop(size) give), in one resample, as a (3, size, size) uint8 tensor."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img):
+        w, h = img.size
+        side = min(w, h)
+        return resize_region(img, (h - side) // 2, (w - side) // 2, side, side, self.size)
 
 
-def _to_normalized_tensor():
-    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
+def resize_region(img, top, left, h, w, size):
+    """The region (top, left, h, w) of a PIL RGB image resized to size x size: (3, size, size)
+    uint8. 4x fewer bytes than float through the workers' shared memory and to the GPU;
+    model_input() normalises a whole batch at once, on the device."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)  # a read-only array: we only read it
+        pixels = torch.from_numpy(np.asarray(img))
+    region = pixels[top:top + h, left:left + w].permute(2, 0, 1).unsqueeze(0)
+    return nn.functional.interpolate(region, size=(size, size), mode='bilinear', antialias=True,
+                                     align_corners=False)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    shape = (1, 3, 1, 1)
+    return (torch.tensor(MEAN, device=device).view(shape) * 255,
+            torch.tensor(STD, device=device).view(shape) * 255)
+
+
+def model_input(images, device, memory_format=torch.contiguous_format):
+    """A uint8 batch from the loader as the network wants it: on `device`, float, normalised
+    with the ImageNet statistics, in `memory_format` (channels_last or not)."""
+    images = images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format)
+    mean, std = _mean_std(images.device)
+    return images.sub_(mean).div_(std)
 
 
 Batch = namedtuple('Batch', 'images targets indices skipped')

@@ -13,27 +13,30 @@ from PIL import Image
 from .dataset import LABELS
 
 
-def make_demo_data(root, n_train=600, n_test=100, seed=0):
-    """Write root/train/{cat,dog}.N.jpg (half each) and root/test1/N.jpg; return the test labels."""
+def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192)):
+    """Write root/train/{cat,dog}.N.jpg (half each) and root/test1/N.jpg; return the test labels.
+
+    Each side of an image is drawn from `sizes` (low, high).
+    """
     rng = np.random.default_rng(seed)
     root = Path(root)
     for folder in ('train', 'test1'):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for i in range(n_train):
         label = i % 2
-        _draw(label, rng).save(root / 'train' / f'{LABELS[label]}.{i // 2}.jpg',
+        _draw(label, rng, sizes).save(root / 'train' / f'{LABELS[label]}.{i // 2}.jpg',
                                quality=int(rng.integers(75, 96)))
     test_labels = {}
     for kaggle_id in range(1, n_test + 1):  # Kaggle's test ids start at 1
         label = int(rng.integers(2))
-        _draw(label, rng).save(root / 'test1' / f'{kaggle_id}.jpg', quality=int(rng.integers(75, 96)))
+        _draw(label, rng, sizes).save(root / 'test1' / f'{kaggle_id}.jpg', quality=int(rng.integers(75, 96)))
         test_labels[kaggle_id] = label
     return test_labels
 
 
-def _draw(label, rng):
+def _draw(label, rng, sizes):
     """An RGB image patterned by the class: stripes (cat) or spots (dog)."""
-    h, w = (int(v) for v in rng.integers(96, 192, size=2))
+    h, w = (int(v) for v in rng.integers(*sizes, size=2))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     image = np.zeros((h, w, 3), dtype=np.float32)
 

@@ -32,7 +32,7 @@ def test_test_mode_targets_are_the_kaggle_ids(tmp_path):
     assert sorted(data.targets) == [1, 2, 10]
     image, target, index = data[data.targets.index(10)]
     assert target == 10 and data.paths[index].endswith('10.jpg')
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
 
 
 def test_names_that_are_not_samples_are_ignored_and_counted(tmp_path):
@@ -102,7 +102,7 @@ def test_dataset_keeps_paths_not_images(tmp_path):
     root = write_images(tmp_path, labelled_names(3))
     data = DogCat(root, 'train', val_ratio=0.4)
     assert all(isinstance(p, str) for p in data.paths)
-    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform'}
+    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform', 'draft'}
 
 
 def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):

@@ -3,6 +3,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,37 @@ def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
     assert sum(map(sum, metrics['confusion'])) == len(data) == 12
     assert sorted(metrics['indices'].tolist()) == list(range(12))
     assert metrics['accuracy'] == pytest.approx((metrics['confusion'][0][0] + metrics['confusion'][1][1]) / 12)
+
+
+@pytest.mark.parametrize('flags', [{'amp': True}, {'channels_last': True}, {'amp': True, 'channels_last': True}])
+def test_mixed_precision_and_channels_last_train_on_the_cpu(tmp_path, tiny_data, flags):
+    main.train(**fast_options(tmp_path, tiny_data, model='ResNet34', **flags))
+    state = load_checkpoint(tmp_path / 'checkpoints' / 'last.pth')
+    assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
+    assert state['model']['net.fc.weight'].dtype == torch.float32  # autocast leaves weights in fp32
+
+
+def test_model_input_normalises_a_uint8_batch_like_torchvision():
+    from torchvision.transforms import Normalize
+
+    from data.dataset import MEAN, STD, model_input
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = Normalize(MEAN, STD)(batch.float() / 255)
+    plain = model_input(batch, torch.device('cpu'))
+    nhwc = model_input(batch, torch.device('cpu'), torch.channels_last)
+    assert torch.allclose(plain, expected, atol=1e-5) and torch.allclose(nhwc, expected, atol=1e-5)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_center_square_is_resize_then_center_crop_in_one_step():
+    from PIL import Image
+    from torchvision import transforms as classic
+
+    from data.dataset import CenterSquare
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)) \
+        .resize((400, 240), Image.BILINEAR)  # smooth, so both resamplers agree closely
+    ours = CenterSquare(64)(image).float()
+    theirs = torch.from_numpy(np.array(classic.Compose([classic.Resize(64), classic.CenterCrop(64)])(image))) \
+        .permute(2, 0, 1).float()
+    assert ours.shape == theirs.shape == (3, 64, 64)
+    assert (ours - theirs).abs().mean() < 4

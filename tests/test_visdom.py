@@ -7,14 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 import main
 import utils.visualize
 from conftest import ROOT, as_flags, fast_options, run_main
-from utils.visdom_server import missing_files, provision
+from utils.visdom_server import start
 from utils.visualize import Visualizer
 
 
@@ -24,27 +23,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(port, env_path):
-    if missing_files():
-        provision()  # make install has done this; a bare checkout does it here (needs npm)
-    process = subprocess.Popen([sys.executable, '-m', 'utils.visdom_server', f'--port={port}',
-                                f'--env_path={env_path}'], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=1)
-            return process
-        except OSError:
-            assert process.poll() is None, 'the visdom server died at start'
-            assert time.monotonic() < deadline, 'the visdom server did not answer'
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
     port = free_port()
-    process = start_server(port, tmp_path_factory.mktemp('visdom-envs'))
+    process = start(port, tmp_path_factory.mktemp('visdom-envs'))
     yield port
     process.terminate()
     process.wait(timeout=30)
@@ -150,7 +132,7 @@ def test_plotting_resumes_when_the_server_comes_back(tmp_path, monkeypatch, caps
     vis = Visualizer(env='back', port=port)
     vis.plot('curve', 1.0)
     assert 'no visdom server answers' in capsys.readouterr().err
-    process = start_server(port, tmp_path / 'envs')
+    process = start(port, tmp_path / 'envs')
     try:
         vis.plot('curve', 2.0)  # still inside the quiet period: dropped, no waiting
         vis.next_try = 0  # the quiet period is over

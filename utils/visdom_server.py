@@ -89,6 +89,28 @@ def _extract(tar, files, static):
                 target.write_bytes(tar.extractfile(member).read())
 
 
+def start(port, env_path, timeout=60):
+    """A server in a child process on 127.0.0.1:port (page files fetched first if missing),
+    returned once it answers; the caller terminates it."""
+    import time
+    import urllib.request
+
+    provision()
+    process = subprocess.Popen([sys.executable, '-m', 'utils.visdom_server', f'--port={port}',
+                                f'--env_path={env_path}'], cwd=Path(__file__).resolve().parent.parent,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=1)
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f'the visdom server on port {port} did not start') from None
+            time.sleep(0.2)
+
+
 def serve(port, expose, env_path):
     """Run visdom's server in this process, without its start-up download."""
     from visdom.server import run_server  # its main() alone does not download; `-m visdom.server` does

@@ -1,0 +1,225 @@
+"""How close the pipeline comes to what the hardware does with no pipeline at all.
+
+    python -m utils.benchmark                 # the full run (several minutes on 2 CPU cores)
+    python -m utils.benchmark --smoke         # seconds: checks that every measurement runs
+
+Every figure is measured in this one run, on JPEGs it writes to a temporary folder, and printed
+as a ratio with its two absolute figures beside it. Nothing here asserts a timing.
+"""
+import argparse
+import contextlib
+import io
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import transforms as classic
+
+import main
+from config import DefaultConfig
+from data import DogCat
+from data.dataset import MEAN, STD, load_rgb
+from data.demo import make_demo_data
+from models import build_model
+from utils.runtime import Runtime, autocast
+from utils.visualize import Visualizer
+
+
+def ratio(title, ours, reference, unit='images/s'):
+    print(f'  {title:<44} {ours / reference:6.2f}   ({ours:8.1f} vs {reference:8.1f} {unit})')
+    return ours / reference
+
+
+def options(root, args, **more):
+    with contextlib.redirect_stdout(io.StringIO()):  # parse() prints the config: not here
+        return DefaultConfig().parse(dict(
+            train_data_root=str(root / 'train'), test_data_root=str(root / 'test1'), val_ratio=0.1,
+            image_size=args.image_size, batch_size=args.batch_size, use_gpu=args.device == 'cuda',
+            print_freq=20, checkpoint_dir=str(root / 'checkpoints'), **more))
+
+
+def loop_efficiency(root, args, model_name, vis_port, out):
+    """The real training loop (disk, decode, meters, progress bar, visdom) against bare steps."""
+    cfg = options(root, args, model=model_name, vis_port=vis_port, channels_last=args.channels_last,
+                  amp=args.amp)
+    rt = Runtime(torch.device(args.device))
+    model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg))
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp and rt.device.type == 'cuda')
+    loader = main.make_loader(DogCat(root / 'train', 'train', cfg.image_size, cfg.val_ratio), cfg, rt,
+                              shuffle=True)
+    vis = Visualizer(cfg.env + '-benchmark', cfg.vis_server, cfg.vis_port)
+    model.train()
+
+    def real_epoch(epoch):
+        started = time.perf_counter()
+        _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis)
+        return seen / (time.perf_counter() - started)
+
+    real_epoch(0)  # warm-up: worker start, allocator, kernel choice
+    real = real_epoch(1)
+
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
+        .contiguous(memory_format=main.memory_format(cfg))
+    targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
+
+    def bare_steps(steps):
+        started = time.perf_counter()
+        for _ in range(steps):
+            with autocast(rt.device, cfg.amp):
+                loss = criterion(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        loss.item()  # wait for the device
+        return steps * cfg.batch_size / (time.perf_counter() - started)
+
+    bare_steps(2)
+    bare = bare_steps(len(loader))
+    out[f'loop {model_name}'] = ratio(f'1. loop efficiency, {model_name}', real, bare)
+
+
+def loader_headroom(root, args, out):
+    """One worker's work per image: decode + train transform, against decode alone and against
+    the classic recipe that resamples twice."""
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    data = DogCat(root / 'train', 'train', args.image_size, 0.1)
+    paths = data.paths
+    classic_recipe = classic.Compose([
+        classic.Resize(256 * args.image_size // 224), classic.RandomResizedCrop(args.image_size),
+        classic.RandomHorizontalFlip(), classic.ToTensor(), classic.Normalize(MEAN, STD)])
+
+    def rate(work):
+        started = time.perf_counter()
+        for i in range(len(paths)):
+            work(i)
+        return len(paths) / (time.perf_counter() - started)
+
+    rate(lambda i: load_rgb(paths[i]))  # warm the page cache for all three
+    decode = rate(lambda i: load_rgb(paths[i]))
+    ours = rate(lambda i: data[i])
+    old = rate(lambda i: classic_recipe(load_rgb(paths[i])))
+    torch.set_num_threads(args.threads)
+    out['transform/decode'] = ratio('2a. train transform / decode only', ours, decode)
+    out['transform/classic'] = ratio('2b. train transform / classic recipe', ours, old)
+
+
+def inference(root, args, model_name, out):
+    """`test` (reading the test folder) against a bare forward pass on tensors in memory."""
+    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp)
+    rt = Runtime(torch.device(args.device))
+    model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg)).eval()
+    data = DogCat(root / 'test1', 'test', cfg.image_size)
+    loader = main.make_loader(data, cfg, rt)
+    main.infer(model, loader, rt, cfg.amp)  # warm-up
+    started = time.perf_counter()
+    main.infer(model, loader, rt, cfg.amp)
+    real = len(data) / (time.perf_counter() - started)
+
+    batch = torch.randn(main.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device) \
+        .contiguous(memory_format=main.memory_format(cfg))
+    with torch.inference_mode(), autocast(rt.device, cfg.amp):
+        model(batch)
+        steps = math.ceil(len(data) / len(batch))
+        started = time.perf_counter()
+        for _ in range(steps):
+            model(batch).float().cpu()
+    bare = steps * len(batch) / (time.perf_counter() - started)
+    out['inference'] = ratio(f'3. test / bare inference, {model_name}', real, bare)
+
+
+def peak_rss_of_training(folder, files, scratch):
+    """Peak RSS (MB) of `main.py train` for one epoch over a folder listing `files` images
+    (symbolic links to one small JPEG: the listing grows, the disk does not)."""
+    images = folder / f'train-{files}'
+    images.mkdir()
+    source = sorted((folder / 'train').glob('cat.*.jpg'))[0]
+    for i in range(files):
+        os.symlink(source, images / f"{('cat', 'dog')[i % 2]}.{i}.jpg")
+    # the child reports its own high-water mark: a forked child's ru_maxrss would start from ours
+    report = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
+              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+              "finally:\n    print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')),"
+              " file=sys.stderr)")
+    command = [sys.executable, '-c', report, str(Path(main.__file__)), 'train', f'--train_data_root={images}',
+               '--model=SqueezeNet', '--image_size=32', '--batch_size=64', '--max_epoch=1',
+               '--use_gpu=False', '--vis=False', f'--checkpoint_dir={scratch / str(files)}']
+    child = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f'training over {files} files failed: {child.stderr[-500:]}')
+    return int(child.stderr.split('VmHWM:')[1].split()[0]) / 1024  # kB
+
+
+def memory(root, args, out):
+    small, large = (100, 2000) if args.smoke else (1000, 20000)
+    with tempfile.TemporaryDirectory() as scratch:
+        a = peak_rss_of_training(root, small, Path(scratch))
+        b = peak_rss_of_training(root, large, Path(scratch))
+    out['memory'] = ratio(f'4. peak RSS, {large} files / {small} files', b, a, unit='MB')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def main_():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--model', default='ResNet34,SqueezeNet', help='comma-separated')
+    parser.add_argument('--image_size', type=int, default=224)
+    parser.add_argument('--batch_size', type=int, default=16)
+    parser.add_argument('--images', type=int, default=160, help='training images to write')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--channels_last', type=lambda v: v.lower() == 'true', default=None,
+                        help='True/False; default: the config default')
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--smoke', action='store_true', help='tiny sizes: a check that it all runs')
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.image_size, args.batch_size, args.images = 'SqueezeNet', 64, 8, 24
+    if args.channels_last is None:
+        args.channels_last = DefaultConfig.channels_last
+    torch.set_num_threads(args.threads)
+
+    print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
+          f'{torch.get_num_threads()} threads, device {args.device}'
+          + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else ''))
+    print(f'setting: {args.image_size} px, batch {args.batch_size}, {args.images} training images '
+          f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}\n')
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_demo_data(root, n_train=args.images, n_test=args.images // 2, sizes=(300, 500))
+        port = free_port()
+        from utils import visdom_server
+        try:
+            server = visdom_server.start(port, root / 'visdom')
+        except (RuntimeError, SystemExit):
+            server = None
+            print('  (no visdom server could start: the visualizer runs against a closed port)')
+        try:
+            for name in args.model.split(','):
+                loop_efficiency(root, args, name, port, out)
+        finally:
+            if server is not None:
+                server.terminate()
+        loader_headroom(root, args, out)
+        inference(root, args, args.model.split(',')[0], out)
+        memory(root, args, out)
+    print(f'\n{len(out)} ratios measured')
+
+
+if __name__ == '__main__':
+    main_()
