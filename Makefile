@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := data/demo
 DEMO_OPTIONS := --train_data_root=$(DEMO)/train --test_data_root=$(DEMO)/test1 \
-	--model=ResNet34 --image_size=64 --batch_size=16 --max_epoch=10
+	--model=ResNet34 --image_size=64 --batch_size=16 --max_epoch=12
 
 .PHONY: install demo test clean
 

@@ -38,7 +38,7 @@ class DefaultConfig:
     use_gpu: bool = True  # use CUDA (or Apple MPS) when there is one; CPU otherwise
     amp: bool = False  # mixed precision: fp16 on CUDA, bf16 on CPU
     compile: bool = False  # torch.compile the model: slow first steps, faster after (PyTorch 2)
-    channels_last: bool = False  # NHWC memory layout for the conv nets (see README: Speed)
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs and GPUs alike
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes
     num_workers: int = min(4, os.cpu_count() or 1)  # processes decoding images (0 = in the main one)
     print_freq: int = 20  # steps between loss points, progress updates and debug-file checks

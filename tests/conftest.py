@@ -36,3 +36,12 @@ def run_main(*args, cwd=ROOT, timeout=300):
 
 def as_flags(options):
     return [f'--{key}={value}' for key, value in options.items()]
+
+
+def assert_one_line_error(result, *fragments):
+    """The run failed as a user error should: exit 2, one `error:` line, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import main
-from conftest import ROOT, as_flags, fast_options, run_main
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, run_main
 from data.dataset import load_rgb
 from models import ResNet34, SqueezeNet
 from utils import UserError
@@ -127,14 +127,6 @@ def test_a_folder_whose_images_all_fail_names_it(tmp_path):
     model = SqueezeNet().save(tmp_path / 'w.pth')
     with pytest.raises(UserError, match=f'none of the 2 images in {folder} could be read'):
         main.test(**fast_options(tmp_path, tmp_path, test_data_root=str(folder), load_model_path=str(model)))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):

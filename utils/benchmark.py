@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ def options(root, args, **more):
 def loop_efficiency(root, args, model_name, vis_port, out):
     """The real training loop (disk, decode, meters, progress bar, visdom) against bare steps."""
     cfg = options(root, args, model=model_name, vis_port=vis_port, channels_last=args.channels_last,
-                  amp=args.amp)
+                  amp=args.amp, num_workers=args.num_workers)
     rt = Runtime(torch.device(args.device))
     model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg))
     criterion = nn.CrossEntropyLoss()
@@ -65,13 +66,6 @@ def loop_efficiency(root, args, model_name, vis_port, out):
         _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis)
         return seen / (time.perf_counter() - started)
 
-    real_epoch(0)  # warm-up: worker start, allocator, kernel choice
-    real = real_epoch(1)
-
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=main.memory_format(cfg))
-    targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
-
     def bare_steps(steps):
         started = time.perf_counter()
         for _ in range(steps):
@@ -84,8 +78,18 @@ def loop_efficiency(root, args, model_name, vis_port, out):
         loss.item()  # wait for the device
         return steps * cfg.batch_size / (time.perf_counter() - started)
 
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
+        .contiguous(memory_format=main.memory_format(cfg))
+    targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
+    real_epoch(0)  # warm-up: worker start, allocator, kernel choice
     bare_steps(2)
-    bare = bare_steps(len(loader))
+    # alternate the two, so that a machine that speeds up or slows down meanwhile (a shared
+    # host) moves both alike; the medians of the rounds are compared
+    real, bare = [], []
+    for i in range(args.rounds):
+        real.append(real_epoch(i + 1))
+        bare.append(bare_steps(len(loader)))
+    real, bare = statistics.median(real), statistics.median(bare)
     out[f'loop {model_name}'] = ratio(f'1. loop efficiency, {model_name}', real, bare)
 
 
@@ -185,10 +189,12 @@ def main_():
     parser.add_argument('--channels_last', type=lambda v: v.lower() == 'true', default=None,
                         help='True/False; default: the config default')
     parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--num_workers', type=int, default=DefaultConfig.num_workers)
+    parser.add_argument('--rounds', type=int, default=3, help='alternating measurements of loop and bare steps')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: a check that it all runs')
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.image_size, args.batch_size, args.images = 'SqueezeNet', 64, 8, 24
+        args.model, args.image_size, args.batch_size, args.images, args.rounds = 'SqueezeNet', 64, 8, 24, 1
     if args.channels_last is None:
         args.channels_last = DefaultConfig.channels_last
     torch.set_num_threads(args.threads)
@@ -197,7 +203,8 @@ def main_():
           f'{torch.get_num_threads()} threads, device {args.device}'
           + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else ''))
     print(f'setting: {args.image_size} px, batch {args.batch_size}, {args.images} training images '
-          f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}\n')
+          f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}, '
+          f'{args.num_workers} loader workers\n')
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
