@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, DistributedSampler
 from torchnet import meter
 from tqdm import tqdm
@@ -220,17 +220,23 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
                     disable=None if rt.is_main else True)  # None: no bar unless on a terminal
     for step, (images, targets, _, bad) in enumerate(progress, start=1):
         skipped += bad
+        weight = 1.0
+        if images is None and rt.distributed:
+            # every image of this process's batch failed to load, but the other processes wait
+            # for its gradients: take part with one blank image whose loss counts zero
+            images = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+            targets, weight = torch.zeros(1, dtype=torch.long), 0.0
         if images is not None:  # None: every image of the batch failed to load
             images = model_input(images, device, memory_format(cfg))
             targets = targets.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                loss = criterion(model(images), targets)
+                loss = criterion(model(images), targets) * weight
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             window[0] += loss.detach().float() * len(targets)
-            window[1] += len(targets)
+            window[1] += len(targets) * weight
 
         if step % cfg.print_freq == 0 or step == steps:
             loss_sum, count = rt.sum(window).tolist()  # every process joins, whatever it holds

@@ -1,6 +1,7 @@
 """torchrun with two CPU processes (gloo): the same answers as one process, written once."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,3 +96,14 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, tiny_data):
     assert result.returncode != 0
     assert 'error: --sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only' in result.stderr
     assert '[rank0]: Traceback' not in result.stderr  # torchrun's own report follows; ours is one line
+
+
+def test_a_batch_of_only_bad_images_on_one_process_does_not_hang_the_others(tmp_path, tiny_data):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data / 'train', data / 'train')
+    for i in range(6):  # batch_size=1: every bad file is an empty batch on one of the processes
+        (data / 'train' / f'cat.{i}.jpg').write_bytes(b'')
+    result = torchrun('train', *as_flags(fast_options(tmp_path, data, batch_size=1, max_epoch=1)), timeout=240)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text())
+    assert record['skipped'] == 6
