@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -107,3 +108,27 @@ def test_a_batch_of_only_bad_images_on_one_process_does_not_hang_the_others(tmp_
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text())
     assert record['skipped'] == 6
+
+
+def test_two_nodes_through_a_rendezvous_endpoint(tmp_path, tiny_data):
+    """The README's multi-node form (--nnodes, --node_rank, --rdzv_endpoint), both nodes here."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    options = as_flags(fast_options(tmp_path, tiny_data, max_epoch=1))
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={rank}',
+                               '--nproc_per_node=1', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
+                               str(ROOT / 'main.py'), 'train', *options],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert 'in each of 2 processes' in outputs[0][0] + outputs[1][0]
+    assert load_checkpoint(tmp_path / 'checkpoints' / 'last.pth')['epoch'] == 0
