@@ -155,3 +155,10 @@ def test_center_square_is_resize_then_center_crop_in_one_step():
         .permute(2, 0, 1).float()
     assert ours.shape == theirs.shape == (3, 64, 64)
     assert (ours - theirs).abs().mean() < 4
+
+
+def test_compiled_training_saves_a_plain_checkpoint(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data, compile=True))
+    state = load_checkpoint(tmp_path / 'checkpoints' / 'last.pth')
+    assert not any('_orig_mod' in key for key in state['model'])
+    SqueezeNet().load(tmp_path / 'checkpoints' / 'last.pth')
