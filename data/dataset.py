@@ -22,10 +22,12 @@ from torchvision.transforms import RandomResizedCrop
 from utils import UserError
 
 LABELS = ('cat', 'dog')
-EXTENSIONS = r'\.(?:jpe?g|png)'
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')  # in any case: .JPG counts
+EXTENSIONS = '(?:' + '|'.join(map(re.escape, IMAGE_SUFFIXES)) + ')'
 TRAIN_NAME = re.compile(r'(cat|dog)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
 TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
+# what Pillow raises on a file that is not a whole, sane image
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 # the statistics the torchvision models' first layers expect
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -47,7 +49,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index):
         try:
             img = load_rgb(self.paths[index], self.draft)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except UNREADABLE:
             return None, self.targets[index], index
         return self.transform(img), self.targets[index], index
 
