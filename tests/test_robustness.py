@@ -270,3 +270,20 @@ def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert f"epoch {state['epoch'] + 2} again, from its start" in resumed.stdout
     assert load_checkpoint(last)['interrupted'] is False
+
+
+def test_a_signal_during_a_save_waits_for_the_save_to_finish(tmp_path, monkeypatch):
+    from utils import Interrupted, raise_interrupt
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    real_save = torch.save
+
+    def save_and_get_killed(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the write
+        real_save(obj, f)
+    monkeypatch.setattr(torch, 'save', save_and_get_killed)
+    try:
+        with pytest.raises(Interrupted):
+            atomic_save({'epoch': 3}, tmp_path / 'last.pth')
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(tmp_path / 'last.pth') == {'epoch': 3}  # written whole, then stopped

@@ -1,5 +1,43 @@
-"""Helpers shared by the verbs in main.py."""
+"""Helpers shared by the verbs in main.py: the errors a user can cause, and interruptions."""
+import contextlib
+import signal
 
 
 class UserError(Exception):
     """A mistake the user can fix (a bad option, a missing folder): shown as one line, no traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or a SIGTERM (a scheduler, `kill`, a closing container): stop, keep what was done."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_held = None  # None: a signal interrupts at once; a list: signals held by interrupts_deferred()
+
+
+def raise_interrupt(signum, frame):
+    """The handler main.py installs for SIGINT and SIGTERM."""
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Let the block finish (a checkpoint being written), then act on a signal that came meanwhile.
+
+    Python runs signal handlers in the main thread between any two bytecodes, so without this an
+    interrupt could land inside torch.save and surface as a confusing write error.
+    """
+    global _held
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+    if held:
+        raise Interrupted(held[0])

@@ -7,19 +7,7 @@ import sys
 
 import fire
 
-from utils import UserError
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or a SIGTERM (a scheduler, `kill`, a closing container): stop, keep what was done."""
-
-    def __init__(self, signum=signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt(signum, frame):
-    raise Interrupted(signum)
+from utils import UserError, raise_interrupt
 
 
 def run(verbs, argv=None):
@@ -33,8 +21,8 @@ def run(verbs, argv=None):
         argv = ['help']  # ours lists every option; fire's cannot see inside **kwargs
     if int(os.environ.get('RANK', 0)) > 0:
         sys.stdout = open(os.devnull, 'w')  # under torchrun, rank 0 alone talks; errors still show
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         verb = verbs.get(argv[0])
         takes_words = verb is not None and any(

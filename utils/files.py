@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError
+from utils import UserError, interrupts_deferred
 
 
 @contextlib.contextmanager
@@ -35,8 +35,8 @@ def atomic_open(path, mode='wb'):
 
 
 def atomic_save(obj, path):
-    """torch.save(obj, path), atomically."""
-    with atomic_open(path) as f:
+    """torch.save(obj, path), atomically; Ctrl-C or SIGTERM meanwhile waits for the end of it."""
+    with interrupts_deferred(), atomic_open(path) as f:
         try:
             torch.save(obj, f)
         except RuntimeError as e:
