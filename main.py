@@ -422,9 +422,16 @@ def make_loader(dataset, cfg, rt, shuffle=False):
     else:
         sampler = range(rt.rank, len(dataset), rt.world_size)
     return DataLoader(dataset, batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
-                      sampler=sampler, collate_fn=collate_fn,
+                      sampler=sampler, collate_fn=collate_fn, worker_init_fn=_quiet_at_exit,
                       num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                       pin_memory=rt.device.type == 'cuda')
+
+
+def _quiet_at_exit(worker_id):
+    # A worker's errors in __getitem__ reach the main process, which reports them. What else
+    # a worker could print is multiprocessing's fd-sharing thread failing when the main process
+    # stops mid-transfer (Ctrl-C): a traceback about a run that is already over.
+    sys.excepthook = lambda *args: None
 
 
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0):
