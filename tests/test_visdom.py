@@ -181,3 +181,14 @@ def test_quitting_the_debugger_ends_cleanly_and_keeps_the_checkpoint(tmp_path, t
     time.sleep(0.5)
     leftover = subprocess.run(['pgrep', '-f', str(tmp_path / 'checkpoints')], capture_output=True, text=True)
     assert not leftover.stdout.split(), 'DataLoader workers outlived the run'
+
+
+def test_plot_many_and_img_many_make_their_windows(server):
+    import torch
+    vis = Visualizer(env='api', port=server)
+    vis.plot_many({'a': 1.0, 'b': 2.0})
+    vis.plot_many({'a': 1.5, 'b': 2.5})
+    vis.img_many({'one': torch.rand(3, 16, 16), 'grid': torch.rand(4, 3, 16, 16)})
+    assert list(points(server, 'api', 'a').values()) == [2] and list(points(server, 'api', 'b').values()) == [2]
+    assert window(server, 'api', 'one')['type'] == 'image' and window(server, 'api', 'grid')['type'] == 'image'
+    assert not vis.warned
