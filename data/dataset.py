@@ -190,9 +190,11 @@ def _mean_std(device):
 def model_input(images, device, memory_format=torch.contiguous_format):
     """A uint8 batch from the loader as the network wants it: on `device`, float, normalised
     with the ImageNet statistics, in `memory_format` (channels_last or not)."""
-    images = images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format)
+    images = images.to(device, non_blocking=True).to(torch.float32)
     mean, std = _mean_std(images.device)
-    return images.sub_(mean).div_(std)
+    # normalise first: broadcasting over the channels is 5x slower on a CPU when they are the
+    # innermost dimension, as in channels_last
+    return images.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
 Batch = namedtuple('Batch', 'images targets indices skipped')
