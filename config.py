@@ -41,6 +41,7 @@ class DefaultConfig:
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs and GPUs alike
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes
     num_workers: int = min(4, os.cpu_count() or 1)  # processes decoding images (0 = in the main one)
+    nice_workers: bool = True  # on the CPU, workers decode at low priority, in the training's gaps
     print_freq: int = 20  # steps between loss points, progress updates and debug-file checks
     debug_file: str = 'tmp/debug'  # while this file exists, training stops in ipdb
 

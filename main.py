@@ -1,8 +1,10 @@
 """dogcat: train, validate and test a cat-vs-dog classifier.  `python main.py help` lists all."""
 import csv
+import functools
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -422,12 +424,20 @@ def make_loader(dataset, cfg, rt, shuffle=False):
     else:
         sampler = range(rt.rank, len(dataset), rt.world_size)
     return DataLoader(dataset, batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
-                      sampler=sampler, collate_fn=collate_fn, worker_init_fn=_quiet_at_exit,
-                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                      pin_memory=rt.device.type == 'cuda')
+                      sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
+                      worker_init_fn=functools.partial(
+                          _start_worker, nice=cfg.nice_workers and rt.device.type == 'cpu'),
+                      persistent_workers=cfg.num_workers > 0, pin_memory=rt.device.type == 'cuda')
 
 
-def _quiet_at_exit(worker_id):
+def _start_worker(worker_id, nice):
+    if nice and hasattr(os, 'nice'):
+        # On the CPU the workers and the training threads share the cores. A worker that takes
+        # a core mid-step stalls both training threads (each step waits for its slowest
+        # thread), so it costs twice its own time; at the lowest priority it decodes in the
+        # gaps instead, or while the loop waits for a batch. SqueezeNet's loop efficiency rose
+        # from 0.83-0.90 to 0.94-0.95 here. Not on a GPU, whose feeding must never wait.
+        os.nice(19)
     # A worker's errors in __getitem__ reach the main process, which reports them. What else
     # a worker could print is multiprocessing's fd-sharing thread failing when the main process
     # stops mid-transfer (Ctrl-C): a traceback about a run that is already over.

@@ -1,6 +1,7 @@
 """The verbs called in-process on tiny generated data."""
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -162,3 +163,25 @@ def test_compiled_training_saves_a_plain_checkpoint(tmp_path, tiny_data):
     state = load_checkpoint(tmp_path / 'checkpoints' / 'last.pth')
     assert not any('_orig_mod' in key for key in state['model'])
     SqueezeNet().load(tmp_path / 'checkpoints' / 'last.pth')
+
+
+class Niceness:
+    """A 'transform' that reports the priority of the process it runs in."""
+
+    def __call__(self, image):
+        return torch.tensor(os.nice(0))
+
+
+@pytest.mark.skipif(not hasattr(os, 'nice'), reason='no process priorities on this system')
+@pytest.mark.parametrize('device, nice_workers, raised', [('cpu', True, 19), ('cpu', False, 0), ('meta', True, 0)])
+def test_loader_workers_yield_the_cores_to_training_on_the_cpu_only(tmp_path, tiny_data, device, nice_workers,
+                                                                    raised):
+    from config import DefaultConfig
+    from data import ImageFiles
+    cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, num_workers=2, nice_workers=nice_workers))
+    images = sorted((tiny_data / 'train').glob('*.jpg'))[:4]
+    loader = main.make_loader(ImageFiles(images, [0] * 4, Niceness()), cfg, Runtime(torch.device(device)))
+    ours = os.nice(0)
+    workers = torch.cat([batch.images for batch in loader]).tolist()
+    assert workers == [min(19, ours + raised)] * 4
+    assert os.nice(0) == ours  # the training process keeps its priority
