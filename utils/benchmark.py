@@ -26,7 +26,7 @@ from torchvision import transforms as classic
 
 import main
 from config import DefaultConfig
-from data import DogCat
+from data import DogCat, ImageFiles
 from data.dataset import MEAN, STD, load_rgb
 from data.demo import make_demo_data
 from models import build_model
@@ -34,37 +34,52 @@ from utils.runtime import Runtime, autocast
 from utils.visualize import Visualizer
 
 
-def ratio(title, ours, reference, unit='images/s'):
-    print(f'  {title:<44} {ours / reference:6.2f}   ({ours:8.1f} vs {reference:8.1f} {unit})')
-    return ours / reference
+def ratio(title, ours, reference, unit='images/s', value=None):
+    value = ours / reference if value is None else value
+    print(f'  {title:<50} {value:6.2f}   ({ours:8.1f} vs {reference:8.1f} {unit})')
+    return value
+
+
+def alternating(title, rounds, ours, reference):
+    """Measure `ours` and `reference` (each returns images/s) in turns, in the order ABBA..., so
+    that a machine that speeds up or slows down meanwhile (a shared host) moves both alike.
+    The ratio printed is the median of the rounds' ratios, beside the median figures."""
+    pairs = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            a, b = ours(), reference()
+        else:
+            b, a = reference(), ours()
+        pairs.append((a, b))
+    return ratio(title, statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+                 value=statistics.median(a / b for a, b in pairs))
 
 
 def options(root, args, **more):
     with contextlib.redirect_stdout(io.StringIO()):  # parse() prints the config: not here
         return DefaultConfig().parse(dict(
-            train_data_root=str(root / 'train'), test_data_root=str(root / 'test1'), val_ratio=0.1,
-            image_size=args.image_size, batch_size=args.batch_size, use_gpu=args.device == 'cuda',
-            print_freq=20, checkpoint_dir=str(root / 'checkpoints'), **more))
+            dict(train_data_root=str(root / 'train'), test_data_root=str(root / 'test1'), val_ratio=0.1,
+                 image_size=args.image_size, batch_size=args.batch_size, use_gpu=args.device == 'cuda',
+                 checkpoint_dir=str(root / 'checkpoints')), **more))
 
 
 def loop_efficiency(root, args, model_name, vis_port, out):
-    """The real training loop (disk, decode, meters, progress bar, visdom) against bare steps."""
-    cfg = options(root, args, model=model_name, vis_port=vis_port, channels_last=args.channels_last,
-                  amp=args.amp, num_workers=args.num_workers)
+    """The real training loop (disk, decode, meters, progress bar, visdom) against bare steps.
+
+    An epoch is sized to last about --epoch_seconds, whatever the model's speed: a real epoch
+    (25,000 Kaggle images) lasts minutes, and in a too short one the first batch, which the
+    workers must decode while the loop waits, would weigh far more than in real training.
+    """
+    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp)
     rt = Runtime(torch.device(args.device))
     model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg))
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp and rt.device.type == 'cuda')
-    loader = main.make_loader(DogCat(root / 'train', 'train', cfg.image_size, cfg.val_ratio), cfg, rt,
-                              shuffle=True)
-    vis = Visualizer(cfg.env + '-benchmark', cfg.vis_server, cfg.vis_port)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
+        .contiguous(memory_format=main.memory_format(cfg))
+    targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
     model.train()
-
-    def real_epoch(epoch):
-        started = time.perf_counter()
-        _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis)
-        return seen / (time.perf_counter() - started)
 
     def bare_steps(steps):
         started = time.perf_counter()
@@ -78,19 +93,28 @@ def loop_efficiency(root, args, model_name, vis_port, out):
         loss.item()  # wait for the device
         return steps * cfg.batch_size / (time.perf_counter() - started)
 
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=main.memory_format(cfg))
-    targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
-    real_epoch(0)  # warm-up: worker start, allocator, kernel choice
-    bare_steps(2)
-    # alternate the two, so that a machine that speeds up or slows down meanwhile (a shared
-    # host) moves both alike; the medians of the rounds are compared
-    real, bare = [], []
-    for i in range(args.rounds):
-        real.append(real_epoch(i + 1))
-        bare.append(bare_steps(len(loader)))
-    real, bare = statistics.median(real), statistics.median(bare)
-    out[f'loop {model_name}'] = ratio(f'1. loop efficiency, {model_name}', real, bare)
+    bare_steps(2)  # warm-up: allocator, kernel choice
+    train = DogCat(root / 'train', 'train', cfg.image_size, cfg.val_ratio)
+    steps = max(2, min(len(train) // cfg.batch_size, round(bare_steps(3) * args.epoch_seconds / cfg.batch_size)))
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:steps * cfg.batch_size]
+    train = ImageFiles([train.paths[i] for i in chosen], [train.targets[i] for i in chosen], train.transform)
+    # the default print_freq where an epoch is long enough, so that every epoch plots to visdom
+    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
+                  num_workers=args.num_workers, nice_workers=args.nice_workers, vis_port=vis_port,
+                  print_freq=max(1, min(DefaultConfig.print_freq, steps // 2)))
+    loader = main.make_loader(train, cfg, rt, shuffle=True)
+    vis = Visualizer(cfg.env + '-benchmark', cfg.vis_server, cfg.vis_port)
+
+    def real_epoch(epoch):
+        started = time.perf_counter()
+        _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis)
+        return seen / (time.perf_counter() - started)
+
+    epochs = iter(range(args.rounds + 1))
+    real_epoch(next(epochs))  # warm-up: worker start
+    out[f'loop {model_name}'] = alternating(f'1. loop efficiency, {model_name}, {len(train)}-image epochs',
+                                            args.rounds, lambda: real_epoch(next(epochs)),
+                                            lambda: bare_steps(steps))
 
 
 def loader_headroom(root, args, out):
@@ -120,36 +144,42 @@ def loader_headroom(root, args, out):
 
 def inference(root, args, model_name, out):
     """`test` (reading the test folder) against a bare forward pass on tensors in memory."""
-    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp)
+    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
+                  num_workers=args.num_workers, nice_workers=args.nice_workers)
     rt = Runtime(torch.device(args.device))
     model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg)).eval()
     data = DogCat(root / 'test1', 'test', cfg.image_size)
     loader = main.make_loader(data, cfg, rt)
-    main.infer(model, loader, rt, cfg.amp)  # warm-up
-    started = time.perf_counter()
-    main.infer(model, loader, rt, cfg.amp)
-    real = len(data) / (time.perf_counter() - started)
-
     batch = torch.randn(main.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device) \
         .contiguous(memory_format=main.memory_format(cfg))
-    with torch.inference_mode(), autocast(rt.device, cfg.amp):
-        model(batch)
-        steps = math.ceil(len(data) / len(batch))
+    steps = math.ceil(len(data) / len(batch))
+
+    def real():
         started = time.perf_counter()
-        for _ in range(steps):
-            model(batch).float().cpu()
-    bare = steps * len(batch) / (time.perf_counter() - started)
-    out['inference'] = ratio(f'3. test / bare inference, {model_name}', real, bare)
+        main.infer(model, loader, rt, cfg.amp, main.memory_format(cfg))
+        return len(data) / (time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def bare():
+        started = time.perf_counter()
+        with autocast(rt.device, cfg.amp):
+            for _ in range(steps):
+                model(batch).float().cpu()
+        return steps * len(batch) / (time.perf_counter() - started)
+
+    real(), bare()  # warm-up
+    out['inference'] = alternating(f'3. test / bare inference, {model_name}', args.rounds, real, bare)
 
 
 def peak_rss_of_training(folder, files, scratch):
     """Peak RSS (MB) of `main.py train` for one epoch over a folder listing `files` images
     (symbolic links to one small JPEG: the listing grows, the disk does not)."""
     images = folder / f'train-{files}'
-    images.mkdir()
-    source = sorted((folder / 'train').glob('cat.*.jpg'))[0]
-    for i in range(files):
-        os.symlink(source, images / f"{('cat', 'dog')[i % 2]}.{i}.jpg")
+    if not images.exists():
+        images.mkdir()
+        source = sorted((folder / 'train').glob('cat.*.jpg'))[0]
+        for i in range(files):
+            os.symlink(source, images / f"{('cat', 'dog')[i % 2]}.{i}.jpg")
     # the child reports its own high-water mark: a forked child's ru_maxrss would start from ours
     report = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
               "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
@@ -165,11 +195,18 @@ def peak_rss_of_training(folder, files, scratch):
 
 
 def memory(root, args, out):
+    """Peak RSS over a small and a large listing, each the least of a few runs: glibc's heap keeps
+    up to ~100 MB of freed memory after some runs and not others (malloc_trim gives it back), a
+    noise that only ever adds. Memory that grew with the listing would show in every run."""
     small, large = (100, 2000) if args.smoke else (1000, 20000)
+    runs = 1 if args.smoke else 3
     with tempfile.TemporaryDirectory() as scratch:
-        a = peak_rss_of_training(root, small, Path(scratch))
-        b = peak_rss_of_training(root, large, Path(scratch))
-    out['memory'] = ratio(f'4. peak RSS, {large} files / {small} files', b, a, unit='MB')
+        peaks = {files: [peak_rss_of_training(root, files, Path(scratch) / str(run))
+                         for run in range(runs)] for files in (small, large)}
+    out['memory'] = ratio(f'4. peak RSS, {large} files / {small} files', min(peaks[large]), min(peaks[small]),
+                          unit='MB')
+    print(f'     (each the least of {runs} runs; the largest: {max(peaks[large]):.0f} and '
+          f'{max(peaks[small]):.0f} MB)')
 
 
 def free_port():
@@ -184,17 +221,20 @@ def main_():
     parser.add_argument('--model', default='ResNet34,SqueezeNet', help='comma-separated')
     parser.add_argument('--image_size', type=int, default=224)
     parser.add_argument('--batch_size', type=int, default=16)
-    parser.add_argument('--images', type=int, default=160, help='training images to write')
+    parser.add_argument('--images', type=int, default=800, help='training images to write')
+    parser.add_argument('--epoch_seconds', type=float, default=6, help='length of a measured training epoch')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--channels_last', type=lambda v: v.lower() == 'true', default=None,
                         help='True/False; default: the config default')
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--num_workers', type=int, default=DefaultConfig.num_workers)
-    parser.add_argument('--rounds', type=int, default=3, help='alternating measurements of loop and bare steps')
+    parser.add_argument('--nice_workers', type=lambda v: v.lower() == 'true', default=DefaultConfig.nice_workers,
+                        help='True/False: workers at low priority on the CPU')
+    parser.add_argument('--rounds', type=int, default=5, help='alternating measurements of loop and bare steps')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: a check that it all runs')
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.image_size, args.batch_size, args.images, args.rounds = 'SqueezeNet', 64, 8, 24, 1
+        args.model, args.image_size, args.batch_size, args.images, args.rounds, args.epoch_seconds = 'SqueezeNet', 64, 8, 24, 2, 0.5
     if args.channels_last is None:
         args.channels_last = DefaultConfig.channels_last
     torch.set_num_threads(args.threads)
@@ -204,11 +244,11 @@ def main_():
           + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else ''))
     print(f'setting: {args.image_size} px, batch {args.batch_size}, {args.images} training images '
           f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}, '
-          f'{args.num_workers} loader workers\n')
+          f'{args.num_workers} loader workers (nice_workers={args.nice_workers})\n')
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_demo_data(root, n_train=args.images, n_test=args.images // 2, sizes=(300, 500))
+        make_demo_data(root, n_train=args.images, n_test=args.images // 5, sizes=(300, 500))
         port = free_port()
         from utils import visdom_server
         try:
