@@ -423,6 +423,8 @@ def make_loader(dataset, cfg, rt, shuffle=False):
                                      seed=cfg.seed)
     else:
         sampler = range(rt.rank, len(dataset), rt.world_size)
+    # prefetch_factor stays at torch's 2 batches ahead per worker: enough to absorb the jitter
+    # of decoding when the workers keep up at all, and more would only hold more memory
     return DataLoader(dataset, batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
                       sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
                       worker_init_fn=functools.partial(
