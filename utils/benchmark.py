@@ -70,7 +70,8 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     (25,000 Kaggle images) lasts minutes, and in a too short one the first batch, which the
     workers must decode while the loop waits, would weigh far more than in real training.
     """
-    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp)
+    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
+                  num_workers=args.num_workers, nice_workers=args.nice_workers, vis_port=vis_port)
     rt = Runtime(torch.device(args.device))
     model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg))
     criterion = nn.CrossEntropyLoss()
@@ -99,9 +100,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:steps * cfg.batch_size]
     train = ImageFiles([train.paths[i] for i in chosen], [train.targets[i] for i in chosen], train.transform)
     # the default print_freq where an epoch is long enough, so that every epoch plots to visdom
-    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
-                  num_workers=args.num_workers, nice_workers=args.nice_workers, vis_port=vis_port,
-                  print_freq=max(1, min(DefaultConfig.print_freq, steps // 2)))
+    cfg.print_freq = max(1, min(cfg.print_freq, steps // 2))
     loader = main.make_loader(train, cfg, rt, shuffle=True)
     vis = Visualizer(cfg.env + '-benchmark', cfg.vis_server, cfg.vis_port)
 
