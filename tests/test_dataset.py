@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from data import DogCat, collate_fn
+from data import DogCat, collate_fn, dataset
+from data.dataset import load_pixels, load_rgb
 from utils import UserError
 
 
@@ -109,3 +111,53 @@ def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
     root = write_images(tmp_path, labelled_names(1))
     with pytest.raises(UserError, match='too few images to hold out a val split'):
         DogCat(root, 'val', val_ratio=0.3)
+
+
+def photo_like(size, seed=0):
+    """Smooth colour gradients with a little noise: what JPEG is made for."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], axis=-1)
+    return Image.fromarray((pixels + rng.integers(0, 20, pixels.shape)).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize('kind, options', [
+    ('4:2:0', dict(quality=75)), ('4:4:4', dict(quality=95, subsampling=0)),
+    ('4:2:2', dict(quality=85, subsampling=1)), ('progressive', dict(quality=80, progressive=True)),
+    ('odd size', dict(quality=90)), ('grey', dict(quality=90))])
+def test_jpegs_decode_to_exactly_pillows_pixels_through_the_fast_decoder(tmp_path, monkeypatch, kind, options):
+    image = photo_like((333, 251) if kind == 'odd size' else (320, 240))
+    (image.convert('L') if kind == 'grey' else image).save(tmp_path / 'a.jpg', **options)
+    calls = []
+    decode = dataset.simplejpeg.decode_jpeg
+    monkeypatch.setattr(dataset.simplejpeg, 'decode_jpeg', lambda *a, **k: calls.append(1) or decode(*a, **k))
+    pixels = load_pixels(tmp_path / 'a.jpg')
+    assert calls, 'a plain JPEG should not need Pillow'
+    assert torch.equal(pixels, torch.from_numpy(np.array(load_rgb(tmp_path / 'a.jpg'))).permute(2, 0, 1))
+
+
+def test_a_jpeg_libjpeg_only_warns_about_still_loads_as_pillow_reads_it(tmp_path):
+    photo_like((64, 48)).save(tmp_path / 'a.jpg', quality=90)
+    data = (tmp_path / 'a.jpg').read_bytes()
+    # stray bytes before the end marker: libjpeg warns "extraneous bytes before marker"
+    (tmp_path / 'b.jpg').write_bytes(data[:-2] + b'\x00\x00\x00' + data[-2:])
+    with pytest.raises(ValueError):
+        dataset.simplejpeg.decode_jpeg((tmp_path / 'b.jpg').read_bytes())  # strict: refused
+    assert torch.equal(load_pixels(tmp_path / 'b.jpg'),
+                       torch.from_numpy(np.array(load_rgb(tmp_path / 'b.jpg'))).permute(2, 0, 1))
+
+
+def test_rotated_cmyk_png_and_large_eval_jpegs_load_as_pillow_gives_them(tmp_path):
+    image = photo_like((120, 80))
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored sideways
+    image.save(tmp_path / 'rotated.jpg', exif=exif)
+    image.convert('CMYK').save(tmp_path / 'cmyk.jpg')
+    image.save(tmp_path / 'plain.png')
+    photo_like((1000, 700)).save(tmp_path / 'large.jpg')
+    for name, draft in [('rotated.jpg', None), ('cmyk.jpg', None), ('plain.png', None), ('large.jpg', 224)]:
+        pixels = load_pixels(tmp_path / name, draft)
+        assert torch.equal(pixels, torch.from_numpy(np.array(load_rgb(tmp_path / name, draft))).permute(2, 0, 1))
+    assert load_pixels(tmp_path / 'rotated.jpg').shape == (3, 120, 80)
+    assert load_pixels(tmp_path / 'large.jpg', draft=224).shape == (3, 350, 500)  # decoded at 1/2

@@ -151,7 +151,7 @@ def test_center_square_is_resize_then_center_crop_in_one_step():
     from data.dataset import CenterSquare
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)) \
         .resize((400, 240), Image.BILINEAR)  # smooth, so both resamplers agree closely
-    ours = CenterSquare(64)(image).float()
+    ours = CenterSquare(64)(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)).float()
     theirs = torch.from_numpy(np.array(classic.Compose([classic.Resize(64), classic.CenterCrop(64)])(image))) \
         .permute(2, 0, 1).float()
     assert ours.shape == theirs.shape == (3, 64, 64)

@@ -27,7 +27,7 @@ from torchvision import transforms as classic
 import main
 from config import DefaultConfig
 from data import DogCat, ImageFiles
-from data.dataset import MEAN, STD, load_rgb
+from data.dataset import MEAN, STD, load_pixels, load_rgb
 from data.demo import make_demo_data
 from models import build_model
 from utils.runtime import Runtime, autocast
@@ -132,10 +132,10 @@ def loader_headroom(root, args, out):
             work(i)
         return len(paths) / (time.perf_counter() - started)
 
-    rate(lambda i: load_rgb(paths[i]))  # warm the page cache for all three
-    decode = rate(lambda i: load_rgb(paths[i]))
+    rate(lambda i: load_pixels(paths[i]))  # warm the page cache for all three
+    decode = rate(lambda i: load_pixels(paths[i]))
     ours = rate(lambda i: data[i])
-    old = rate(lambda i: classic_recipe(load_rgb(paths[i])))
+    old = rate(lambda i: classic_recipe(load_rgb(paths[i])))  # Pillow's image, as the recipe wants
     torch.set_num_threads(args.threads)
     out['transform/decode'] = ratio('2a. train transform / decode only', ours, decode)
     out['transform/classic'] = ratio('2b. train transform / classic recipe', ours, old)
