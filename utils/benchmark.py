@@ -194,9 +194,9 @@ def peak_rss_of_training(folder, files, scratch):
 
 
 def memory(root, args, out):
-    """Peak RSS over a small and a large listing, each the least of a few runs: glibc's heap keeps
-    up to ~100 MB of freed memory after some runs and not others (malloc_trim gives it back), a
-    noise that only ever adds. Memory that grew with the listing would show in every run."""
+    """Peak RSS over a small and a large listing, each the least of a few runs (printing the
+    largest too): glibc's heap may keep some freed memory after one run and not another, a noise
+    that only adds, while memory that grew with the listing would show in every run."""
     small, large = (100, 2000) if args.smoke else (1000, 20000)
     runs = 1 if args.smoke else 3
     with tempfile.TemporaryDirectory() as scratch:
