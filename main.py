@@ -25,7 +25,7 @@ from models import MODELS, build_model
 from utils import UserError
 from utils.cli import run
 from utils.files import atomic_open, atomic_save, load_checkpoint
-from utils.runtime import autocast, runtime, seed_everything
+from utils.runtime import autocast, grad_scaler, runtime, seed_everything
 from utils.visualize import Visualizer
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep P(dog) away
@@ -89,13 +89,14 @@ def fit(cfg, root, resume, rt):
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
     scheduler = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == 'cuda')
+    scaler = grad_scaler(device, cfg.amp)
     start_epoch, best_accuracy = 0, 0.0
     if resume is not None:
         model.load_state(resume, cfg.resume)
         optimizer.load_state_dict(resume['optimizer'])
         scheduler.load_state_dict(resume['scheduler'])
-        scaler.load_state_dict(resume['scaler'])
+        if resume['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
+            scaler.load_state_dict(resume['scaler'])
         start_epoch, best_accuracy = resume['epoch'] + 1, resume['best_accuracy']
         again = ' again, from its start' if resume.get('interrupted') else ''
         print(f'resuming {cfg.resume}: epoch {start_epoch + 1}{again} (best accuracy so far '

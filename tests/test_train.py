@@ -132,6 +132,37 @@ def test_mixed_precision_and_channels_last_train_on_the_cpu(tmp_path, tiny_data,
     assert state['model']['net.fc.weight'].dtype == torch.float32  # autocast leaves weights in fp32
 
 
+@pytest.mark.parametrize('ampere, dtype, scaled', [(True, torch.bfloat16, False), (False, torch.float16, True)])
+def test_amp_is_bf16_where_the_gpu_has_it_and_scaled_fp16_before(monkeypatch, ampere, dtype, scaled):
+    from utils import runtime
+    asked = []
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
+        including_emulation) or (ampere or including_emulation))  # pre-Ampere GPUs only emulate bf16
+    assert runtime.amp_dtype(torch.device('cuda')) == dtype and asked == [False]
+    assert runtime.amp_dtype(torch.device('cpu')) == torch.bfloat16
+    assert not runtime.grad_scaler(torch.device('cpu'), True).is_enabled()
+    monkeypatch.setattr(runtime, 'amp_dtype', lambda device: dtype)  # the CPU standing in for the GPU
+    assert runtime.grad_scaler(torch.device('cpu'), True).is_enabled() == scaled
+    assert not runtime.grad_scaler(torch.device('cpu'), False).is_enabled()
+
+
+def test_a_run_resumes_with_loss_scaling_turned_on_or_off(tmp_path, tiny_data, monkeypatch, capsys):
+    """A checkpoint of a run without a gradient scaler (CPU, bf16 or no --amp) resumes on a GPU
+    that needs one (fp16), and back: the fp16 path, GradScaler included, runs here on the CPU."""
+    from utils import runtime
+    last = tmp_path / 'checkpoints' / 'last.pth'
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=1))
+    assert load_checkpoint(last)['scaler'] == {}
+    monkeypatch.setattr(runtime, 'amp_dtype', lambda device: torch.float16)
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, amp=True, resume=str(last)))
+    state = load_checkpoint(last)
+    assert state['epoch'] == 1 and state['scaler']['scale'] > 0  # the fp16 run kept a loss scale
+    assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
+    monkeypatch.undo()
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=3, amp=False, resume=str(last)))
+    assert load_checkpoint(last)['epoch'] == 2 and 'resuming' in capsys.readouterr().out
+
+
 def test_model_input_normalises_a_uint8_batch_like_torchvision():
     from torchvision.transforms import Normalize
 

@@ -30,7 +30,7 @@ from data import DogCat, ImageFiles
 from data.dataset import MEAN, STD, load_pixels, load_rgb
 from data.demo import make_demo_data
 from models import build_model
-from utils.runtime import Runtime, autocast
+from utils.runtime import Runtime, autocast, grad_scaler
 from utils.visualize import Visualizer
 
 
@@ -76,7 +76,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg))
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp and rt.device.type == 'cuda')
+    scaler = grad_scaler(rt.device, cfg.amp)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
         .contiguous(memory_format=main.memory_format(cfg))
     targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)

@@ -95,7 +95,19 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds CUDA
 
 
+def amp_dtype(device):
+    """What --amp computes in: bf16, which keeps fp32's range, on CPUs and on GPUs from Ampere
+    on; fp16 on older GPUs (which only emulate bf16), whose small gradients need a GradScaler."""
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(device, enabled):
-    """Mixed precision for the forward pass: fp16 on CUDA (with a GradScaler), bf16 elsewhere."""
-    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    """Mixed precision for the forward pass (a no-op when not enabled)."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
+
+
+def grad_scaler(device, amp):
+    """Scales the loss so that fp16 gradients do not underflow; disabled (a no-op) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
