@@ -36,7 +36,7 @@ class DefaultConfig:
 
     batch_size: int = 32  # images per step
     use_gpu: bool = True  # use CUDA (or Apple MPS) when there is one; CPU otherwise
-    amp: bool = False  # mixed precision: bf16 (fp16 + loss scaling on GPUs older than Ampere)
+    amp: bool = False  # mixed precision: bf16 (fp16 + loss scaling on pre-Ampere GPUs)
     compile: bool = False  # torch.compile the model: slow first steps, faster after (PyTorch 2)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs and GPUs alike
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes

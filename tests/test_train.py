@@ -139,11 +139,27 @@ def test_amp_is_bf16_where_the_gpu_has_it_and_scaled_fp16_before(monkeypatch, am
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
         including_emulation) or (ampere or including_emulation))  # pre-Ampere GPUs only emulate bf16
     assert runtime.amp_dtype(torch.device('cuda')) == dtype and asked == [False]
-    assert runtime.amp_dtype(torch.device('cpu')) == torch.bfloat16
-    assert not runtime.grad_scaler(torch.device('cpu'), True).is_enabled()
     monkeypatch.setattr(runtime, 'amp_dtype', lambda device: dtype)  # the CPU standing in for the GPU
     assert runtime.grad_scaler(torch.device('cpu'), True).is_enabled() == scaled
     assert not runtime.grad_scaler(torch.device('cpu'), False).is_enabled()
+
+
+@pytest.mark.parametrize('instructions', [(), ('_is_avx512_bf16_supported',), ('_is_amx_tile_supported',)])
+def test_amp_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, capsys, instructions):
+    from utils import runtime
+    for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        monkeypatch.setattr(torch.cpu, name, lambda has=name in instructions: has, raising=False)
+    runtime._warn_once.cache_clear()
+    cpu = torch.device('cpu')
+    for _ in range(2):
+        with runtime.autocast(cpu, True):
+            assert torch.is_autocast_enabled('cpu') == bool(instructions)
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if instructions else torch.float32)
+    warnings = capsys.readouterr().err.count('this CPU has no bf16 instructions')
+    assert warnings == (0 if instructions else 1)  # said once, not at every step
+    assert not runtime.grad_scaler(cpu, True).is_enabled()
+    with runtime.autocast(cpu, False):
+        assert not torch.is_autocast_enabled('cpu')
 
 
 def test_a_run_resumes_with_loss_scaling_turned_on_or_off(tmp_path, tiny_data, monkeypatch, capsys):

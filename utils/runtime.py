@@ -1,5 +1,6 @@
 """Where this process computes: the device, the process group under torchrun, and the seeds."""
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -96,16 +97,35 @@ def seed_everything(seed):
 
 
 def amp_dtype(device):
-    """What --amp computes in: bf16, which keeps fp32's range, on CPUs and on GPUs from Ampere
-    on; fp16 on older GPUs (which only emulate bf16), whose small gradients need a GradScaler."""
+    """What --amp computes in: bf16, which keeps fp32's range, on GPUs from Ampere on and on CPUs
+    with bf16 instructions; fp16 on older GPUs (which only emulate bf16), whose small gradients
+    need a GradScaler; None (fp32) on other CPUs, where emulated bf16 is slower than fp32."""
     if device.type == 'cuda' and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
+    if device.type == 'cpu' and not cpu_has_bf16():
+        return None
     return torch.bfloat16
 
 
+def cpu_has_bf16():
+    """x86's AVX512-BF16 or AMX (AMD from Zen 4 on, Xeons of Cooper Lake and from Sapphire Rapids
+    on), as torch detects them; other CPUs are taken not to have bf16."""
+    return any(getattr(torch.cpu, name, lambda: False)()
+               for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
 def autocast(device, enabled):
-    """Mixed precision for the forward pass (a no-op when not enabled)."""
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
+    """Mixed precision for the forward pass (a no-op when not enabled, or where it would be slower)."""
+    dtype = amp_dtype(device)
+    if enabled and dtype is None:
+        _warn_once('warning: --amp: this CPU has no bf16 instructions (AVX512-BF16 or AMX), and '
+                   'bf16 would be slower than fp32 here: computing in fp32')
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=enabled and dtype is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+    print(message, file=sys.stderr)
 
 
 def grad_scaler(device, amp):
