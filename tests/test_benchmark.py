@@ -10,7 +10,8 @@ def test_benchmark_smoke_prints_every_ratio_with_its_figures():
     result = subprocess.run([sys.executable, '-m', 'utils.benchmark', '--smoke'], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert re.search(r'machine: \S+, \d+ CPUs, torch \S+ with \d+ threads, device cpu', result.stdout)
+    assert re.search(r'machine: \S+, \d+ CPUs, torch \S+ with \d+ threads, device cpu, with(out)? bf16 '
+                     r'instructions', result.stdout)
     for label in ('1. loop efficiency, SqueezeNet', '2a. train transform / decode only',
                   '2b. train transform / classic recipe', '3. test / bare inference, SqueezeNet',
                   '4. peak RSS, 2000 files / 100 files'):

@@ -30,7 +30,7 @@ from data import DogCat, ImageFiles
 from data.dataset import MEAN, STD, load_pixels, load_rgb
 from data.demo import make_demo_data
 from models import build_model
-from utils.runtime import Runtime, autocast, grad_scaler
+from utils.runtime import Runtime, autocast, cpu_has_bf16, grad_scaler
 from utils.visualize import Visualizer
 
 
@@ -240,7 +240,8 @@ def main_():
 
     print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
           f'{torch.get_num_threads()} threads, device {args.device}'
-          + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else ''))
+          + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else '')
+          + (f", {'with' if cpu_has_bf16() else 'without'} bf16 instructions" if args.device == 'cpu' else ''))
     print(f'setting: {args.image_size} px, batch {args.batch_size}, {args.images} training images '
           f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}, '
           f'{args.num_workers} loader workers (nice_workers={args.nice_workers})\n')
