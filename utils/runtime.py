@@ -116,11 +116,14 @@ def cpu_has_bf16():
 
 def autocast(device, enabled):
     """Mixed precision for the forward pass (a no-op when not enabled, or where it would be slower)."""
+    if not enabled:  # the common case costs the training step nothing, not even a device query
+        return contextlib.nullcontext()
     dtype = amp_dtype(device)
-    if enabled and dtype is None:
+    if dtype is None:
         _warn_once('warning: --amp: this CPU has no bf16 instructions (AVX512-BF16 or AMX), and '
                    'bf16 would be slower than fp32 here: computing in fp32')
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=enabled and dtype is not None)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)
