@@ -113,6 +113,11 @@ def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
         DogCat(root, 'val', val_ratio=0.3)
 
 
+def pillow_pixels(path, draft=None):
+    """load_rgb's image as the (3, H, W) uint8 tensor load_pixels gives."""
+    return torch.from_numpy(np.array(load_rgb(path, draft))).permute(2, 0, 1)
+
+
 def photo_like(size, seed=0):
     """Smooth colour gradients with a little noise: what JPEG is made for."""
     rng = np.random.default_rng(seed)
@@ -134,7 +139,7 @@ def test_jpegs_decode_to_exactly_pillows_pixels_through_the_fast_decoder(tmp_pat
     monkeypatch.setattr(dataset.simplejpeg, 'decode_jpeg', lambda *a, **k: calls.append(1) or decode(*a, **k))
     pixels = load_pixels(tmp_path / 'a.jpg')
     assert calls, 'a plain JPEG should not need Pillow'
-    assert torch.equal(pixels, torch.from_numpy(np.array(load_rgb(tmp_path / 'a.jpg'))).permute(2, 0, 1))
+    assert torch.equal(pixels, pillow_pixels(tmp_path / 'a.jpg'))
 
 
 def test_a_jpeg_libjpeg_only_warns_about_still_loads_as_pillow_reads_it(tmp_path):
@@ -144,8 +149,7 @@ def test_a_jpeg_libjpeg_only_warns_about_still_loads_as_pillow_reads_it(tmp_path
     (tmp_path / 'b.jpg').write_bytes(data[:-2] + b'\x00\x00\x00' + data[-2:])
     with pytest.raises(ValueError):
         dataset.simplejpeg.decode_jpeg((tmp_path / 'b.jpg').read_bytes())  # strict: refused
-    assert torch.equal(load_pixels(tmp_path / 'b.jpg'),
-                       torch.from_numpy(np.array(load_rgb(tmp_path / 'b.jpg'))).permute(2, 0, 1))
+    assert torch.equal(load_pixels(tmp_path / 'b.jpg'), pillow_pixels(tmp_path / 'b.jpg'))
 
 
 def test_rotated_cmyk_png_and_large_eval_jpegs_load_as_pillow_gives_them(tmp_path):
@@ -157,7 +161,6 @@ def test_rotated_cmyk_png_and_large_eval_jpegs_load_as_pillow_gives_them(tmp_pat
     image.save(tmp_path / 'plain.png')
     photo_like((1000, 700)).save(tmp_path / 'large.jpg')
     for name, draft in [('rotated.jpg', None), ('cmyk.jpg', None), ('plain.png', None), ('large.jpg', 224)]:
-        pixels = load_pixels(tmp_path / name, draft)
-        assert torch.equal(pixels, torch.from_numpy(np.array(load_rgb(tmp_path / name, draft))).permute(2, 0, 1))
+        assert torch.equal(load_pixels(tmp_path / name, draft), pillow_pixels(tmp_path / name, draft))
     assert load_pixels(tmp_path / 'rotated.jpg').shape == (3, 120, 80)
     assert load_pixels(tmp_path / 'large.jpg', draft=224).shape == (3, 350, 500)  # decoded at 1/2
