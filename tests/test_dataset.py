@@ -5,6 +5,7 @@ from PIL import Image
 
 from data import DogCat, collate_fn, dataset
 from data.dataset import load_pixels, load_rgb
+from data.demo import make_demo_data
 from utils import UserError
 
 
@@ -164,3 +165,16 @@ def test_rotated_cmyk_png_and_large_eval_jpegs_load_as_pillow_gives_them(tmp_pat
         assert torch.equal(load_pixels(tmp_path / name, draft), pillow_pixels(tmp_path / name, draft))
     assert load_pixels(tmp_path / 'rotated.jpg').shape == (3, 120, 80)
     assert load_pixels(tmp_path / 'large.jpg', draft=224).shape == (3, 350, 500)  # decoded at 1/2
+
+
+def test_blurred_demo_images_are_the_same_pictures_in_fewer_bytes(tmp_path):
+    # the benchmark's stand-in for Kaggle's photos: the same sizes and labels, files about as
+    # small as Kaggle's (the JPEG decoding time, a loader's largest cost, follows the bytes)
+    sharp, soft = (make_demo_data(tmp_path / name, n_train=4, n_test=2, sizes=(300, 500), blur=blur)
+                   for name, blur in (('sharp', 0), ('soft', 1.5)))
+    assert sharp == soft
+    for name in ('train/cat.0.jpg', 'train/dog.1.jpg', 'test1/2.jpg'):
+        a, b = tmp_path / 'sharp' / name, tmp_path / 'soft' / name
+        assert load_rgb(a).size == load_rgb(b).size
+        assert b.stat().st_size < 0.7 * a.stat().st_size
+        assert 15_000 < b.stat().st_size < 40_000
