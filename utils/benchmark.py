@@ -222,7 +222,7 @@ def main_():
     parser.add_argument('--batch_size', type=int, default=16)
     parser.add_argument('--images', type=int, default=800, help='training images to write')
     parser.add_argument('--blur', type=float, default=1.5,
-                        help="softens the images: 1.5 makes files about the size of Kaggle's (~25 KB vs ~22), 0 twice that")
+                        help="softens the images: 1.5 makes files about Kaggle's size (~25 KB vs ~22), 0 twice that")
     parser.add_argument('--epoch_seconds', type=float, default=6, help='length of a measured training epoch')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--channels_last', type=lambda v: v.lower() == 'true', default=None,
