@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from conftest import ROOT, as_flags, assert_one_line_error, fast_options, run_ma
 from data.dataset import load_rgb
 from models import ResNet34, SqueezeNet
 from utils import UserError
-from utils.files import atomic_save, load_checkpoint
+from utils.files import atomic_open, atomic_save, load_checkpoint
 
 
 def jpeg_bytes(size=(60, 40), color=(200, 30, 30)):
@@ -287,3 +288,18 @@ def test_a_signal_during_a_save_waits_for_the_save_to_finish(tmp_path, monkeypat
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert load_checkpoint(tmp_path / 'last.pth') == {'epoch': 3}  # written whole, then stopped
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077], ids=['umask022', 'umask077'])
+def test_checkpoints_and_the_submission_get_the_permissions_a_plain_write_gives(tmp_path, umask):
+    # written through a temporary file and a rename, yet readable by whoever the umask allows,
+    # as torch.save or open() would leave them
+    old = os.umask(umask)
+    try:
+        atomic_save({'epoch': 1}, tmp_path / 'last.pth')
+        with atomic_open(tmp_path / 'result.csv', 'w') as f:
+            f.write('id,label\n')
+    finally:
+        os.umask(old)
+    for name in ('last.pth', 'result.csv'):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask

@@ -2,7 +2,7 @@
 import contextlib
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -19,7 +19,10 @@ def atomic_open(path, mode='wb'):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    # 0o666 less the umask, as a plain open() makes it (mkstemp's 0o600 would keep the
+    # checkpoints and result.csv from anyone else the umask lets read them)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
