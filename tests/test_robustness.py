@@ -147,6 +147,14 @@ def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
     assert not (tmp_path / 'hacked').exists()
 
 
+
+def test_a_result_file_that_cannot_be_written_is_a_clear_error(tmp_path, tiny_data):
+    (tmp_path / 'taken').write_text('a file where the folder should be')
+    torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'sq.pth')
+    result = run_main('test', f'--load_model_path={tmp_path}/sq.pth', f'--test_data_root={tiny_data}/test1',
+                      f'--result_file={tmp_path}/taken/result.csv', '--image_size=64', '--use_gpu=False')
+    assert_one_line_error(result, f'could not write {tmp_path}/taken/result.csv (File exists: {tmp_path}/taken)')
+
 def test_resume_with_a_conflicting_option_says_which(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))
     options = fast_options(tmp_path, tiny_data, max_epoch=2, image_size=48,

@@ -18,21 +18,27 @@ def atomic_open(path, mode='wb'):
     complete one: a kill, an exception or a full disk mid-write never leaves a truncated file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    # 0o666 less the umask, as a plain open() makes it (mkstemp's 0o600 would keep the
-    # checkpoints and result.csv from anyone else the umask lets read them)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+    created = False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # 0o666 less the umask, as a plain open() makes it (mkstemp's 0o600 would keep the
+        # checkpoints and result.csv from anyone else the umask lets read them)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+        created = True
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if created:
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f'could not write {path} ({e.strerror or e}); '
+            reason = e.strerror or str(e)
+            if e.filename and Path(e.filename) not in (path, tmp):  # a folder on the way
+                reason += f': {e.filename}'
+            raise UserError(f'could not write {path} ({reason}); '
                             f'the previous {path.name}, if any, is unchanged') from None
         raise
 
