@@ -24,7 +24,7 @@ from data.demo import make_demo_data
 from models import MODELS, build_model
 from utils import UserError
 from utils.cli import run
-from utils.files import atomic_open, atomic_save, load_checkpoint
+from utils.files import atomic_open, atomic_save, load_checkpoint, writable_folder
 from utils.runtime import autocast, grad_scaler, runtime, seed_everything
 from utils.visualize import Visualizer
 
@@ -46,6 +46,7 @@ def train(**kwargs):
                             f'start from it with --load_model_path instead')
         cfg.inherit(resume['config'], RESUME_KEYS, cfg.resume)
     root = cfg.require_dir('train_data_root')
+    writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
     with runtime(cfg.use_gpu) as rt:
         fit(cfg, root, resume, rt)
 
@@ -338,6 +339,8 @@ def test(**kwargs):
     cfg = DefaultConfig().parse(kwargs)
     model = load_trained(cfg)
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
+    result_file = cfg.path('result_file')
+    writable_folder(result_file.parent, 'result_file')
     with runtime(cfg.use_gpu) as rt:
         log_probs, ids, _, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
                                            cfg.amp, memory_format(cfg))
@@ -345,7 +348,6 @@ def test(**kwargs):
         return
     p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
     order = ids.argsort()  # by the Kaggle id, as a number
-    result_file = cfg.path('result_file')
     with atomic_open(result_file, 'w') as f:
         f.write('id,label\n')
         f.writelines(f'{ids[i]},{p_dog[i]:.4f}\n' for i in order.tolist())
@@ -361,6 +363,8 @@ def predict(*paths, out='', **kwargs):
     files = find_images(paths)
     model = load_trained(cfg)
     data = ImageFiles(files, list(range(len(files))), CenterSquare(cfg.image_size), draft=cfg.image_size)
+    if out:
+        writable_folder(Path(out).parent, 'out')
     with runtime(cfg.use_gpu) as rt:
         log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
                                                cfg.amp, memory_format(cfg))

@@ -148,12 +148,27 @@ def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
 
 
 
-def test_a_result_file_that_cannot_be_written_is_a_clear_error(tmp_path, tiny_data):
-    (tmp_path / 'taken').write_text('a file where the folder should be')
+def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(tmp_path, tiny_data):
+    taken = tmp_path / 'taken'  # a file where a folder should be: mkdir fails even for root
+    taken.write_text('not a folder')
     torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'sq.pth')
     result = run_main('test', f'--load_model_path={tmp_path}/sq.pth', f'--test_data_root={tiny_data}/test1',
-                      f'--result_file={tmp_path}/taken/result.csv', '--image_size=64', '--use_gpu=False')
-    assert_one_line_error(result, f'could not write {tmp_path}/taken/result.csv (File exists: {tmp_path}/taken)')
+                      f'--result_file={taken}/result.csv', '--image_size=64', '--use_gpu=False')
+    assert_one_line_error(result, f'--result_file: cannot write in {taken} ({taken} is a file)')
+    assert 'predictions' not in result.stdout
+
+    result = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, checkpoint_dir=str(taken / 'ckpt'))))
+    assert_one_line_error(result, f'--checkpoint_dir: cannot write in {taken}/ckpt ({taken} is a file)')
+    assert 'epoch 1/' not in result.stdout
+
+    result = run_main('predict', f'{tiny_data}/test1/1.jpg', f'--load_model_path={tmp_path}/sq.pth',
+                      f'--out={taken}/mine.csv', '--image_size=64', '--use_gpu=False')
+    assert_one_line_error(result, f'--out: cannot write in {taken} ({taken} is a file)')
+
+    # the last line of defence, for a folder that goes away mid-run: the write itself
+    with pytest.raises(UserError, match=rf'could not write {taken}/result.csv \(File exists: {taken}\); the previous'):
+        with atomic_open(taken / 'result.csv', 'w') as f:
+            f.write('id,label\n')
 
 def test_resume_with_a_conflicting_option_says_which(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))

@@ -43,6 +43,22 @@ def atomic_open(path, mode='wb'):
         raise
 
 
+
+def writable_folder(folder, option):
+    """Make `folder` (and its parents) and write a file in it now, so that a run that could not
+    save its results stops before its work, not after it."""
+    folder = Path(folder)
+    probe = folder / f'.write-test.{os.getpid()}.tmp'  # the pattern train() clears if left behind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        reason = f'{blocker} is a file' if blocker else e.strerror or str(e)
+        raise UserError(f'--{option}: cannot write in {folder} ({reason})') from None
+    return folder
+
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically; Ctrl-C or SIGTERM meanwhile waits for the end of it."""
     with interrupts_deferred(), atomic_open(path) as f:
