@@ -43,7 +43,6 @@ def atomic_open(path, mode='wb'):
         raise
 
 
-
 def writable_folder(folder, option):
     """Make `folder` (and its parents) and write a file in it now, so that a run that could not
     save its results stops before its work, not after it."""
@@ -57,7 +56,7 @@ def writable_folder(folder, option):
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         reason = f'{blocker} is a file' if blocker else e.strerror or str(e)
         raise UserError(f'--{option}: cannot write in {folder} ({reason})') from None
-    return folder
+
 
 def atomic_save(obj, path):
     """torch.save(obj, path), atomically; Ctrl-C or SIGTERM meanwhile waits for the end of it."""
