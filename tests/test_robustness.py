@@ -147,7 +147,6 @@ def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
     assert not (tmp_path / 'hacked').exists()
 
 
-
 def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(tmp_path, tiny_data):
     taken = tmp_path / 'taken'  # a file where a folder should be: mkdir fails even for root
     taken.write_text('not a folder')
@@ -169,6 +168,7 @@ def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(t
     with pytest.raises(UserError, match=rf'could not write {taken}/result.csv \(File exists: {taken}\); the previous'):
         with atomic_open(taken / 'result.csv', 'w') as f:
             f.write('id,label\n')
+
 
 def test_resume_with_a_conflicting_option_says_which(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))
