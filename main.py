@@ -161,6 +161,8 @@ def fit(cfg, root, resume, rt):
         print(f'\nstopped during epoch {finished + 2}; saved {checkpoint_dir / "last.pth"}; '
               f'--resume={checkpoint_dir / "last.pth"} continues')
         raise
+    finally:
+        vis.close()  # the last points and pictures reach the server before the run ends
     print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {checkpoint_dir}')
 
 

@@ -3,6 +3,7 @@ visdom's own API and in a headless Chromium; and what training does when no serv
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -131,15 +132,41 @@ def test_plotting_resumes_when_the_server_comes_back(tmp_path, monkeypatch, caps
     port = free_port()
     vis = Visualizer(env='back', port=port)
     vis.plot('curve', 1.0)
+    vis.close()  # wait for the sender
     assert 'no visdom server answers' in capsys.readouterr().err
     process = start(port, tmp_path / 'envs')
     try:
         vis.plot('curve', 2.0)  # still inside the quiet period: dropped, no waiting
+        vis.close()
         vis.next_try = 0  # the quiet period is over
         vis.plot('curve', 3.0)
         vis.plot('curve', 4.0)
+        vis.close()
         assert list(points(port, 'back', 'curve').values()) == [2]
     finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_stalled_server_holds_up_neither_plotting_nor_its_points(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils.visualize, 'TIMEOUT_SECONDS', 30)
+    port = free_port()
+    process = start(port, tmp_path / 'envs')
+    vis = Visualizer(env='stall', port=port)
+    try:
+        vis.plot('curve', 0.0)
+        vis.close()
+        process.send_signal(signal.SIGSTOP)  # the server takes connections and answers none
+        started = time.monotonic()
+        for x in range(1, 6):
+            vis.plot('curve', float(x))
+        seconds = time.monotonic() - started  # posted from this thread: 60 s, TIMEOUT_SECONDS twice
+        process.send_signal(signal.SIGCONT)
+        vis.close()
+        assert seconds < 5
+        assert list(points(port, 'stall', 'curve').values()) == [6] and not vis.warned
+    finally:
+        process.send_signal(signal.SIGCONT)
         process.terminate()
         process.wait(timeout=30)
 
@@ -189,6 +216,7 @@ def test_plot_many_and_img_many_make_their_windows(server):
     vis.plot_many({'a': 1.0, 'b': 2.0})
     vis.plot_many({'a': 1.5, 'b': 2.5})
     vis.img_many({'one': torch.rand(3, 16, 16), 'grid': torch.rand(4, 3, 16, 16)})
+    vis.close()
     assert list(points(server, 'api', 'a').values()) == [2] and list(points(server, 'api', 'b').values()) == [2]
     assert window(server, 'api', 'one')['type'] == 'image' and window(server, 'api', 'grid')['type'] == 'image'
     assert not vis.warned

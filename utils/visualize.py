@@ -1,20 +1,27 @@
 """Live training curves in a visdom server (start one with `python -m utils.visdom_server`)."""
+import atexit
 import logging
+import queue
 import sys
+import threading
 import time
 
 import numpy as np
 
 RETRY_SECONDS = 30  # how long to stay quiet after the server failed to answer
 TIMEOUT_SECONDS = 5  # a server that takes longer than this to answer counts as gone
+CLOSE_SECONDS = 10  # at the end of a run, how long to wait for the last points to be sent
+BACKLOG = 1000  # points waiting for a slow server; more are dropped
 
 
 class Visualizer:
     """Thin wrapper over visdom.Visdom: one window per name, points appended as they come.
 
-    Training never stops for it: with no server answering (within TIMEOUT_SECONDS) it warns
-    once, drops what it is given, and tries the server again every RETRY_SECONDS, so plotting
-    resumes when the server is back. A point is sent as it comes (about 2 ms to a local server).
+    Training never waits for it: a background thread posts the points in the order given (a
+    post takes ~2 ms to a local server, longer to a distant one, up to TIMEOUT_SECONDS to one
+    that hangs). With no server answering it warns once, drops what it is given, and tries the
+    server again every RETRY_SECONDS, so plotting resumes when the server is back. close(),
+    also run at exit, waits a little for the points still queued.
     """
 
     def __init__(self, env='dogcat', server='http://127.0.0.1', port=8097, enabled=True):
@@ -23,6 +30,8 @@ class Visualizer:
         self.next_try = 0.0  # time.monotonic() before which the server is not tried again
         self.warned = False
         self.steps = {}  # window name -> x of its next point
+        self.pending = None  # the sender thread's queue of (method, args, kwargs)
+        self.sender = None
 
     def reset(self):
         """Close every window of the env: a new run starts on a clean page."""
@@ -47,7 +56,7 @@ class Visualizer:
 
     def img(self, name, images, caption=None):
         """Show an image tensor (C, H, W) or a grid of a batch (N, C, H, W), values in [0, 1]."""
-        images = images.detach().cpu().numpy()
+        images = images.detach().to('cpu', copy=True).numpy()  # sent later: a copy
         method = 'images' if images.ndim == 4 else 'image'
         self._call(method, images, win=name, opts={'title': name, 'caption': caption or name})
 
@@ -76,10 +85,43 @@ class Visualizer:
                    opts={'title': win})
 
     def heatmap(self, name, matrix, **opts):
-        self._call('heatmap', np.asarray(matrix), win=name, opts={'title': name, **opts})
+        self._call('heatmap', np.array(matrix), win=name, opts={'title': name, **opts})
+
+    def close(self, timeout=CLOSE_SECONDS):
+        """Send what is queued, waiting at most `timeout` seconds, and stop the sender thread."""
+        if self.sender is None:
+            return
+        atexit.unregister(self.close)
+        deadline = time.monotonic() + timeout
+        try:
+            self.pending.put(None, timeout=timeout)  # the sender stops when it gets here
+        except queue.Full:
+            pass  # the server is too slow: what is left goes with the (daemon) thread
+        else:
+            self.sender.join(max(0.0, deadline - time.monotonic()))
+        self.sender = None
 
     def _call(self, method, *args, **kwargs):
-        if not self.enabled or time.monotonic() < self.next_try:
+        if not self.enabled:
+            return
+        if self.sender is None:
+            # a queue of its own: a sender that close() gave up on never takes a later run's points
+            self.pending = queue.Queue(BACKLOG)
+            self.sender = threading.Thread(target=self._send_all, args=(self.pending,),
+                                           name='visdom-sender', daemon=True)
+            self.sender.start()
+            atexit.register(self.close)
+        try:
+            self.pending.put_nowait((method, args, kwargs))
+        except queue.Full:
+            pass  # the server is far behind: drop the point, as when it is gone
+
+    def _send_all(self, pending):
+        while (item := pending.get()) is not None:
+            self._send(*item)
+
+    def _send(self, method, args, kwargs):
+        if time.monotonic() < self.next_try:
             return
         try:
             if self.vis is None:
