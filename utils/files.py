@@ -35,10 +35,7 @@ def atomic_open(path, mode='wb'):
         if created:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-            if e.filename and Path(e.filename) not in (path, tmp):  # a folder on the way
-                reason += f': {e.filename}'
-            raise UserError(f'could not write {path} ({reason}); '
+            raise UserError(f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
                             f'the previous {path.name}, if any, is unchanged') from None
         raise
 
@@ -53,9 +50,19 @@ def writable_folder(folder, option):
         probe.touch()
         probe.unlink()
     except OSError as e:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        reason = f'{blocker} is a file' if blocker else e.strerror or str(e)
-        raise UserError(f'--{option}: cannot write in {folder} ({reason})') from None
+        raise UserError(f'--{option}: cannot write in {folder} ({_reason(e, folder, folder, probe)})') from None
+
+
+def _reason(error, folder, *named):
+    """Why a write in `folder` failed: a file where one of its folders should be, or what the
+    OS said, naming the path it was about unless the message already does (`named`)."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f'{blocker} is a file'
+    reason = error.strerror or str(error)
+    if error.filename and Path(error.filename) not in named:
+        reason += f': {error.filename}'
+    return reason
 
 
 def atomic_save(obj, path):
