@@ -144,7 +144,8 @@ class Visualizer:
         class Client(visdom.Visdom):
             def _handle_post(self, url, data=None):
                 # visdom posts with no timeout: a server that accepts and never answers would
-                # hang training; this makes it a ConnectionError like a refused connection
+                # hold the sender (and every later point) forever; this makes it a
+                # ConnectionError like a refused connection
                 return self.session.post(url, data=data, timeout=TIMEOUT_SECONDS).text
 
         logging.getLogger('visdom').setLevel(logging.ERROR)  # it warns about options we chose
