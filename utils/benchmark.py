@@ -219,8 +219,9 @@ def main_():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--model', default='ResNet34,SqueezeNet', help='comma-separated')
-    parser.add_argument('--image_size', type=int, default=224)
-    parser.add_argument('--batch_size', type=int, default=16)
+    # the defaults are those `python main.py train` runs with
+    parser.add_argument('--image_size', type=int, default=DefaultConfig.image_size)
+    parser.add_argument('--batch_size', type=int, default=DefaultConfig.batch_size)
     parser.add_argument('--images', type=int, default=800, help='training images to write')
     parser.add_argument('--blur', type=float, default=1.5,
                         help="softens the images: 1.5 makes files about Kaggle's size (~25 KB vs ~22), 0 twice that")
