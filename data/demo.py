@@ -37,7 +37,7 @@ def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=
     return test_labels
 
 
-def _draw(label, rng, sizes, blur=0):
+def _draw(label, rng, sizes, blur):
     """An RGB image patterned by the class: stripes (cat) or spots (dog)."""
     h, w = (int(v) for v in rng.integers(*sizes, size=2))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -160,7 +160,7 @@ def test_a_stalled_server_holds_up_neither_plotting_nor_its_points(tmp_path, mon
         started = time.monotonic()
         for x in range(1, 6):
             vis.plot('curve', float(x))
-        seconds = time.monotonic() - started  # posted from this thread: 60 s, TIMEOUT_SECONDS twice
+        seconds = time.monotonic() - started  # posting from this thread took 60 s (TIMEOUT_SECONDS twice)
         process.send_signal(signal.SIGCONT)
         vis.close()
         assert seconds < 5
