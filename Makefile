@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/python main.py test $(DEMO_OPTIONS) --load_model_path=checkpoints/best.pth
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) $(DEMO) checkpoints/*.pth checkpoints/metrics.jsonl result.csv

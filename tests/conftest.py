@@ -1,3 +1,5 @@
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data.demo import make_demo_data  # noqa: E402  (needs the path above)
+
+IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test is a failed one: CI installs what every test needs, so a
+    skip there means a missing install step (on a user's machine `make test` lists the reasons)."""
+    report = (yield).get_result()
+    if IN_CI and report.skipped and not hasattr(report, 'wasxfail'):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = 'failed'
+        report.longrepr = f'skipped under CI=true, where a skip is a failure: {reason}'
 
 
 @pytest.fixture(scope='session')
@@ -32,6 +47,23 @@ def run_main(*args, cwd=ROOT, timeout=300):
     """`python main.py ARGS` in a subprocess, as a user would type it."""
     return subprocess.run([sys.executable, str(ROOT / 'main.py'), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def torchrun(*args, processes=2, timeout=300, input=None):
+    """`torchrun --standalone --nproc_per_node=N main.py ARGS`; the whole process group is
+    killed on the way out, whatever happens."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               f'--nproc_per_node={processes}', str(ROOT / 'main.py'), *args]
+    process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE if input else subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(input, timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def as_flags(options):
