@@ -224,6 +224,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
     steps = len(loader)
     progress = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
                     disable=None if rt.is_main else True)  # None: no bar unless on a terminal
+    loss = None  # until a batch has loaded
     for step, (images, targets, _, bad) in enumerate(progress, start=1):
         skipped += bad
         weight = 1.0
@@ -257,14 +258,25 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
                 if step % cfg.print_freq == 0:
                     progress.set_postfix(loss=f'{window_loss:.4f}')
                     vis.plot('train_loss', window_loss, x=epoch * steps + step)
-            if rt.is_main and debug_file.exists():
-                import ipdb
-                # model, optimizer, cfg, images, targets and loss are all in reach here;
-                # `c` continues (remove the file first), `q` quits. Other processes wait.
-                ipdb.set_trace()
+            if rt.is_main and debug_file.exists():  # the other processes wait for this one
+                debug_prompt(unwrap(model), optimizer, cfg, images, targets, loss, epoch, step)
     progress.close()
     skipped = [i for part in rt.gather(skipped) for i in part]
     return loss_meter.value()[0], loss_meter.n, skipped
+
+
+def debug_prompt(model, optimizer, cfg, images, targets, loss, epoch, step):
+    """Debug mode: stop in ipdb with this training step's objects at hand. `model` is the plain
+    model, also under torchrun and --compile, so model.save(PATH) works. `c` continues (remove
+    the debug file first), `q` quits."""
+    import ipdb
+    ipdb.set_trace()
+
+
+def unwrap(model):
+    """The plain model inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, '_orig_mod', model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @torch.inference_mode()

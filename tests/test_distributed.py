@@ -10,26 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, as_flags, fast_options, run_main
+from conftest import ROOT, as_flags, fast_options, run_main, torchrun
 from models import ResNet34
 from utils.files import load_checkpoint
-
-
-def torchrun(*args, processes=2, timeout=300):
-    """`torchrun --standalone --nproc_per_node=N main.py ARGS`; the whole process group is
-    killed on the way out, whatever happens."""
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-               f'--nproc_per_node={processes}', str(ROOT / 'main.py'), *args]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 @pytest.fixture(scope='module')

@@ -90,7 +90,11 @@ CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 
 @pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')
 def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server):
-    train_with_visdom(tmp_path, tiny_data, server, 'browser', max_epoch=2)
+    # a learning rate too small to learn anything: the network guesses, so some validation
+    # images are surely wrong and the most-wrong window must be on the page
+    train_with_visdom(tmp_path, tiny_data, server, 'browser', max_epoch=2, lr=1e-9)
+    last = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert last['confusion'][0][1] + last['confusion'][1][0] > 0
     flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
              '--disable-component-update', '--disable-sync', '--no-first-run',
              f'--user-data-dir={tmp_path / "chromium"}', '--window-size=1600,1300',
@@ -102,12 +106,13 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server)
     lines = re.findall(r'class="js-line"[^>]*d="([^"]+)"', dom)
     vertices = sorted(path.count('L') + 1 for path in lines)
     assert 6 in vertices  # train_loss: its 6 points, drawn
-    assert 'data:image/png;base64' in dom or 'most wrong' not in dom
+    assert 'most wrong (validation)' in dom and 'data:image/png;base64' in dom
     shot = tmp_path / 'page.png'
     subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', url], capture_output=True, timeout=120)
     from PIL import Image
-    colours = Image.open(shot).convert('RGB').getcolors(maxcolors=1 << 20)
-    assert colours is None or len(colours) > 200  # charts, text and pictures, not a blank page
+    image = Image.open(shot).convert('RGB')
+    colours = image.getcolors(maxcolors=image.width * image.height)  # never None: room for every pixel
+    assert len(colours) > 200  # charts, text and pictures, not a blank page
 
 
 def test_without_a_server_training_runs_with_one_warning(tmp_path, tiny_data):
@@ -175,39 +180,6 @@ def test_the_server_listens_on_loopback_only(server):
     listening = subprocess.run(['ss', '-ltn'], capture_output=True, text=True).stdout
     assert f'127.0.0.1:{server} ' in listening
     assert f'0.0.0.0:{server} ' not in listening and f'*:{server} ' not in listening
-
-
-def debug_run(tmp_path, tiny_data, keys, **more):
-    """Train with the debug file present, typing `keys` at the ipdb prompt."""
-    debug = tmp_path / 'debug'
-    debug.touch()
-    options = fast_options(tmp_path, tiny_data, max_epoch=2, batch_size=4, print_freq=3, **more)
-    return subprocess.run([sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)], cwd=ROOT,
-                          input=keys, capture_output=True, text=True, timeout=300)
-
-
-def test_debug_file_stops_in_ipdb_with_the_loop_at_hand_and_removing_it_continues(tmp_path, tiny_data):
-    keys = ("p ('AT', step, type(model).__name__, tuple(images.shape), cfg.lr)\n"
-            "import os; os.remove(cfg.path('debug_file'))\n"
-            "c\n")
-    result = debug_run(tmp_path, tiny_data, keys)
-    assert result.returncode == 0, result.stderr
-    assert "('AT', 3, 'SqueezeNet', (4, 3, 32, 32), 0.001)" in result.stdout  # at step print_freq
-    assert result.stdout.count('ipdb>') == 3  # stopped once: the file was gone at the next check
-    assert 'epoch 2/2' in result.stdout
-
-
-def test_quitting_the_debugger_ends_cleanly_and_keeps_the_checkpoint(tmp_path, tiny_data):
-    assert run_main('train', *as_flags(fast_options(tmp_path, tiny_data))).returncode == 0
-    last = tmp_path / 'checkpoints' / 'last.pth'
-    before = last.read_bytes()
-    result = debug_run(tmp_path, tiny_data, 'q\n', resume=str(last), num_workers=2)
-    assert result.returncode == 130
-    assert 'quit from the debugger' in result.stderr and 'Traceback' not in result.stderr
-    assert last.read_bytes() == before
-    time.sleep(0.5)
-    leftover = subprocess.run(['pgrep', '-f', str(tmp_path / 'checkpoints')], capture_output=True, text=True)
-    assert not leftover.stdout.split(), 'DataLoader workers outlived the run'
 
 
 def test_plot_many_and_img_many_make_their_windows(server):
