@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT
 
 
@@ -10,8 +12,9 @@ def test_benchmark_smoke_prints_every_ratio_with_its_figures():
     result = subprocess.run([sys.executable, '-m', 'utils.benchmark', '--smoke'], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert re.search(r'machine: \S+, \d+ CPUs, torch \S+ with \d+ threads, device cpu, with(out)? bf16 '
-                     r'instructions', result.stdout)
+    # the benchmark measures on the GPU where there is one
+    device = r'cuda \(.+\)' if torch.cuda.is_available() else r'cpu, with(out)? bf16 instructions'
+    assert re.search(rf'machine: \S+, \d+ CPUs, torch \S+ with \d+ threads, device {device}', result.stdout)
     assert re.search(r"data: JPEGs of \d+\.\d KB on average \(blur 1\.5; Kaggle's: about 22 KB\)", result.stdout)
     for label in ('1. loop efficiency, SqueezeNet', '2a. train transform / decode only',
                   '2b. train transform / classic recipe', '3. test / bare inference, SqueezeNet',

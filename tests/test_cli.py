@@ -1,10 +1,13 @@
 """main.py run as a user runs it: a subprocess, options on the command line."""
 import csv
 import json
+import re
 
 import pytest
 
+from config import option_help
 from conftest import as_flags, assert_one_line_error, fast_options, run_main
+from main import VERBS
 
 
 def test_train_then_test_end_to_end(tmp_path, tiny_data):
@@ -32,6 +35,12 @@ def test_help_lists_verbs_and_every_option():
     for word in ('train', 'val', 'test', 'demo_data', '--lr', '--use_gpu', '--debug_file', '--resume'):
         assert word in result.stdout
     assert run_main('train', '--help').stdout == result.stdout
+    lines = result.stdout.splitlines()
+    for verb in VERBS:
+        assert any(re.fullmatch(rf' +{verb} +\S.*', line) for line in lines), verb
+    for name, (default, comment) in option_help().items():
+        assert any(re.fullmatch(rf' +--{name} +{re.escape(repr(default))} +{re.escape(comment)}', line)
+                   for line in lines), name
 
 
 @pytest.mark.parametrize('args, fragments', [

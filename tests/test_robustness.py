@@ -232,9 +232,11 @@ def test_a_really_full_disk_stops_training_with_a_clear_error(tmp_path, tiny_dat
 
 
 def start_training(tmp_path, tiny_data, **more):
+    """`main.py train` in a session of its own, as a terminal runs a command: a signal to its
+    process group reaches the loader workers too."""
     options = fast_options(tmp_path, tiny_data, max_epoch=200, **more)
     return subprocess.Popen([sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(condition, process, seconds=120):
@@ -245,25 +247,45 @@ def wait_for(condition, process, seconds=120):
         time.sleep(0.001)
 
 
+def identity(path):
+    """What changes when a file is replaced, read without loading it: a reload of a 250 MB
+    checkpoint every millisecond would slow the very run being watched."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
 def test_sigkill_mid_save_or_mid_epoch_leaves_a_loadable_last_checkpoint(tmp_path, tiny_data):
     checkpoints = tmp_path / 'checkpoints'
     last = checkpoints / 'last.pth'
-    for where in ('mid-save', 'mid-epoch', 'mid-save'):
+    writing = lambda: list(checkpoints.glob('.last.pth.*.tmp'))  # noqa: E731
+    kills = []
+    while len(kills) < 3:
+        where = ('mid-save', 'mid-epoch', 'mid-save')[len(kills)]
         resume = {'resume': str(last)} if last.exists() else {}
         process = start_training(tmp_path, tiny_data, model='ResNet34', **resume)  # big files: slow saves
         try:
-            before = load_checkpoint(last)['epoch'] if last.exists() else -1
+            before = identity(last)
+            stale = set(writing())
+            assert not stale or resume, stale
             if where == 'mid-save':
-                wait_for(lambda: last.exists() and list(checkpoints.glob('.last.pth.*.tmp')), process)
+                wait_for(lambda: last.exists() and set(writing()) - stale, process)
             else:
-                wait_for(lambda: last.exists() and load_checkpoint(last)['epoch'] > before, process)
+                wait_for(lambda: identity(last) not in (None, before) and not writing(), process)
                 time.sleep(0.2)
         finally:
             process.kill()
             process.communicate()
+        if where == 'mid-save' and not writing():
+            continue  # the save finished between the look and the kill: try again
+        kills.append(where)
+        assert not stale & set(writing()), 'a new run removes what a killed save left'
         state = load_checkpoint(last)
-        assert state['epoch'] >= before and set(state) >= {'model', 'optimizer', 'config'}
+        assert set(state) >= {'model', 'optimizer', 'config'}
         ResNet34().load(last)
+    assert kills == ['mid-save', 'mid-epoch', 'mid-save']
 
 
 def alive(marker):
@@ -278,10 +300,16 @@ def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_p
     try:
         wait_for(lambda: last.exists(), process)
         time.sleep(0.3)  # into the next epoch
-        process.send_signal(signum)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)  # Ctrl-C: the terminal signals the whole process group
+        else:
+            process.send_signal(signum)  # `kill PID`, a scheduler: the main process alone
         out, err = process.communicate(timeout=60)
     finally:
-        process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert process.returncode == code, err
     assert f'stopped by {signal.Signals(signum).name}' in err and 'Traceback' not in err
     state = load_checkpoint(last)

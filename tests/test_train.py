@@ -1,7 +1,9 @@
 """The verbs called in-process on tiny generated data."""
 import csv
 import json
+import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -50,6 +52,32 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_unbroken_run_does(
         assert torch.equal(tensor, resumed['model'][name]), name
 
 
+def records(folder):
+    return [json.loads(line) for line in (folder / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path, tiny_data, capsys):
+    options = dict(max_epoch=7, lr=0.01)
+    whole = tmp_path / 'whole'
+    main.train(**fast_options(whole, tiny_data, **options))
+    parts = tmp_path / 'parts'
+    main.train(**fast_options(parts, tiny_data, **{**options, 'max_epoch': 3}))
+    best_before = load_checkpoint(parts / 'checkpoints' / 'last.pth')['best_accuracy']
+    capsys.readouterr()
+    main.train(**fast_options(parts, tiny_data, **options, resume=str(parts / 'checkpoints' / 'last.pth')))
+    assert f'best accuracy so far {best_before:.2%}' in capsys.readouterr().out
+
+    lrs = [r['lr'] for r in records(whole)]
+    assert [r['lr'] for r in records(parts)] == lrs
+    assert min(lrs[3:]) < lrs[2], lrs  # the plateau schedule decayed after the break
+    resumed = load_checkpoint(parts / 'checkpoints' / 'last.pth')
+    assert resumed['best_accuracy'] == max(r['val_accuracy'] for r in records(parts)) \
+        == load_checkpoint(whole / 'checkpoints' / 'last.pth')['best_accuracy']
+    assert resumed['scheduler'] == load_checkpoint(whole / 'checkpoints' / 'last.pth')['scheduler']
+    for name, tensor in weights(whole / 'checkpoints' / 'last.pth').items():
+        assert torch.equal(tensor, resumed['model'][name]), name
+
+
 def test_resume_refuses_options_that_would_make_another_run(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))
     last = str(tmp_path / 'checkpoints' / 'last.pth')
@@ -89,13 +117,18 @@ def checkpoint_that_always_says(tmp_path, p_dog_logit):
 
 @pytest.mark.parametrize('logit, expected', [(1.0, 0.7311), (10.0, 0.995), (-10.0, 0.005)])
 def test_submission_holds_p_dog_clipped_sorted_by_numeric_id(tmp_path, tiny_data, logit, expected):
-    options = fast_options(tmp_path, tiny_data, load_model_path=str(checkpoint_that_always_says(tmp_path, logit)))
+    test1 = tmp_path / 'test1'  # ids that sort otherwise as text: 1, 10, 100, 2, 20, 3, 9
+    test1.mkdir()
+    for kaggle_id, source in zip((100, 2, 10, 1, 20, 9, 3), sorted((tiny_data / 'test1').iterdir())):
+        shutil.copy(source, test1 / f'{kaggle_id}.jpg')
+    options = fast_options(tmp_path, tiny_data, test_data_root=str(test1),
+                           load_model_path=str(checkpoint_that_always_says(tmp_path, logit)))
     del options['model'], options['image_size']  # taken from the checkpoint
     main.test(**options)
     with open(tmp_path / 'result.csv', newline='') as f:
         rows = list(csv.reader(f))
     assert rows[0] == ['id', 'label']
-    assert [int(r[0]) for r in rows[1:]] == list(range(1, 9))
+    assert [r[0] for r in rows[1:]] == ['1', '2', '3', '9', '10', '20', '100']
     assert all(float(r[1]) == pytest.approx(expected, abs=1e-4) for r in rows[1:])
 
 
@@ -108,6 +141,23 @@ def test_val_reports_loss_accuracy_confusion_and_log_loss(tmp_path, tiny_data, c
     out = capsys.readouterr().out
     assert '12 validation images: loss' in out and 'accuracy' in out and 'Kaggle log loss' in out
     assert 'true cat' in out and 'true dog' in out
+
+
+@pytest.mark.parametrize('logit', [1.0, -2.0, 10.0])
+def test_val_figures_are_those_of_a_model_whose_answers_are_known(tmp_path, tiny_data, capsys, logit):
+    # the 12 validation images are 6 cats and 6 dogs; the model says P(dog) = sigmoid(logit) to each
+    options = fast_options(tmp_path, tiny_data, load_model_path=str(checkpoint_that_always_says(tmp_path, logit)))
+    del options['model'], options['image_size']
+    main.val(**options)
+    out = capsys.readouterr().out
+    p_dog = 1 / (1 + math.exp(-logit))
+    loss = -(math.log(p_dog) + math.log(1 - p_dog)) / 2  # half dogs, half cats
+    clipped = min(max(p_dog, 0.005), 0.995)  # Kaggle's log loss is taken on clipped probabilities
+    log_loss = -(math.log(clipped) + math.log(1 - clipped)) / 2
+    assert f'12 validation images: loss {loss:.4f}  accuracy 50.00%  Kaggle log loss {log_loss:.4f}' in out
+    says_dog = logit > 0  # rows: the true class; columns: the predicted one
+    cat_row, dog_row = ((0, 6), (0, 6)) if says_dog else ((6, 0), (6, 0))
+    assert re.search(rf'true cat +{cat_row[0]} +{cat_row[1]}\n +true dog +{dog_row[0]} +{dog_row[1]}\n', out), out
 
 
 def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
@@ -162,6 +212,32 @@ def test_amp_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, capsys, i
         assert not torch.is_autocast_enabled('cpu')
 
 
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them ('' elsewhere)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return []
+
+
+def test_bf16_detection_agrees_with_the_cpu_and_autocast_computes_in_bf16_where_it_has_it():
+    from utils import runtime
+    has_bf16 = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
+    assert runtime.cpu_has_bf16() == has_bf16
+    model = torch.nn.Linear(4, 4)
+    with runtime.autocast(torch.device('cpu'), True):
+        out = model(torch.ones(2, 4))
+    assert out.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+
+
+def test_bf16_detection_fails_loudly_when_torch_moves_its_api(monkeypatch):
+    from utils import runtime
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
+    with pytest.raises(RuntimeError, match='_is_amx_tile_supported'):
+        runtime.cpu_has_bf16()
+
+
 def test_a_run_resumes_with_loss_scaling_turned_on_or_off(tmp_path, tiny_data, monkeypatch, capsys):
     """A checkpoint of a run without a gradient scaler (CPU, bf16 or no --amp) resumes on a GPU
     that needs one (fp16), and back: the fp16 path, GradScaler included, runs here on the CPU."""
@@ -206,7 +282,10 @@ def test_center_square_is_resize_then_center_crop_in_one_step():
 
 
 def test_compiled_training_saves_a_plain_checkpoint(tmp_path, tiny_data):
+    from torch._dynamo.utils import counters
+    counters.clear()
     main.train(**fast_options(tmp_path, tiny_data, compile=True))
+    assert counters['stats']['unique_graphs'] > 0  # dynamo captured the model: it was compiled
     state = load_checkpoint(tmp_path / 'checkpoints' / 'last.pth')
     assert not any('_orig_mod' in key for key in state['model'])
     SqueezeNet().load(tmp_path / 'checkpoints' / 'last.pth')
