@@ -273,7 +273,7 @@ def test_sigkill_mid_save_or_mid_epoch_leaves_a_loadable_last_checkpoint(tmp_pat
             if where == 'mid-save':
                 wait_for(lambda: last.exists() and set(writing()) - stale, process)
             else:
-                wait_for(lambda: identity(last) not in (None, before) and not writing(), process)
+                wait_for(lambda: identity(last) not in (None, before) and not set(writing()) - stale, process)
                 time.sleep(0.2)
         finally:
             process.kill()
