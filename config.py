@@ -22,13 +22,14 @@ class DefaultConfig:
     vis: bool = True  # send curves to a visdom server (training runs on if none answers)
     vis_server: str = 'http://127.0.0.1'  # visdom server address
     vis_port: int = 8097  # visdom server port
-    model: str = 'ResNet34'  # network to train: ResNet34, SqueezeNet or AlexNet
+    model: str = 'ResNet34'  # ResNet34, SqueezeNet, AlexNet, or a torchvision model by name (resnet50)
     pretrained: bool = False  # start from torchvision's ImageNet weights (from TORCH_HOME's cache)
     pretrained_path: str = ''  # or from this file of ImageNet weights of the same architecture
-    freeze_features: bool = False  # train only the 2-class head, keep the features fixed
+    freeze_features: bool = False  # train only the classifier head, keep the features fixed
 
-    train_data_root: str = 'data/train'  # folder of cat.N.jpg / dog.N.jpg (Kaggle train/)
-    test_data_root: str = 'data/test1'  # folder of N.jpg to predict (Kaggle test1/)
+    train_data_root: str = 'data/train'  # cat.N.jpg / dog.N.jpg (Kaggle train/), or a folder per class
+    val_data_root: str = ''  # validation data in the same layout; empty: hold out val_ratio of train
+    test_data_root: str = 'data/test1'  # images to predict: N.jpg (Kaggle test1/) or any names
     load_model_path: str = ''  # weights or checkpoint to start from (val/test: best.pth if empty)
     resume: str = ''  # checkpoint to continue training from, e.g. checkpoints/last.pth
     checkpoint_dir: str = 'checkpoints'  # where last.pth, best.pth and metrics.jsonl go
@@ -50,6 +51,8 @@ class DefaultConfig:
     lr_decay: float = 0.5  # multiply lr by this when validation loss stops improving
     weight_decay: float = 1e-4  # L2 penalty (Adam's weight_decay)
     image_size: int = 224  # side of the square the network sees
+    crop_scale: float = 0.08  # smallest share of the image area a random training crop keeps (1: no crop)
+    hflip: bool = True  # mirror training images left-right half the time
     val_ratio: float = 0.3  # share of each class held out for validation
     seed: int = 0  # fixes the split, the shuffling and the initial weights
 
@@ -77,11 +80,11 @@ class DefaultConfig:
         return self
 
     def _check(self):
-        from models import MODELS  # here, not at the top: `help` should not wait for torch
+        from models import check_model_name, image_size_range  # here: `help` should not wait for torch
 
-        if self.model not in MODELS:
-            raise UserError(f'--model={self.model!r} is invalid; it takes one of {", ".join(MODELS)}')
-        min_size = MODELS[self.model].min_image_size
+        check_model_name(self.model)
+        min_size, max_size = image_size_range(self.model)
+        sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
         rules = [
             ('lr', self.lr > 0, 'a number > 0'),
             ('lr_decay', 0 < self.lr_decay <= 1, 'a number in (0, 1]'),
@@ -90,8 +93,10 @@ class DefaultConfig:
             ('max_epoch', self.max_epoch >= 1, 'a whole number >= 1'),
             ('num_workers', self.num_workers >= 0, 'a whole number >= 0'),
             ('print_freq', self.print_freq >= 1, 'a whole number >= 1'),
-            ('image_size', self.image_size >= min_size, f'a whole number >= {min_size} for {self.model}'),
+            ('image_size', min_size <= self.image_size <= (max_size or self.image_size),
+             f'{sizes} for {self.model}'),
             ('val_ratio', 0 < self.val_ratio < 1, 'a number strictly between 0 and 1'),
+            ('crop_scale', 0 < self.crop_scale <= 1, 'a number in (0, 1]'),
             ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),
         ]
         for name, ok, accepts in rules:

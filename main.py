@@ -1,4 +1,5 @@
-"""dogcat: train, validate and test a cat-vs-dog classifier.  `python main.py help` lists all."""
+"""dogcat: train, validate and test an image classifier (cats vs. dogs, or your own classes).
+`python main.py help` lists the verbs and options."""
 import csv
 import functools
 import inspect
@@ -19,21 +20,24 @@ from tqdm import tqdm
 
 from config import DefaultConfig, option_help
 from data import DogCat, ImageFiles, collate_fn
-from data.dataset import IMAGE_SUFFIXES, LABELS, CenterSquare, load_rgb, model_input
+from data.decode import IMAGE_SUFFIXES, load_rgb
 from data.demo import make_demo_data
-from models import MODELS, build_model
+from data.transforms import eval_transform, model_input
+from models import build_model
 from utils import UserError
 from utils.cli import run
 from utils.files import atomic_open, atomic_save, load_checkpoint, writable_folder
 from utils.runtime import autocast, grad_scaler, runtime, seed_everything
 from utils.visualize import Visualizer
 
-# Kaggle scores log loss, which punishes a confident mistake without bound: keep P(dog) away
-# from 0 and 1 so a few wrong answers cannot ruin the score.
+# Kaggle scores log loss, which punishes a confident mistake without bound: keep every
+# probability away from 0 and 1 so a few wrong answers cannot ruin the score.
 P_MIN, P_MAX = 0.005, 0.995
 # what --resume takes from the checkpoint: changing any of them would make another run
 RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay',
-               'freeze_features')
+               'freeze_features', 'crop_scale', 'hflip')
+# the classes of a checkpoint that does not name them: those written before classes were stored
+DOGS_VS_CATS = ['cat', 'dog']
 
 
 def train(**kwargs):
@@ -56,9 +60,22 @@ def fit(cfg, root, resume, rt):
     device = rt.device
     seed_everything(cfg.seed)
 
-    # step 1: model
+    # step 1: data, and the classes it holds
+    train_data, val_data = training_data(cfg, root)
+    classes = train_data.classes
+    if resume is not None and checkpoint_classes(resume) != classes:
+        raise UserError(f'{cfg.resume} was trained on the classes {", ".join(checkpoint_classes(resume))}, '
+                        f'{root} holds {", ".join(classes)}')
+    train_loader = make_loader(train_data, cfg, rt, shuffle=True)
+    val_loader = make_loader(val_data, cfg, rt)
+    ignored = train_data.ignored + (val_data.ignored if cfg.val_data_root else [])
+    print(f'{len(train_data)} training and {len(val_data)} validation images in {root} '
+          f'({train_data.layout}; {len(classes)} classes: {", ".join(classes)})'
+          + (f' ({len(ignored)} other entries ignored)' if ignored else ''))
+
+    # step 2: model
     fresh = resume is None  # a resumed run gets its weights from the checkpoint
-    model = build_model(cfg.model, cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
+    model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
     if cfg.freeze_features:
         model.freeze_features()
     if cfg.load_model_path:
@@ -75,14 +92,6 @@ def fit(cfg, root, resume, rt):
         trained = torch.compile(trained)  # the same parameters: `model` still saves them
     print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}'
           + (f' in each of {rt.world_size} processes' if rt.distributed else ''))
-
-    # step 2: data
-    train_data = DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed)
-    val_data = DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
-    train_loader = make_loader(train_data, cfg, rt, shuffle=True)
-    val_loader = make_loader(val_data, cfg, rt)
-    print(f'{len(train_data)} training and {len(val_data)} validation images in {root}'
-          + (f' ({len(train_data.ignored)} other entries ignored)' if train_data.ignored else ''))
 
     # step 3: objective, optimizer, and the decay of the learning rate
     criterion = nn.CrossEntropyLoss()
@@ -134,7 +143,7 @@ def fit(cfg, root, resume, rt):
             scheduler.step(metrics['loss'])
 
             best_accuracy = max(best_accuracy, metrics['accuracy'])
-            state = training_state(model, optimizer, scheduler, scaler, cfg, epoch, best_accuracy)
+            state = training_state(model, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy)
             save(state, checkpoint_dir / 'last.pth')
             if metrics['accuracy'] == best_accuracy:
                 save(state, checkpoint_dir / 'best.pth')
@@ -145,6 +154,7 @@ def fit(cfg, root, resume, rt):
             record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
                       'val_loss': metrics['loss'], 'val_accuracy': metrics['accuracy'],
                       'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
+                      'recall': metrics['recall'], 'classes': classes,
                       'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
                       'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
             if rt.is_main:
@@ -152,10 +162,10 @@ def fit(cfg, root, resume, rt):
                     f.write(json.dumps(record) + '\n')
             report_epoch(record, cfg.max_epoch, vis)
             if vis.enabled:
-                vis.captioned_images('most wrong (validation)', most_wrong(val_data, metrics))
+                vis.captioned_images('most wrong (validation)', most_wrong(val_data, metrics, classes))
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
-        state = training_state(model, optimizer, scheduler, scaler, cfg, finished, best_accuracy,
+        state = training_state(model, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
                                interrupted=True)
         save(state, checkpoint_dir / 'last.pth')
         print(f'\nstopped during epoch {finished + 2}; saved {checkpoint_dir / "last.pth"}; '
@@ -166,10 +176,26 @@ def fit(cfg, root, resume, rt):
     print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {checkpoint_dir}')
 
 
-def training_state(model, optimizer, scheduler, scaler, cfg, epoch, best_accuracy, interrupted=False):
+def training_data(cfg, root):
+    """The training and validation sets: a held-out share of root, or --val_data_root whole."""
+    augment = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip)
+    if not cfg.val_data_root:
+        return (DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed, **augment),
+                DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed))
+    train_data = DogCat(root, 'train', cfg.image_size, val_ratio=0, **augment)
+    val_root = cfg.require_dir('val_data_root')
+    return train_data, DogCat(val_root, 'val', cfg.image_size, val_ratio=0, classes=train_data.classes)
+
+
+def checkpoint_classes(state):
+    return list(state.get('classes') or DOGS_VS_CATS)
+
+
+def training_state(model, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy, interrupted=False):
     """What last.pth and best.pth hold: all a run needs to continue, in weights_only-safe types."""
     return {
         'model': model.state_dict(),
+        'classes': list(classes),  # index i of the model's output is classes[i]
         'optimizer': optimizer.state_dict(),
         'scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict(),
@@ -193,19 +219,29 @@ def report_epoch(record, max_epoch, vis):
     vis.lines('loss', {'train': record['train_loss'], 'val': record['val_loss']}, x=epoch)
     vis.plot('val_accuracy', record['val_accuracy'], x=epoch)
     vis.plot('lr', record['lr'], x=epoch)
-    vis.heatmap('confusion', record['confusion'], rownames=['cat', 'dog'],
-                columnnames=['predicted cat', 'predicted dog'])
+    classes = record['classes']
+    vis.heatmap('confusion', record['confusion'], rownames=[f'true {c}' for c in classes],
+                columnnames=[f'predicted {c}' for c in classes])
     vis.log(summary)
 
 
-def most_wrong(dataset, metrics, count=16):
-    """(image, 'name P(dog)') of the misclassified validation images, the most confident first."""
-    error = (metrics['labels'] - metrics['p_dog']).abs()
-    wrong = (metrics['p_dog'] > 0.5) != metrics['labels'].bool()  # a tie counts as cat, as argmax does
+def most_wrong(dataset, metrics, classes, count=16):
+    """(image, caption) of the misclassified validation images, the most confident first: with
+    two classes 'name P(second class)', with more 'name true→predicted P'."""
+    probs, labels = metrics['probs'], metrics['labels']
+    error = 1 - probs[torch.arange(len(labels)), labels]
+    predicted = probs.argmax(dim=1)  # a tie goes to the first class
+    wrong = predicted != labels
     worst = [i for i in error.argsort(descending=True, stable=True).tolist() if wrong[i]][:count]
-    paths = [dataset.paths[metrics['indices'][i]] for i in worst]
-    return [(load_rgb(path), f"{Path(path).name} P(dog)={metrics['p_dog'][i]:.2f}")
-            for path, i in zip(paths, worst)]
+    items = []
+    for i in worst:
+        path = dataset.paths[metrics['indices'][i]]
+        if len(classes) == 2:
+            caption = f'{Path(path).name} P({classes[1]})={probs[i, 1]:.2f}'
+        else:
+            caption = f'{Path(path).name} {classes[labels[i]]}→{classes[predicted[i]]} {probs[i, predicted[i]]:.2f}'
+        items.append((load_rgb(path), caption))
+    return items
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis):
@@ -281,7 +317,7 @@ def unwrap(model):
 
 @torch.inference_mode()
 def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
-    """Log-probabilities (N, 2) of the images that loaded, with their targets and indices,
+    """Log-probabilities (N, classes) of the images that loaded, with their targets and indices,
     ordered by index, and the indices of the images that could not be read.
 
     Under torchrun each process reads its share and every process gets the whole result.
@@ -291,7 +327,7 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
     # (a large validation set could use up the usual limit of 1,024) and grew the process by
     # ~2 MB a batch (1 GB over 54,000 images)
     count = len(loader.sampler)
-    log_probs = torch.empty(count, len(LABELS))
+    log_probs = None  # (count, classes) once the first batch tells the number of classes
     targets, indices = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=torch.long)
     filled, skipped = 0, []
     for images, batch_targets, batch_indices, bad in loader:
@@ -301,70 +337,104 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
         with autocast(rt.device, amp):
             logits = model(model_input(images, rt.device, layout))
         rows = slice(filled, filled + len(batch_indices))
+        if log_probs is None:
+            log_probs = torch.empty(count, logits.shape[1])
         log_probs[rows] = logits.float().log_softmax(dim=1)
         targets[rows], indices[rows] = batch_targets, batch_indices
         filled = rows.stop
-    parts = rt.gather((log_probs[:filled], targets[:filled], indices[:filled], skipped))
-    log_probs, targets, indices = (torch.cat([part[k] for part in parts]) for k in range(3))
+    parts = rt.gather((log_probs[:filled] if filled else None, targets[:filled], indices[:filled], skipped))
     skipped = sorted(i for part in parts for i in part[3])
-    if not len(indices):
+    loaded = [part for part in parts if part[0] is not None]
+    if not loaded:
         folder = Path(loader.dataset.paths[0]).parent
         raise UserError(f'none of the {len(skipped)} images in {folder} could be read')
+    log_probs, targets, indices = (torch.cat([part[k] for part in loaded]) for k in range(3))
     order = indices.argsort()
     return log_probs[order], targets[order], indices[order], skipped
 
 
 def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format):
-    """Loss, accuracy, confusion matrix (rows: true cat/dog) and Kaggle log loss over `loader`."""
+    """Loss, accuracy, confusion matrix (rows: the true class, columns: the predicted one),
+    recall per class and Kaggle's log loss over `loader`."""
     log_probs, labels, indices, skipped = infer(model, loader, rt, amp, layout)
-    confusion = meter.ConfusionMeter(2)
+    confusion = meter.ConfusionMeter(log_probs.shape[1])
     confusion.add(log_probs, labels)
     matrix = confusion.value()
-    p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
-    log_loss = -torch.where(labels == 1, p_dog.log(), (1 - p_dog).log()).mean().item()
+    probs = clipped_probabilities(log_probs)
+    log_loss = -probs[torch.arange(len(labels)), labels].log().mean().item()
     return {
         'loss': nn.functional.nll_loss(log_probs, labels).item(),
         'accuracy': float(matrix.trace() / matrix.sum()),
         'log_loss': log_loss,
         'confusion': matrix.tolist(),
-        'p_dog': p_dog, 'labels': labels, 'indices': indices, 'skipped': skipped,
+        'recall': [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(matrix)],
+        'probs': probs, 'labels': labels, 'indices': indices, 'skipped': skipped,
     }
 
 
+def clipped_probabilities(log_probs):
+    """Probabilities kept within [P_MIN, P_MAX], rows summing to 1 (Kaggle's clipping); with two
+    classes P(second) is clipped and P(first) = 1 - P(second), as before."""
+    if log_probs.shape[1] == 2:
+        p = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
+        return torch.stack([1 - p, p], dim=1)
+    probs = log_probs.exp().clamp(P_MIN, P_MAX)
+    return probs / probs.sum(dim=1, keepdim=True)
+
+
 def val(**kwargs):
-    """Evaluate a checkpoint on the validation split: loss, accuracy, confusion, log loss."""
+    """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
     cfg = DefaultConfig().parse(kwargs)
-    model = load_trained(cfg)
-    data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed)
+    model, classes = load_trained(cfg)
+    if cfg.val_data_root:
+        data = DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
+    else:
+        data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed,
+                      classes=classes)
     with runtime(cfg.use_gpu) as rt:
         m = evaluate(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt, cfg.amp, memory_format(cfg))
-    (cat_cat, cat_dog), (dog_cat, dog_dog) = m['confusion']
     print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
           f"Kaggle log loss {m['log_loss']:.4f}")
-    print(f'confusion          predicted cat  predicted dog\n'
-          f'  true cat         {cat_cat:13d}  {cat_dog:13d}\n'
-          f'  true dog         {dog_cat:13d}  {dog_dog:13d}')
+    print(confusion_table(m['confusion'], classes))
+    print('recall   ' + '  '.join(f'{c} {r:.2%}' for c, r in zip(classes, m['recall']) if r is not None))
     if m['skipped']:
         print(f"skipped {len(m['skipped'])} unreadable images")
 
 
+def confusion_table(matrix, classes):
+    """The confusion matrix as text: a row per true class, a column per predicted one."""
+    columns = [f'predicted {c}' for c in classes]
+    width = max(map(len, columns))
+    label = max(19, max(len(f'  true {c} ') for c in classes))
+    lines = ['confusion'.ljust(label) + '  '.join(c.rjust(width) for c in columns)]
+    for name, row in zip(classes, matrix):
+        lines.append(f'  true {name}'.ljust(label) + '  '.join(f'{n:{width}d}' for n in row))
+    return '\n'.join(lines)
+
+
 def test(**kwargs):
-    """Predict test_data_root and write the Kaggle submission (id,label with label = P(dog))."""
+    """Predict test_data_root and write the submission: id,label with label = P(dog) (with more
+    classes: id,<class 1>,...,<class N>, a probability each)."""
     cfg = DefaultConfig().parse(kwargs)
-    model = load_trained(cfg)
+    model, classes = load_trained(cfg)
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
     result_file = cfg.path('result_file')
     writable_folder(result_file.parent, 'result_file')
     with runtime(cfg.use_gpu) as rt:
-        log_probs, ids, _, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
-                                           cfg.amp, memory_format(cfg))
+        log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
+                                               cfg.amp, memory_format(cfg))
     if not rt.is_main:
         return
-    p_dog = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
-    order = ids.argsort()  # by the Kaggle id, as a number
+    probs = clipped_probabilities(log_probs)
+    ids = [data.ids[i] for i in indices.tolist()]  # in the folder's order: by number, else by name
     with atomic_open(result_file, 'w') as f:
-        f.write('id,label\n')
-        f.writelines(f'{ids[i]},{p_dog[i]:.4f}\n' for i in order.tolist())
+        writer = csv.writer(f, lineterminator='\n')
+        if len(classes) == 2:  # Kaggle's binary format: the probability of the second class
+            writer.writerow(['id', 'label'])
+            writer.writerows((i, f'{p:.4f}') for i, p in zip(ids, probs[:, 1].tolist()))
+        else:
+            writer.writerow(['id', *classes])
+            writer.writerows((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, probs.tolist()))
     print(f'wrote {len(ids)} predictions to {result_file}')
     if skipped:
         names = [data.paths[i] for i in skipped]
@@ -375,21 +445,26 @@ def predict(*paths, out='', **kwargs):
     """Classify your own photos: predict PATH [PATH ...] (files or folders) [--out=FILE.csv]."""
     cfg = DefaultConfig().parse(kwargs)
     files = find_images(paths)
-    model = load_trained(cfg)
-    data = ImageFiles(files, list(range(len(files))), CenterSquare(cfg.image_size), draft=cfg.image_size)
+    model, classes = load_trained(cfg)
+    data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
     if out:
         writable_folder(Path(out).parent, 'out')
     with runtime(cfg.use_gpu) as rt:
         log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
                                                cfg.amp, memory_format(cfg))
-    rows = [(files[i], LABELS[p >= 0.5], f'{p:.4f}')
-            for i, p in zip(indices.tolist(), log_probs[:, 1].exp().tolist())]
-    for row in rows:
-        print('  '.join(row))
+    # each file's class, and the probability printed beside it: with two classes that of the
+    # second (P(dog)), as in the submission; with more, that of the class named
+    two = len(classes) == 2
+    header = ['path', 'label', *(f'p_{c}' for c in (classes[1:] if two else classes))]
+    rows = []
+    for i, p in zip(indices.tolist(), log_probs.exp().tolist()):
+        label = int(p[1] >= 0.5) if two else max(range(len(classes)), key=p.__getitem__)
+        rows.append((files[i], classes[label], *(f'{q:.4f}' for q in (p[1:] if two else p))))
+        print(f'{files[i]}  {classes[label]}  {p[1] if two else p[label]:.4f}')
     if out and rt.is_main:
         with atomic_open(Path(out), 'w') as f:
             writer = csv.writer(f)
-            writer.writerow(['path', 'label', 'p_dog'])
+            writer.writerow(header)
             writer.writerows(rows)
         print(f'wrote {len(rows)} predictions to {Path(out).resolve()}')
     if skipped and rt.is_main:
@@ -416,14 +491,17 @@ def find_images(paths):
 
 
 def load_trained(cfg):
-    """The model at load_model_path (default: best.pth in checkpoint_dir), on the CPU, in eval mode.
+    """(model, class names) of the checkpoint at load_model_path (default: best.pth in
+    checkpoint_dir), the model on the CPU, in eval mode.
 
-    The model name and image size come from the checkpoint unless given on the command line.
+    The model name and image size come from the checkpoint unless given on the command line;
+    a checkpoint that names no classes is one of Dogs vs. Cats from before they were stored.
     """
     path = cfg.path('load_model_path') if cfg.load_model_path else cfg.path('checkpoint_dir') / 'best.pth'
     state = load_checkpoint(path)
     cfg.inherit(state.get('config', {}), ('model', 'image_size'), path)
-    return MODELS[cfg.model]().load_state(state, path).eval()
+    classes = checkpoint_classes(state)
+    return build_model(cfg.model, len(classes)).load_state(state, path).eval(), classes
 
 
 def memory_format(cfg):
@@ -472,13 +550,18 @@ def _start_worker(worker_id, nice):
     sys.excepthook = lambda *args: None
 
 
-def demo_data(root='data/demo', n_train=600, n_test=100, seed=0):
-    """Write a small synthetic dataset in the Kaggle layout: ROOT/train and ROOT/test1."""
+def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle'):
+    """Write a small synthetic dataset: ROOT/train and ROOT/test1, Kaggle's layout or folders."""
     from config import ROOT
+    from data.demo import CLASSES
+    if layout not in ('kaggle', 'folders'):
+        raise UserError(f"--layout={layout!r} is invalid; it takes kaggle or folders")
+    if classes not in range(2, len(CLASSES) + 1):
+        raise UserError(f'--classes={classes!r} is invalid; it takes 2 to {len(CLASSES)}')
     folder = ROOT / root
-    make_demo_data(folder, n_train, n_test, seed)
-    print(f'wrote {n_train} training images to {folder / "train"} and {n_test} test images to '
-          f'{folder / "test1"}')
+    make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout)
+    print(f'wrote {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
+          f'and {n_test} test images to {folder / "test1"}')
 
 
 def help():

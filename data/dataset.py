@@ -1,37 +1,34 @@
-"""The Dogs vs. Cats images as a torch Dataset, and a collate function that survives bad files.
+"""The data: labelled images listed from a folder, split, and read when asked for.
 
-Kaggle layout: train/ holds cat.N.jpg and dog.N.jpg (label from the name: 0 = cat, 1 = dog),
-test1/ holds N.jpg (N is the id the submission needs). Only the file's own name is read, never
-the folder's, so a root such as /home/dog/data labels nothing wrong.
+This is the file to replace when your data is not images in folders (labels in a CSV, say):
+keep what DogCat gives (paths, targets, classes, ids) and the contract of ImageFiles (an
+unreadable image comes back as None) and the rest of the project works unchanged.
+
+Two layouts are recognised from what a training folder holds:
+- Kaggle's, one folder of <class>.<N>.<ext> files: cat.0.jpg, dog.12.jpg, fox.3.png;
+- one folder per class, root/<class>/**/*.jpg|jpeg|png (torchvision's ImageFolder).
+Class indices follow the sorted class names (cat = 0, dog = 1). Only a file's own name or its
+class folder's is read, so a root such as /home/dog/data labels nothing wrong. A test folder
+holds Kaggle's N.jpg (the id is the number N) or any images (the id is the name less its
+extension).
 """
-import contextlib
-import functools
 import os
 import random
 import re
-import warnings
+import sys
 from collections import namedtuple
 from pathlib import Path
 
-import numpy as np
-import simplejpeg
-import torch
-from PIL import ExifTags, Image, ImageOps
-from torch import nn
 from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import RandomResizedCrop
 
 from utils import UserError
 
-LABELS = ('cat', 'dog')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')  # in any case: .JPG counts
-EXTENSIONS = '(?:' + '|'.join(map(re.escape, IMAGE_SUFFIXES)) + ')'
-TRAIN_NAME = re.compile(r'(cat|dog)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
+from .decode import IMAGE_SUFFIXES, UNREADABLE, load_pixels
+from .transforms import eval_transform, train_transform
+
+EXTENSIONS = r'\.(?:' + '|'.join(s[1:] for s in IMAGE_SUFFIXES) + ')'
+KAGGLE_NAME = re.compile(r'([a-z][\w-]*)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
 TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
-# what Pillow raises on a file that is not a whole, sane image
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
-# the statistics the torchvision models' first layers expect
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ImageFiles(Dataset):
@@ -57,182 +54,137 @@ class ImageFiles(Dataset):
 
 
 class DogCat(ImageFiles):
-    """Samples of one of the modes 'train', 'val' (a held-out share of train/) or 'test'.
+    """Samples of one of the modes 'train', 'val' (a held-out share of the folder) or 'test'.
 
-    The target is the label (train, val) or the Kaggle id (test). Images are (3, size, size)
-    uint8 tensors; model_input() turns a batch of them into the network's input.
+    The target is the class index (train, val) or, in a Kaggle test folder, the id; `ids` has
+    the id of every test image. val_ratio=0 takes the whole folder (data that comes split).
+    `classes`: the classes the model knows; the folder may lack some of them, not add others.
+    Images are (3, size, size) uint8 tensors; model_input() turns a batch of them into the
+    network's input.
     """
 
-    def __init__(self, root, mode='train', image_size=224, val_ratio=0.3, seed=0):
+    def __init__(self, root, mode='train', image_size=224, val_ratio=0.3, seed=0, crop_scale=0.08,
+                 hflip=True, classes=None):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
         root = Path(root)
         if not root.is_dir():
             raise UserError(f'data folder {root} does not exist')
         self.mode = mode
-        samples, self.ignored = _list_samples(root, TEST_NAME if mode == 'test' else TRAIN_NAME)
-        if not samples:
-            expected = 'N.jpg' if mode == 'test' else 'cat.N.jpg / dog.N.jpg'
-            found = f"only {len(self.ignored)} other entries such as {', '.join(self.ignored[:3])}" \
-                if self.ignored else 'nothing'
-            raise UserError(f'{root} holds no {expected} images ({found})')
-        if mode != 'test':
-            samples = _split(samples, val_ratio, seed)[mode]
-            if not samples:
-                raise UserError(f'{root}: too few images to hold out a {mode} split at '
-                                f'val_ratio={val_ratio}')
-        paths, targets = [str(root / name) for name, _ in samples], [target for _, target in samples]
+        if mode == 'test':
+            paths, self.ids, self.ignored = list_unlabelled(root)
+            self.classes, self.layout = list(classes or ()), 'test images'
+            targets = [i if isinstance(i, int) else n for n, i in enumerate(self.ids)]
+        else:
+            paths, targets, self.classes, self.layout, self.ignored = list_labelled(root, classes)
+            if val_ratio:
+                kept = _split(targets, len(self.classes), val_ratio, seed)[mode]
+                paths, targets = [paths[i] for i in kept], [targets[i] for i in kept]
+                if not paths:
+                    raise UserError(f'{root}: too few images to hold out a {mode} split at '
+                                    f'val_ratio={val_ratio}')
         if mode == 'train':
-            super().__init__(paths, targets, RandomResizedCropFlip(image_size))
+            super().__init__(paths, targets, train_transform(image_size, crop_scale, hflip))
         else:  # a JPEG may be decoded straight to a smaller scale, never below image_size
-            super().__init__(paths, targets, CenterSquare(image_size), draft=image_size)
+            super().__init__(paths, targets, eval_transform(image_size), draft=image_size)
 
 
-def load_rgb(path, draft=None):
-    """Decode `path` now (a broken file fails here, not in the transform), upright, as RGB.
-
-    draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (much faster) as long as both sides
-    stay at least this long.
-
-    Raises an OSError for a file that is not a whole image, and DecompressionBombWarning for
-    one larger than Pillow's pixel limit (which would otherwise only warn and eat the memory).
-    """
-    with _open(path) as img:
-        return _decode(img, draft)
-
-
-def load_pixels(path, draft=None):
-    """What load_rgb gives, as a (3, H, W) uint8 tensor: what the transforms take.
-
-    Most photos are plain JPEGs, which simplejpeg decodes straight into an RGB array: the same
-    pixels as Pillow, which decodes into 4 bytes a pixel and then copies to 3, in about 20% less time
-    (the largest part of a loader worker's work). Anything else goes through Pillow.
-    """
-    with _open(path) as img:
-        if _plain_jpeg(img, draft):
-            img.fp.seek(0)
-            # strict: a file libjpeg only warns about (stray bytes, a cut-off end) is left to
-            # Pillow, which decides as it always has which of those are readable
-            with contextlib.suppress(ValueError):
-                return torch.from_numpy(simplejpeg.decode_jpeg(img.fp.read(), 'RGB')).permute(2, 0, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)  # a read-only array: it is only read
-            return torch.from_numpy(np.asarray(_decode(img, draft))).permute(2, 0, 1)
-
-
-@contextlib.contextmanager
-def _open(path):
-    """The image with only its header read; one over Pillow's pixel limit raises here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('error', Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            yield img
-
-
-def _plain_jpeg(img, draft):
-    """Whether simplejpeg alone gives load_rgb's pixels: an upright RGB or grey JPEG that
-    Pillow would not decode at a reduced scale."""
-    reduced = draft and min(img.size[0] // draft, img.size[1] // draft) >= 2
-    return (img.format == 'JPEG' and img.mode in ('RGB', 'L') and not reduced
-            and img.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9))
-
-
-def _decode(img, draft):
-    if draft:
-        img.draft('RGB', (draft, draft))
-    img.load()
-    if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
-        # 16-bit and 32-bit grey: keep the top 8 bits instead of clipping to white
-        img = img.convert('I').point(lambda v: v * (1 / 256)).convert('L')
-    ImageOps.exif_transpose(img, in_place=True)  # phones store portraits sideways plus a tag
-    return img if img.mode == 'RGB' else img.convert('RGB')
-
-
-def _list_samples(root, pattern):
-    """[(file name, target)] sorted by target and number, and the names that are not samples."""
-    samples, ignored = [], []
+def list_labelled(root, classes=None):
+    """(paths, targets, classes, layout, ignored names) of a training folder in either layout."""
+    named, folders, ignored, others = {}, {}, [], []
     with os.scandir(root) as entries:
         for entry in entries:
-            match = pattern.fullmatch(entry.name)
+            match = KAGGLE_NAME.fullmatch(entry.name)
             if match and entry.is_file():
-                if pattern is TEST_NAME:
-                    samples.append((entry.name, int(match[1])))
-                else:
-                    samples.append((entry.name, LABELS.index(match[1].lower()), int(match[2])))
+                named.setdefault(match[1].lower(), []).append((int(match[2]), entry.name))
+            elif entry.is_dir() and not entry.name.startswith('.') and (found := _images_in(entry.path, others)):
+                folders[entry.name] = found
             else:
                 ignored.append(entry.name)
-    samples.sort(key=lambda s: s[1:])  # a fixed order, whatever order the disk lists them in
-    return [s[:2] for s in samples], sorted(ignored)
+    if named and len(folders) > 1:
+        raise UserError(f'{root} mixes the two layouts: files named <class>.<N>.jpg '
+                        f'({_counts(named)}) and class folders ({_counts(folders)}); keep one')
+    if named:  # a lone folder beside the files is not a class
+        layout, samples = 'Kaggle layout, <class>.<N>.jpg', {c: [n for _, n in sorted(v)] for c, v in named.items()}
+        ignored += list(folders)
+    else:
+        layout, samples = 'one folder per class', folders
+        ignored += others
+    if not samples:
+        found = f"only {len(ignored)} other entries such as {', '.join(sorted(ignored)[:3])}" \
+            if ignored else 'nothing'
+        raise UserError(f'{root} holds no cat.N.jpg / dog.N.jpg images ({found}); name them '
+                        f'<class>.<N>.jpg or put each class in a folder of its own')
+    found = sorted(samples)
+    if classes is None:
+        if len(found) == 1:
+            raise UserError(f'{root} holds one class only ({_counts(samples)}): a classifier needs two or more')
+        classes = found
+    elif not set(found) <= set(classes):
+        raise UserError(f'{root} holds the classes {", ".join(found)}, the model knows '
+                        f'{", ".join(classes)}: {", ".join(sorted(set(found) - set(classes)))} is new to it')
+    elif len(found) < len(classes):
+        print(f"warning: {root} has no images of {', '.join(c for c in classes if c not in found)}",
+              file=sys.stderr)
+    paths, targets = [], []
+    for name in found:
+        paths += [str(root / file) for file in samples[name]]
+        targets += [classes.index(name)] * len(samples[name])
+    return paths, targets, list(classes), layout, sorted(ignored)
 
 
-def _split(samples, val_ratio, seed):
-    """Split each class on its own (stratified), shuffled by `seed`: same seed, same split."""
+def _images_in(folder, others):
+    """The image files below `folder`, as paths relative to its parent, sorted; the other files
+    go to `others`."""
+    parent = Path(folder).parent
+    images = []
+    for path in sorted(Path(folder).rglob('*')):
+        if path.name.startswith('.') or not path.is_file():
+            continue
+        relative = str(path.relative_to(parent))
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(relative)
+    return images
+
+
+def _counts(samples):
+    return ', '.join(f'{name}: {len(files)}' for name, files in sorted(samples.items()))
+
+
+def list_unlabelled(root):
+    """(paths, ids, ignored names) of a test folder: Kaggle's N.jpg when there are any (ids are
+    the numbers, sorted as numbers), else every image (ids are the names less the extension)."""
+    numbered, named, ignored = [], [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            match = TEST_NAME.fullmatch(entry.name)
+            if match and entry.is_file():
+                numbered.append((int(match[1]), entry.name))
+            elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES \
+                    and not entry.name.startswith('.'):
+                named.append((Path(entry.name).stem, entry.name))
+            else:
+                ignored.append(entry.name)
+    if numbered:
+        ignored += [name for _, name in named]
+    samples = sorted(numbered or named)
+    if not samples:
+        found = f"only {len(ignored)} other entries such as {', '.join(sorted(ignored)[:3])}" \
+            if ignored else 'nothing'
+        raise UserError(f'{root} holds no N.jpg images ({found})')
+    return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
+
+
+def _split(targets, n_classes, val_ratio, seed):
+    """{'train': indices, 'val': indices}, each class split on its own (stratified) and shuffled
+    by `seed`: same seed, same split."""
     parts = {'train': [], 'val': []}
-    for label in range(len(LABELS)):
-        members = [s for s in samples if s[1] == label]
+    for label in range(n_classes):
+        members = [i for i, t in enumerate(targets) if t == label]
         random.Random(seed).shuffle(members)
         n_val = round(len(members) * val_ratio)
         parts['val'] += members[:n_val]
         parts['train'] += members[n_val:]
     return parts
-
-
-class RandomResizedCropFlip:
-    """Train transform: a random crop (8-100% of the area, aspect 3/4-4/3) of a (3, H, W) uint8
-    image resized to size x size, flipped left-right half the time.
-
-    The crop is a view of the decoded pixels and the resize is torch's antialiased bilinear on
-    uint8, about twice as fast as Pillow's and within 0.1 of its values: one resample of the crop
-    region only. The classic recipe, Resize(256) then RandomResizedCrop(224), resamples twice.
-    """
-
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
-
-    def __call__(self, pixels):
-        top, left, h, w = RandomResizedCrop.get_params(pixels, self.scale, self.ratio)  # torch's RNG
-        image = resize_region(pixels, top, left, h, w, self.size)
-        return image.flip(-1) if torch.rand(1).item() < 0.5 else image
-
-
-class CenterSquare:
-    """Eval transform: the central square of a (3, H, W) uint8 image resized to size x size
-    (what Resize(size) then CenterCrop(size) give), in one resample."""
-
-    def __init__(self, size):
-        self.size = size
-
-    def __call__(self, pixels):
-        h, w = pixels.shape[-2:]
-        side = min(w, h)
-        return resize_region(pixels, (h - side) // 2, (w - side) // 2, side, side, self.size)
-
-
-def resize_region(pixels, top, left, h, w, size):
-    """The region (top, left, h, w) of a (3, H, W) uint8 image resized to (3, size, size) uint8:
-    4x fewer bytes than float through the workers' shared memory and to the GPU; model_input()
-    normalises a whole batch at once, on the device. Fastest when the pixels lie as the
-    decoders give them, channel innermost (a permuted (H, W, 3) array)."""
-    region = pixels[:, top:top + h, left:left + w].unsqueeze(0)
-    return nn.functional.interpolate(region, size=(size, size), mode='bilinear', antialias=True,
-                                     align_corners=False)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _mean_std(device):
-    shape = (1, 3, 1, 1)
-    return (torch.tensor(MEAN, device=device).view(shape) * 255,
-            torch.tensor(STD, device=device).view(shape) * 255)
-
-
-def model_input(images, device, memory_format=torch.contiguous_format):
-    """A uint8 batch from the loader as the network wants it: on `device`, float, normalised
-    with the ImageNet statistics, in `memory_format` (channels_last or not)."""
-    images = images.to(device, non_blocking=True).to(torch.float32)
-    mean, std = _mean_std(images.device)
-    # normalise first: broadcasting over the channels is 5x slower on a CPU when they are the
-    # innermost dimension, as in channels_last
-    return images.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
 Batch = namedtuple('Batch', 'images targets indices skipped')

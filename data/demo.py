@@ -10,35 +10,40 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .dataset import LABELS
+CLASSES = ('cat', 'dog', 'fox')  # stripes, spots, checks
 
 
-def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0):
-    """Write root/train/{cat,dog}.N.jpg (half each) and root/test1/N.jpg; return the test labels.
+def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2,
+                   layout='kaggle'):
+    """Write root/train and root/test1 with the first `classes` of CLASSES; return the test
+    labels by id.
 
-    Each side of an image is drawn from `sizes` (low, high). blur: the radius of a Gaussian blur,
-    as a lens and downscaling soften a photo's noise and edges. It sets how many bytes a file
-    takes, and so how long it takes to decode: at 300-500 px, 0 gives ~55 KB files and 1.5 gives
-    ~25 KB, a little more than Kaggle's (train.zip: 543 MB for 25,000 images, ~22 KB each).
+    layout 'kaggle': train/cat.N.jpg ..., test1/N.jpg (ids from 1); 'folders': train/<class>/N.jpg,
+    test1/photo-N.jpg. Each side of an image is drawn from `sizes` (low, high). blur: the radius
+    of a Gaussian blur, as a lens and downscaling soften a photo's noise and edges. It sets how
+    many bytes a file takes, and so how long it takes to decode: blur 1.5 gives files a little
+    larger than Kaggle's at 300-500 px (train.zip: 543 MB for 25,000 images).
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
-    for folder in ('train', 'test1'):
+    names = CLASSES[:classes]
+    for folder in ['test1'] + (['train'] if layout == 'kaggle' else [f'train/{name}' for name in names]):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for i in range(n_train):
-        label = i % 2
-        _draw(label, rng, sizes, blur).save(root / 'train' / f'{LABELS[label]}.{i // 2}.jpg',
-                                            quality=int(rng.integers(75, 96)))
+        label = i % classes
+        file = f'{names[label]}.{i // classes}.jpg' if layout == 'kaggle' else f'{names[label]}/{i // classes}.jpg'
+        _draw(label, rng, sizes, blur).save(root / 'train' / file, quality=int(rng.integers(75, 96)))
     test_labels = {}
     for kaggle_id in range(1, n_test + 1):  # Kaggle's test ids start at 1
-        label = int(rng.integers(2))
-        _draw(label, rng, sizes, blur).save(root / 'test1' / f'{kaggle_id}.jpg', quality=int(rng.integers(75, 96)))
-        test_labels[kaggle_id] = label
+        label = int(rng.integers(classes))
+        name = f'{kaggle_id}.jpg' if layout == 'kaggle' else f'photo-{kaggle_id}.jpg'
+        _draw(label, rng, sizes, blur).save(root / 'test1' / name, quality=int(rng.integers(75, 96)))
+        test_labels[kaggle_id if layout == 'kaggle' else Path(name).stem] = label
     return test_labels
 
 
 def _draw(label, rng, sizes, blur):
-    """An RGB image patterned by the class: stripes (cat) or spots (dog)."""
+    """An RGB image patterned by the class: stripes (cat), spots (dog) or checks (fox)."""
     h, w = (int(v) for v in rng.integers(*sizes, size=2))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     image = np.zeros((h, w, 3), dtype=np.float32)
@@ -47,6 +52,10 @@ def _draw(label, rng, sizes, blur):
     if label == 0:  # stripes, at a random slant
         angle = rng.uniform(0, np.pi)
         pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0
+    elif label == 2:  # checks, at a random slant
+        angle = rng.uniform(0, np.pi / 2)
+        u, v = xx * np.cos(angle) + yy * np.sin(angle), yy * np.cos(angle) - xx * np.sin(angle)
+        pattern = (np.sin(u * 2 * np.pi / period) > 0) ^ (np.sin(v * 2 * np.pi / period) > 0)
     else:  # round spots scattered about
         pattern = np.zeros((h, w), dtype=bool)
         for _ in range(int(h * w / period ** 2 / 2)):

@@ -1,3 +1,6 @@
+"""The models: three classic ones written out as BasicModule examples, and any classification
+model of torchvision by its own name (--model=resnet50)."""
+import difflib
 from pathlib import Path
 
 import torch
@@ -9,25 +12,46 @@ from .alexnet import AlexNet
 from .basic_module import BasicModule
 from .resnet34 import ResNet34
 from .squeezenet import SqueezeNet
+from .torchvision_model import TorchvisionModel, image_size_rule, torchvision_names
 
-# what --model=NAME can pick
+# what --model=NAME can pick besides torchvision's own names
 MODELS = {cls.__name__: cls for cls in (ResNet34, SqueezeNet, AlexNet)}
 
 
-def build_model(name, pretrained=False, pretrained_path=''):
-    """A new model `name`; its features start from ImageNet weights when asked.
+def check_model_name(name):
+    """Raise a UserError naming the closest valid names unless `name` is a model here."""
+    if name in MODELS or name in torchvision_names():
+        return
+    names = list(MODELS) + torchvision_names()
+    by_lower = {n.lower(): n for n in names}
+    close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ''
+    raise UserError(f"--model={name!r} is invalid; it takes one of {', '.join(MODELS)} or a torchvision "
+                    f"classification model by its name (resnet50, efficientnet_b0, ...){hint}")
+
+
+def image_size_range(name):
+    """(smallest, largest or None) image side the model takes."""
+    return (MODELS[name].min_image_size, None) if name in MODELS else image_size_rule(name)
+
+
+def build_model(name, num_classes=2, pretrained=False, pretrained_path=''):
+    """A new model `name` with a head for `num_classes`; its features start from ImageNet
+    weights when asked.
 
     pretrained_path: a file holding torchvision's ImageNet state dict for this architecture;
     pretrained: take that file from torch's cache (TORCH_HOME), downloading it if missing.
     """
-    cls = MODELS[name]
     state, source = None, None
     if pretrained_path:
         state, source = load_checkpoint(pretrained_path), pretrained_path
     elif pretrained:
-        state, source = imagenet_state(cls.imagenet_weights)
+        weights = MODELS[name].imagenet_weights if name in MODELS else TorchvisionModel.imagenet_weights_of(name)
+        state, source = imagenet_state(weights)
     try:
-        return cls(imagenet_state=state)
+        if name in MODELS:
+            return MODELS[name](num_classes=num_classes, imagenet_state=state)
+        return TorchvisionModel(name, num_classes=num_classes, imagenet_state=state)
     except RuntimeError:  # load_state_dict: keys or shapes that are not this architecture's
         raise UserError(f'{source} does not hold ImageNet weights of {name}') from None
 
@@ -45,4 +69,5 @@ def imagenet_state(weights):
     return load_checkpoint(file), file
 
 
-__all__ = ['AlexNet', 'BasicModule', 'MODELS', 'ResNet34', 'SqueezeNet', 'build_model']
+__all__ = ['AlexNet', 'BasicModule', 'MODELS', 'ResNet34', 'SqueezeNet', 'TorchvisionModel', 'build_model',
+           'check_model_name', 'image_size_range']

@@ -14,8 +14,9 @@ class BasicModule(nn.Module):
     """Base of every model here: a name, a parameter count, save() and load() of the weights.
 
     Full training state (optimizer, epoch, ...) is the training code's business, not the model's.
-    Subclasses take `imagenet_state` (torchvision's 1000-class weights, loaded before the
-    2-class head replaces theirs) and name their head in head(), so freeze_features() works.
+    Subclasses take `num_classes` and `imagenet_state` (torchvision's 1000-class weights, loaded
+    before a head for num_classes replaces theirs) and name their head in head(), so
+    freeze_features() works.
     """
     min_image_size = 32  # smallest input side the network's pooling layers accept
     imagenet_weights = None  # torchvision's weights enum entry for --pretrained
@@ -28,7 +29,7 @@ class BasicModule(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def head(self):
-        """The layer that maps features to the 2 classes: what --freeze_features leaves trainable."""
+        """The layer that maps features to the classes: what --freeze_features leaves trainable."""
         raise NotImplementedError
 
     def freeze_features(self):

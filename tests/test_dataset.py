@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DogCat, collate_fn, dataset
-from data.dataset import load_pixels, load_rgb
+from data import DogCat, collate_fn, decode
+from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
 from utils import UserError
 
@@ -105,7 +105,8 @@ def test_dataset_keeps_paths_not_images(tmp_path):
     root = write_images(tmp_path, labelled_names(3))
     data = DogCat(root, 'train', val_ratio=0.4)
     assert all(isinstance(p, str) for p in data.paths)
-    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform', 'draft'}
+    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform', 'draft', 'classes', 'layout'}
+    assert data.classes == ['cat', 'dog'] and all(isinstance(n, str) for n in data.ignored)
 
 
 def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
@@ -136,8 +137,8 @@ def test_jpegs_decode_to_exactly_pillows_pixels_through_the_fast_decoder(tmp_pat
     image = photo_like((333, 251) if kind == 'odd size' else (320, 240))
     (image.convert('L') if kind == 'grey' else image).save(tmp_path / 'a.jpg', **options)
     calls = []
-    decode = dataset.simplejpeg.decode_jpeg
-    monkeypatch.setattr(dataset.simplejpeg, 'decode_jpeg', lambda *a, **k: calls.append(1) or decode(*a, **k))
+    real_decode = decode.simplejpeg.decode_jpeg
+    monkeypatch.setattr(decode.simplejpeg, 'decode_jpeg', lambda *a, **k: calls.append(1) or real_decode(*a, **k))
     pixels = load_pixels(tmp_path / 'a.jpg')
     assert calls, 'a plain JPEG should not need Pillow'
     assert torch.equal(pixels, pillow_pixels(tmp_path / 'a.jpg'))
@@ -149,7 +150,7 @@ def test_a_jpeg_libjpeg_only_warns_about_still_loads_as_pillow_reads_it(tmp_path
     # stray bytes before the end marker: libjpeg warns "extraneous bytes before marker"
     (tmp_path / 'b.jpg').write_bytes(data[:-2] + b'\x00\x00\x00' + data[-2:])
     with pytest.raises(ValueError):
-        dataset.simplejpeg.decode_jpeg((tmp_path / 'b.jpg').read_bytes())  # strict: refused
+        decode.simplejpeg.decode_jpeg((tmp_path / 'b.jpg').read_bytes())  # strict: refused
     assert torch.equal(load_pixels(tmp_path / 'b.jpg'), pillow_pixels(tmp_path / 'b.jpg'))
 
 

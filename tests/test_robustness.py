@@ -17,7 +17,7 @@ from PIL import Image
 
 import main
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, run_main
-from data.dataset import load_rgb
+from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
 from utils import UserError
 from utils.files import atomic_open, atomic_save, load_checkpoint

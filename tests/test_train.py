@@ -261,7 +261,7 @@ def test_a_run_resumes_with_loss_scaling_turned_on_or_off(tmp_path, tiny_data, m
 def test_model_input_normalises_a_uint8_batch_like_torchvision():
     from torchvision.transforms import Normalize
 
-    from data.dataset import MEAN, STD, model_input
+    from data.transforms import MEAN, STD, model_input
     batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     expected = Normalize(MEAN, STD)(batch.float() / 255)
     plain = model_input(batch, torch.device('cpu'))
@@ -274,7 +274,7 @@ def test_center_square_is_resize_then_center_crop_in_one_step():
     from PIL import Image
     from torchvision import transforms as classic
 
-    from data.dataset import CenterSquare
+    from data.transforms import CenterSquare
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)) \
         .resize((400, 240), Image.BILINEAR)  # smooth, so both resamplers agree closely
     ours = CenterSquare(64)(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)).float()
@@ -332,7 +332,7 @@ class OpenFiles(torch.nn.Module):
 def test_evaluation_holds_no_file_per_batch_from_the_workers(tmp_path, tiny_data):
     from config import DefaultConfig
     from data import ImageFiles
-    from data.dataset import CenterSquare
+    from data.transforms import CenterSquare
     cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, num_workers=2, batch_size=1))
     images = sorted(map(str, (tiny_data / 'train').glob('*.jpg')))
     rt = Runtime(torch.device('cpu'))

@@ -27,7 +27,8 @@ from torchvision import transforms as classic
 import main
 from config import DefaultConfig
 from data import DogCat, ImageFiles
-from data.dataset import MEAN, STD, load_pixels, load_rgb
+from data.decode import load_pixels, load_rgb
+from data.transforms import MEAN, STD
 from data.demo import make_demo_data
 from models import build_model
 from utils.runtime import Runtime, autocast, cpu_has_bf16, grad_scaler

@@ -1,0 +1,69 @@
+from torch import nn
+from torchvision import models
+
+from .basic_module import BasicModule
+
+IMAGENET_CLASSES = 1000
+# inputs these need at least (the rest take 32 px and up); ViTs and MaxViT take one size only
+MIN_IMAGE_SIZE = {'alexnet': 63, 'inception_v3': 75}
+FIXED_IMAGE_SIZE = ('vit_', 'maxvit_')
+
+
+class TorchvisionModel(BasicModule):
+    """Any classification model of torchvision by its own name (resnet50, efficientnet_b0,
+    convnext_tiny, vit_b_16, ...), its ImageNet head replaced by one for num_classes."""
+
+    def __init__(self, name, num_classes=2, imagenet_state=None):
+        super().__init__()
+        self.name = name
+        self.net = models.get_model(name, weights=None)  # 1000 classes, the shape of the ImageNet weights
+        if imagenet_state is not None:
+            self.net.load_state_dict(imagenet_state)
+        if getattr(self.net, 'aux_logits', False):  # GoogLeNet, Inception v3: as torchvision does
+            self.net.aux_logits = False
+            for aux in ('aux1', 'aux2', 'AuxLogits'):
+                if hasattr(self.net, aux):
+                    setattr(self.net, aux, None)
+        self.head_name = _last_imagenet_layer(self.net)
+        old = self.net.get_submodule(self.head_name)
+        new = nn.Linear(old.in_features, num_classes) if isinstance(old, nn.Linear) else \
+            nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
+        parent, _, attribute = self.head_name.rpartition('.')
+        setattr(self.net.get_submodule(parent), attribute, new)
+
+    @property
+    def model_name(self):
+        return self.name
+
+    @classmethod
+    def imagenet_weights_of(cls, name):
+        return models.get_model_weights(name).DEFAULT
+
+    def head(self):
+        return self.net.get_submodule(self.head_name)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _last_imagenet_layer(net):
+    """The name of the last layer with 1000 outputs: the ImageNet classifier."""
+    found = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == IMAGENET_CLASSES or \
+                isinstance(module, nn.Conv2d) and module.out_channels == IMAGENET_CLASSES:
+            found = name
+    if found is None:
+        raise ValueError(f'{type(net).__name__} has no layer with {IMAGENET_CLASSES} outputs to replace')
+    return found
+
+
+def torchvision_names():
+    return models.list_models(module=models)
+
+
+def image_size_rule(name):
+    """(smallest, largest) image side the torchvision model `name` takes."""
+    if name.startswith(FIXED_IMAGE_SIZE):
+        return 224, 224
+    return MIN_IMAGE_SIZE.get(name, 32), None
