@@ -162,7 +162,8 @@ def fit(cfg, root, resume, rt):
                     f.write(json.dumps(record) + '\n')
             report_epoch(record, cfg.max_epoch, vis)
             if vis.enabled:
-                vis.captioned_images('most wrong (validation)', most_wrong(val_data, metrics, classes))
+                vis.captioned_images('most wrong (validation)', most_wrong(val_data, metrics, classes),
+                                     summary='validation images wrong with the most confidence')
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
         state = training_state(model, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
@@ -218,16 +219,14 @@ def report_epoch(record, max_epoch, vis):
     epoch = record['epoch']
     vis.lines('loss', {'train': record['train_loss'], 'val': record['val_loss']}, x=epoch)
     vis.plot('val_accuracy', record['val_accuracy'], x=epoch)
-    vis.plot('lr', record['lr'], x=epoch)
-    classes = record['classes']
-    vis.heatmap('confusion', record['confusion'], rownames=[f'true {c}' for c in classes],
-                columnnames=[f'predicted {c}' for c in classes])
+    vis.plot('lr', record['lr'], x=epoch, ytype='log')  # decays by factors: even steps on a log axis
+    vis.confusion('confusion', record['confusion'], record['classes'])
     vis.log(summary)
 
 
 def most_wrong(dataset, metrics, classes, count=16):
     """(image, caption) of the misclassified validation images, the most confident first: with
-    two classes 'name P(second class)', with more 'name true→predicted P'."""
+    two classes 'name P(second class)', with more 'name true->predicted P'."""
     probs, labels = metrics['probs'], metrics['labels']
     error = 1 - probs[torch.arange(len(labels)), labels]
     predicted = probs.argmax(dim=1)  # a tie goes to the first class
@@ -239,7 +238,7 @@ def most_wrong(dataset, metrics, classes, count=16):
         if len(classes) == 2:
             caption = f'{Path(path).name} P({classes[1]})={probs[i, 1]:.2f}'
         else:
-            caption = f'{Path(path).name} {classes[labels[i]]}→{classes[predicted[i]]} {probs[i, predicted[i]]:.2f}'
+            caption = f'{Path(path).name} {classes[labels[i]]}->{classes[predicted[i]]} {probs[i, predicted[i]]:.2f}'
         items.append((load_rgb(path), caption))
     return items
 

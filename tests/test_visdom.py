@@ -1,5 +1,7 @@
 """Live curves in a real visdom server (started offline by utils.visdom_server), seen through
 visdom's own API and in a headless Chromium; and what training does when no server answers."""
+import base64
+import io
 import json
 import re
 import shutil
@@ -8,8 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 import main
 import utils.visualize
@@ -69,9 +74,30 @@ def test_a_training_run_shows_its_curves_matrix_log_and_worst_images(tmp_path, t
         assert grid is None
     else:
         assert grid['type'] == 'image' and grid['content']['src'].startswith('data:image/png;base64,')
-        captions = grid['content']['caption'].split('; ')
-        assert len(captions) == min(wrong, 16)
-        assert all(re.fullmatch(r'(cat|dog)\.\d+\.jpg P\(dog\)=\d\.\d\d', c) for c in captions)
+        # the captions are written under the pictures; the window has one line about them
+        assert grid['content']['caption'] == 'validation images wrong with the most confidence'
+        png = base64.b64decode(grid['content']['src'].split(',', 1)[1])
+        rows = (min(wrong, 16) + 3) // 4
+        tile = 128 + 2 + 11  # a picture and a line of caption under it, visdom's padding around
+        assert rows * tile < Image.open(io.BytesIO(png)).height < rows * (tile + 8)
+
+
+def test_most_wrong_captions_name_the_file_and_the_probability_or_both_classes(tmp_path, tiny_data):
+    from data import DogCat
+    data = DogCat(tiny_data / 'train', 'val', 32)
+    labels = torch.tensor(data.targets)
+    p = torch.linspace(0.9, 0.6, len(labels))  # every image said to be what it is not, less and less sure
+    probs = torch.stack([torch.where(labels == 0, 1 - p, p), torch.where(labels == 0, p, 1 - p)], dim=1)
+    metrics = {'probs': probs, 'labels': labels, 'indices': torch.arange(len(labels))}
+    two = main.most_wrong(data, metrics, ['cat', 'dog'], count=5)
+    captions = [caption for _, caption in two]
+    assert all(re.fullmatch(r'(cat|dog)\.\d+\.jpg P\(dog\)=\d\.\d\d', c) for c in captions), captions
+    assert [float(c[-4:]) for c in captions] == [round(1 - float(q), 2) if t else round(float(q), 2)
+                                                 for q, t in zip(p[:5], labels[:5])]
+    three = main.most_wrong(data, {**metrics, 'probs': torch.cat([probs, torch.zeros(len(labels), 1)], 1)},
+                            ['cat', 'dog', 'fox'], count=2)
+    assert [c for _, c in three][0] == f"{Path(data.paths[0]).name} {['cat', 'dog'][labels[0]]}->" \
+                                       f"{['cat', 'dog'][1 - labels[0]]} 0.90"
 
 
 def test_a_new_run_starts_clean_and_a_resumed_one_adds(tmp_path, tiny_data, server):
@@ -106,7 +132,21 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server)
     lines = re.findall(r'class="js-line"[^>]*d="([^"]+)"', dom)
     vertices = sorted(path.count('L') + 1 for path in lines)
     assert 6 in vertices  # train_loss: its 6 points, drawn
+    assert dom.count('class="point"') >= 6  # markers: a chart of one point shows it too
     assert 'most wrong (validation)' in dom and 'data:image/png;base64' in dom
+    assert 'P(dog)=' not in dom  # the captions are in the picture, not listed twice around it
+    # the confusion matrix: a count in every cell, the first class on top, whole labels
+    counts = [int(n) for n in re.findall(r'class="annotation-text"[^>]*data-unformatted="(\d+)"', dom)]
+    assert sorted(counts) == sorted(n for row in last['confusion'] for n in row)
+    ticks = {}  # y tick label -> its height on the page
+    for tag in re.findall(r'<g class="ytick"><text([^>]*)>', dom):
+        label, place = re.search(r'data-unformatted="([^"]*)"', tag), re.search(r'translate\(0,([\d.]+)\)', tag)
+        if label and place:
+            ticks[label[1]] = float(place[1])
+    assert ticks['cat'] < ticks['dog']  # rows as in the terminal's table: cat above dog
+    assert 'data-unformatted="predicted"' in dom and 'data-unformatted="true"' in dom
+    # the learning rate on a log axis, not a flat line at 0 on -1...1
+    assert window(server, 'browser', 'lr')['content']['layout']['yaxis']['type'] == 'log'
     shot = tmp_path / 'page.png'
     subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', url], capture_output=True, timeout=120)
     from PIL import Image

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+LINE_OPTS = {'markers': True, 'markersize': 6}  # a chart of a single point still shows it
 RETRY_SECONDS = 30  # how long to stay quiet after the server failed to answer
 TIMEOUT_SECONDS = 5  # a server that takes longer than this to answer counts as gone
 CLOSE_SECONDS = 10  # at the end of a run, how long to wait for the last points to be sent
@@ -37,12 +38,13 @@ class Visualizer:
         """Close every window of the env: a new run starts on a clean page."""
         self._call('close', None)
 
-    def plot(self, name, y, x=None, title=None):
-        """Append the point (x, y) to the line chart `name`; x defaults to a per-window counter."""
+    def plot(self, name, y, x=None, title=None, **opts):
+        """Append the point (x, y) to the line chart `name`; x defaults to a per-window counter.
+        opts: more of visdom's line options, e.g. ytype='log'."""
         x = self.steps.get(name, 0) if x is None else x
         self.steps[name] = x + 1
         self._call('line', Y=np.array([y]), X=np.array([x]), win=name,
-                   opts={'title': title or name}, update='append')
+                   opts={'title': title or name, **LINE_OPTS, **opts}, update='append')
 
     def plot_many(self, values, x=None):
         for name, y in values.items():
@@ -52,7 +54,7 @@ class Visualizer:
         """Append one point to each named line of the shared chart `name` (e.g. train vs val loss)."""
         for line, y in values.items():
             self._call('line', Y=np.array([y]), X=np.array([x]), win=name, name=line,
-                       opts={'title': title or name, 'showlegend': True}, update='append')
+                       opts={'title': title or name, 'showlegend': True, **LINE_OPTS}, update='append')
 
     def img(self, name, images, caption=None):
         """Show an image tensor (C, H, W) or a grid of a batch (N, C, H, W), values in [0, 1]."""
@@ -64,20 +66,43 @@ class Visualizer:
         for name, images in named_images.items():
             self.img(name, images)
 
-    def captioned_images(self, name, items, size=112):
-        """A grid of (PIL image, caption) pairs, each caption written under its picture."""
+    def captioned_images(self, name, items, size=128, summary=None):
+        """A grid of (PIL image, caption) pairs, each caption written under its picture, wrapped
+        to its width. summary: one line for the window (visdom shows it above and below)."""
         if not self.enabled or not items:
             return
         from PIL import Image, ImageDraw, ImageOps
 
+        lines = [_wrap(caption, size - 4) for _, caption in items]
+        height = size + 2 + 11 * max(map(len, lines))
         tiles = []
-        for image, caption in items:
-            tile = Image.new('RGB', (size, size + 14), 'white')
+        for (image, _), caption in zip(items, lines):
+            tile = Image.new('RGB', (size, height), 'white')
             tile.paste(ImageOps.fit(image, (size, size)))
-            ImageDraw.Draw(tile).text((2, size + 1), caption, fill='black')
+            ImageDraw.Draw(tile).multiline_text((2, size + 1), '\n'.join(caption), fill='black', spacing=1)
             tiles.append(np.asarray(tile).transpose(2, 0, 1) / 255)
         self._call('images', np.stack(tiles), nrow=4, win=name,
-                   opts={'title': name, 'caption': '; '.join(caption for _, caption in items)})
+                   opts={'title': name, 'caption': summary or f'{len(items)} images'})
+
+    def confusion(self, name, matrix, classes):
+        """The confusion matrix as a heatmap: a row per true class (the first on top), a column
+        per predicted one, each cell with its count."""
+        n = len(classes)
+        matrix = np.asarray(matrix)
+        labels = [str(c) for c in classes]
+        top = matrix.max() or 1
+        cells = [{'x': labels[j], 'y': labels[i], 'text': str(int(matrix[i, j])), 'showarrow': False,
+                  'font': {'color': 'white' if matrix[i, j] < top / 2 else 'black'}}
+                 for i in range(n) for j in range(n)]
+        margin = 30 + 7 * max(map(len, labels))  # room for the longest class name
+        layout = {'annotations': cells,
+                  'xaxis': {'title': 'predicted', 'type': 'category', 'automargin': True,
+                            'tickangle': -45 if n > 4 else 0},
+                  'yaxis': {'title': 'true', 'type': 'category', 'autorange': 'reversed', 'automargin': True},
+                  'margin': {'l': margin, 'b': margin, 't': 40, 'r': 20}}
+        data = [{'type': 'heatmap', 'z': matrix.tolist(), 'x': labels, 'y': labels,
+                 'colorscale': 'Viridis'}]
+        self._call('plotly', data, layout, win=name)
 
     def log(self, text, win='log'):
         """Append a line (with the time) to a text window."""
@@ -142,6 +167,10 @@ class Visualizer:
         import visdom  # here: runs with vis=False never pay for the import
 
         class Client(visdom.Visdom):
+            def plotly(self, data, layout, win, env):
+                """A Plotly figure of our own (visdom's heatmap has no cell labels)."""
+                return self._send({'data': data, 'layout': layout, 'win': win, 'eid': env})
+
             def _handle_post(self, url, data=None):
                 # visdom posts with no timeout: a server that accepts and never answers would
                 # hold the sender (and every later point) forever; this makes it a
@@ -151,3 +180,18 @@ class Visualizer:
         logging.getLogger('visdom').setLevel(logging.ERROR)  # it warns about options we chose
         return Client(server=self.server, port=self.port, env=self.env, raise_exceptions=True,
                       use_incoming_socket=False)
+
+
+def _wrap(text, width):
+    """`text` in lines no wider than `width` pixels in Pillow's default font, broken at spaces
+    (a word longer than a line gets a line of its own)."""
+    from PIL import Image, ImageDraw
+
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1))).textlength
+    lines = []
+    for word in text.split(' '):
+        if lines and measure(f'{lines[-1]} {word}') <= width:
+            lines[-1] += f' {word}'
+        else:
+            lines.append(word)
+    return lines
