@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class DefaultConfig:
-    env: str = 'dogcat'  # visdom environment the curves go to
+    env: str = ''  # visdom environment the curves go to (empty: one named after the run)
     vis: bool = True  # send curves to a visdom server (training runs on if none answers)
     vis_server: str = 'http://127.0.0.1'  # visdom server address
     vis_port: int = 8097  # visdom server port
@@ -30,10 +30,11 @@ class DefaultConfig:
     train_data_root: str = 'data/train'  # cat.N.jpg / dog.N.jpg (Kaggle train/), or a folder per class
     val_data_root: str = ''  # validation data in the same layout; empty: hold out val_ratio of train
     test_data_root: str = 'data/test1'  # images to predict: N.jpg (Kaggle test1/) or any names
-    load_model_path: str = ''  # weights or checkpoint to start from (val/test: best.pth if empty)
-    resume: str = ''  # checkpoint to continue training from, e.g. checkpoints/last.pth
-    checkpoint_dir: str = 'checkpoints'  # where last.pth, best.pth and metrics.jsonl go
-    result_file: str = 'result.csv'  # Kaggle submission written by `test`
+    load_model_path: str = ''  # weights or checkpoint to start from (val/test/predict: the newest run's best.pth)
+    resume: str = ''  # the run to continue: latest, a run folder or name, or a last.pth file
+    checkpoint_dir: str = 'checkpoints'  # holds a folder per run (last.pth, best.pth, metrics.jsonl)
+    name: str = ''  # the new run's folder name (default: its start time and model)
+    result_file: str = ''  # where `test` writes the submission (default: result.csv in the run folder)
 
     batch_size: int = 32  # images per step
     use_gpu: bool = True  # use CUDA (or Apple MPS) when there is one; CPU otherwise
@@ -103,15 +104,16 @@ class DefaultConfig:
             if not ok:
                 raise UserError(f'--{name}={getattr(self, name)!r} is invalid; it takes {accepts}')
 
-    def inherit(self, stored, keys, source):
+    def inherit(self, stored, keys, source, strict=True):
         """Take `keys` from the config a checkpoint was made with, unless given on the command line.
 
-        A given value that differs from the stored one is an error: the run would silently not
-        be what the checkpoint is (another model, another split, another learning rate).
+        strict: a given value that differs from the stored one is an error: the run would
+        silently not be what the checkpoint is (another model, another split, another learning
+        rate). Otherwise the given value wins (other data to evaluate on, say).
         """
         taken = {}
         for key in keys:
-            if key not in stored or stored[key] == getattr(self, key):
+            if key not in stored or stored[key] == getattr(self, key) or (key in self._given and not strict):
                 continue
             if key in self._given:
                 raise UserError(f'--{key}={getattr(self, key)!r} conflicts with {source}, which was '
@@ -120,6 +122,11 @@ class DefaultConfig:
             setattr(self, key, stored[key])
         if taken:
             print(f'from {source}: ' + ' '.join(f'{k}={v}' for k, v in taken.items()))
+
+    @property
+    def given(self):
+        """The options set on the command line."""
+        return set(self._given)
 
     def path(self, name):
         """The option `name` as an absolute Path, relative ones taken from the project folder."""

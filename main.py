@@ -3,6 +3,7 @@
 import csv
 import functools
 import inspect
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,9 @@ from data.transforms import eval_transform, model_input
 from models import build_model
 from utils import UserError
 from utils.cli import run
-from utils.files import atomic_open, atomic_save, load_checkpoint, writable_folder
+from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, writable_folder
+from utils.runs import (check_name_free, find_checkpoint, latest_run, list_runs, new_run_dir, point_latest,
+                        write_config)
 from utils.runtime import autocast, grad_scaler, runtime, seed_everything
 from utils.visualize import Visualizer
 
@@ -41,21 +44,29 @@ DOGS_VS_CATS = ['cat', 'dog']
 
 
 def train(**kwargs):
-    """Train a model on train_data_root, validating after every epoch."""
+    """Train a model on train_data_root, validating after every epoch, in a run folder of its own."""
     cfg = DefaultConfig().parse(kwargs)
-    resume = load_checkpoint(cfg.path('resume')) if cfg.resume else None
+    checkpoint_dir = cfg.path('checkpoint_dir')
+    resume_file = None
+    if cfg.resume:
+        resume_file = find_checkpoint(checkpoint_dir, cfg.resume, 'last.pth', 'resume')
+        if cfg.name and resume_file.parent != (checkpoint_dir / cfg.name).resolve():
+            raise UserError(f'--name={cfg.name} and --resume={cfg.resume} name two runs; drop --name')
+    elif cfg.name:
+        check_name_free(checkpoint_dir, cfg.name)
+    resume = load_checkpoint(resume_file) if resume_file else None
     if resume is not None:
         if 'optimizer' not in resume:
-            raise UserError(f'{cfg.resume} holds weights only, not a training state; '
+            raise UserError(f'{resume_file} holds weights only, not a training state; '
                             f'start from it with --load_model_path instead')
-        cfg.inherit(resume['config'], RESUME_KEYS, cfg.resume)
+        cfg.inherit(resume['config'], RESUME_KEYS, resume_file)
     root = cfg.require_dir('train_data_root')
-    writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
+    writable_folder(checkpoint_dir, 'checkpoint_dir')
     with runtime(cfg.use_gpu) as rt:
-        fit(cfg, root, resume, rt)
+        fit(cfg, root, resume, resume_file, rt)
 
 
-def fit(cfg, root, resume, rt):
+def fit(cfg, root, resume, resume_file, rt):
     """The training recipe; under torchrun every process runs it on its share of the data."""
     device = rt.device
     seed_everything(cfg.seed)
@@ -64,7 +75,7 @@ def fit(cfg, root, resume, rt):
     train_data, val_data = training_data(cfg, root)
     classes = train_data.classes
     if resume is not None and checkpoint_classes(resume) != classes:
-        raise UserError(f'{cfg.resume} was trained on the classes {", ".join(checkpoint_classes(resume))}, '
+        raise UserError(f'{resume_file} was trained on the classes {", ".join(checkpoint_classes(resume))}, '
                         f'{root} holds {", ".join(classes)}')
     train_loader = make_loader(train_data, cfg, rt, shuffle=True)
     val_loader = make_loader(val_data, cfg, rt)
@@ -102,28 +113,21 @@ def fit(cfg, root, resume, rt):
     scaler = grad_scaler(device, cfg.amp)
     start_epoch, best_accuracy = 0, 0.0
     if resume is not None:
-        model.load_state(resume, cfg.resume)
+        model.load_state(resume, resume_file)
         optimizer.load_state_dict(resume['optimizer'])
         scheduler.load_state_dict(resume['scheduler'])
         if resume['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
             scaler.load_state_dict(resume['scaler'])
         start_epoch, best_accuracy = resume['epoch'] + 1, resume['best_accuracy']
         again = ' again, from its start' if resume.get('interrupted') else ''
-        print(f'resuming {cfg.resume}: epoch {start_epoch + 1}{again} (best accuracy so far '
+        print(f'resuming {resume_file}: epoch {start_epoch + 1}{again} (best accuracy so far '
               f'{best_accuracy:.2%})')
 
-    # step 4: train, validate, log and keep the checkpoints, epoch by epoch
-    vis = Visualizer(cfg.env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
-    if resume is None:
-        vis.reset()  # a new run starts on a clean page; a resumed one adds to its curves
-    checkpoint_dir = cfg.path('checkpoint_dir')
-    metrics_file = checkpoint_dir / 'metrics.jsonl'  # one JSON line per epoch
+    # step 4: train, validate, log and keep the checkpoints, epoch by epoch, in the run's folder
+    run_dir = rt.broadcast(start_run(cfg, resume_file, classes, rt) if rt.is_main else None)
+    vis = Visualizer(cfg.env or run_dir.name, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
+    metrics_file = run_dir / 'metrics.jsonl'  # one JSON line per epoch; --resume adds to it
     save = atomic_save if rt.is_main else lambda state, path: None
-    if rt.is_main:
-        for stale in checkpoint_dir.glob('.*.tmp'):  # left by a run killed while saving
-            stale.unlink()
-        if resume is None:
-            metrics_file.unlink(missing_ok=True)  # a new run starts a new record; --resume adds to it
     finished = start_epoch - 1  # the last epoch whose checkpoint is on disk
     try:
         for epoch in range(start_epoch, cfg.max_epoch):
@@ -144,9 +148,9 @@ def fit(cfg, root, resume, rt):
 
             best_accuracy = max(best_accuracy, metrics['accuracy'])
             state = training_state(model, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy)
-            save(state, checkpoint_dir / 'last.pth')
-            if metrics['accuracy'] == best_accuracy:
-                save(state, checkpoint_dir / 'best.pth')
+            save(state, run_dir / 'last.pth')
+            if metrics['accuracy'] == best_accuracy and rt.is_main:
+                atomic_link(run_dir / 'last.pth', run_dir / 'best.pth')  # the same bytes: written once
             finished = epoch
 
             skipped_files = [train_data.paths[i] for i in skipped] + \
@@ -168,13 +172,29 @@ def fit(cfg, root, resume, rt):
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
         state = training_state(model, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
                                interrupted=True)
-        save(state, checkpoint_dir / 'last.pth')
-        print(f'\nstopped during epoch {finished + 2}; saved {checkpoint_dir / "last.pth"}; '
-              f'--resume={checkpoint_dir / "last.pth"} continues')
+        save(state, run_dir / 'last.pth')
+        print(f'\nstopped during epoch {finished + 2}; saved {run_dir / "last.pth"}; '
+              f'--resume={run_dir} continues')
         raise
     finally:
         vis.close()  # the last points and pictures reach the server before the run ends
-    print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {checkpoint_dir}')
+    print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {run_dir}')
+
+
+def start_run(cfg, resume_file, classes, rt):
+    """The run's folder: a new one, or the resumed run's own; `latest` is pointed at it."""
+    checkpoint_dir = cfg.path('checkpoint_dir')
+    if resume_file is None:
+        run_dir = new_run_dir(checkpoint_dir, cfg.model, cfg.name)
+    else:
+        run_dir = resume_file.parent
+        for stale in run_dir.glob('.*.tmp'):  # left by a run killed while saving
+            stale.unlink()
+    write_config(run_dir, cfg, classes, rt.device, rt.world_size)
+    if run_dir.parent == checkpoint_dir.resolve():  # a run folder, not a folder from before runs
+        point_latest(checkpoint_dir, run_dir)
+    print(f'run folder {run_dir}')
+    return run_dir
 
 
 def training_data(cfg, root):
@@ -288,7 +308,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
                 if not math.isfinite(window_loss):
                     raise UserError(f'the loss became {window_loss} in epoch {epoch + 1} (steps '
                                     f'{step - cfg.print_freq + 1}-{step}); try a lower --lr. '
-                                    f'{cfg.checkpoint_dir}/last.pth holds the last good epoch')
+                                    f"The run's last.pth holds the last good epoch")
                 loss_meter.add(loss_sum, int(count))
                 if step % cfg.print_freq == 0:
                     progress.set_postfix(loss=f'{window_loss:.4f}')
@@ -384,7 +404,9 @@ def clipped_probabilities(log_probs):
 def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
     cfg = DefaultConfig().parse(kwargs)
-    model, classes = load_trained(cfg)
+    given_data = {'train_data_root', 'val_data_root'} & cfg.given
+    model, classes, _ = load_trained(cfg, () if given_data else ('train_data_root', 'val_data_root',
+                                                                 'val_ratio', 'seed'))
     if cfg.val_data_root:
         data = DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
     else:
@@ -412,12 +434,15 @@ def confusion_table(matrix, classes):
 
 
 def test(**kwargs):
-    """Predict test_data_root and write the submission: id,label with label = P(dog) (with more
-    classes: id,<class 1>,...,<class N>, a probability each)."""
+    """Predict test_data_root and write the submission: id,label = P(dog), or a column per class.
+
+    Two classes give Kaggle's id,label with the probability of the second; more give
+    id,<class 1>,...,<class N>, a probability each. By default it goes into the run's folder.
+    """
     cfg = DefaultConfig().parse(kwargs)
-    model, classes = load_trained(cfg)
+    model, classes, checkpoint = load_trained(cfg, ('test_data_root',))
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
-    result_file = cfg.path('result_file')
+    result_file = cfg.path('result_file') if cfg.result_file else unused_name(checkpoint.parent / 'result.csv')
     writable_folder(result_file.parent, 'result_file')
     with runtime(cfg.use_gpu) as rt:
         log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
@@ -444,7 +469,7 @@ def predict(*paths, out='', **kwargs):
     """Classify your own photos: predict PATH [PATH ...] (files or folders) [--out=FILE.csv]."""
     cfg = DefaultConfig().parse(kwargs)
     files = find_images(paths)
-    model, classes = load_trained(cfg)
+    model, classes, _ = load_trained(cfg)
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
     if out:
         writable_folder(Path(out).parent, 'out')
@@ -489,18 +514,33 @@ def find_images(paths):
     return [str(f) for f in files]
 
 
-def load_trained(cfg):
-    """(model, class names) of the checkpoint at load_model_path (default: best.pth in
-    checkpoint_dir), the model on the CPU, in eval mode.
+def load_trained(cfg, data_options=()):
+    """(model, class names) of the checkpoint at load_model_path, by default the newest run's
+    best.pth; the model on the CPU, in eval mode.
 
-    The model name and image size come from the checkpoint unless given on the command line;
-    a checkpoint that names no classes is one of Dogs vs. Cats from before they were stored.
+    The model name and image size come from the checkpoint unless given on the command line,
+    and so do `data_options` (the folders it was trained on, say). A checkpoint that names no
+    classes is one of Dogs vs. Cats from before they were stored.
     """
-    path = cfg.path('load_model_path') if cfg.load_model_path else cfg.path('checkpoint_dir') / 'best.pth'
+    checkpoint_dir = cfg.path('checkpoint_dir')
+    if cfg.load_model_path:
+        path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
+    else:
+        run = latest_run(checkpoint_dir)
+        path = run / 'best.pth' if run else checkpoint_dir / 'best.pth'  # a folder from before runs
+        print(f'using {path}' + (' (the newest run)' if run else ''))
     state = load_checkpoint(path)
-    cfg.inherit(state.get('config', {}), ('model', 'image_size'), path)
+    stored = state.get('config', {})
+    cfg.inherit(stored, ('model', 'image_size'), path)
+    cfg.inherit(stored, data_options, path, strict=False)
     classes = checkpoint_classes(state)
-    return build_model(cfg.model, len(classes)).load_state(state, path).eval(), classes
+    return build_model(cfg.model, len(classes)).load_state(state, path).eval(), classes, path
+
+
+def unused_name(path):
+    """`path`, or path-2, path-3, ... where it exists: an earlier submission is never overwritten."""
+    candidates = itertools.chain([path], (path.with_name(f'{path.stem}-{n}{path.suffix}') for n in itertools.count(2)))
+    return next(p for p in candidates if not p.exists())
 
 
 def memory_format(cfg):
@@ -563,6 +603,20 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
           f'and {n_test} test images to {folder / "test1"}')
 
 
+def runs(**kwargs):
+    """List the training runs, newest first: epochs, best validation accuracy and log loss, when."""
+    cfg = DefaultConfig().parse(kwargs)
+    found = list_runs(cfg.path('checkpoint_dir'))
+    if not found:
+        print(f"no runs in {cfg.path('checkpoint_dir')} yet: python main.py train makes one")
+    for run in found:
+        best = 'not validated yet' if run['best_accuracy'] is None else \
+            f"best acc {run['best_accuracy']:.2%}  log loss {run['log_loss']:.4f}"
+        print(f"{run['name']}  {run['model']}  {','.join(run['classes'])}  "
+              f"{run['epochs']}/{run['max_epoch']} epochs  {best}  started {run['started']}"
+              + ('  interrupted' if run['interrupted'] else ''))
+
+
 def help():
     """Show the verbs and every option with its default."""
     print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
@@ -573,7 +627,7 @@ def help():
         print(f'  --{name:<16} {default!r:<18} {comment}')
 
 
-VERBS = {'train': train, 'val': val, 'test': test, 'predict': predict, 'demo_data': demo_data,
+VERBS = {'train': train, 'val': val, 'test': test, 'predict': predict, 'runs': runs, 'demo_data': demo_data,
          'help': help}
 
 if __name__ == '__main__':

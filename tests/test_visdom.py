@@ -67,7 +67,7 @@ def test_a_training_run_shows_its_curves_matrix_log_and_worst_images(tmp_path, t
     log = window(server, 'run', 'log')['content']
     assert log.count('epoch 1/2') == 1 and log.count('epoch 2/2') == 1
 
-    last = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()[-1])
+    last = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()[-1])
     wrong = last['confusion'][0][1] + last['confusion'][1][0]
     grid = window(server, 'run', 'most wrong (validation)')
     if wrong == 0:
@@ -100,15 +100,17 @@ def test_most_wrong_captions_name_the_file_and_the_probability_or_both_classes(t
                                        f"{['cat', 'dog'][1 - labels[0]]} 0.90"
 
 
-def test_a_new_run_starts_clean_and_a_resumed_one_adds(tmp_path, tiny_data, server):
-    train_with_visdom(tmp_path, tiny_data, server, 'again', max_epoch=2)
-    train_with_visdom(tmp_path, tiny_data, server, 'again', max_epoch=1)
-    assert list(points(server, 'again', 'train_loss').values()) == [3]
-    train_with_visdom(tmp_path, tiny_data, server, 'again', max_epoch=2,
-                      resume=str(tmp_path / 'checkpoints' / 'last.pth'))
-    assert list(points(server, 'again', 'train_loss').values()) == [6]
-    assert list(points(server, 'again', 'val_accuracy').values()) == [2]
-    assert 'epoch 2/2' in window(server, 'again', 'log')['content']
+def test_each_run_plots_into_its_own_environment_and_a_resumed_one_adds(tmp_path, tiny_data, server):
+    train_with_visdom(tmp_path, tiny_data, server, '', max_epoch=2, name='first')
+    train_with_visdom(tmp_path, tiny_data, server, '', max_epoch=1, name='second')
+    assert list(points(server, 'second', 'train_loss').values()) == [3]
+    train_with_visdom(tmp_path, tiny_data, server, '', max_epoch=2, resume='latest')
+    assert list(points(server, 'second', 'train_loss').values()) == [6]
+    assert list(points(server, 'second', 'val_accuracy').values()) == [2]
+    assert 'epoch 2/2' in window(server, 'second', 'log')['content']
+    # a new run never erased an older run's curves
+    assert list(points(server, 'first', 'train_loss').values()) == [6]
+    assert list(points(server, 'first', 'val_accuracy').values()) == [2]
 
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
@@ -119,7 +121,7 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server)
     # a learning rate too small to learn anything: the network guesses, so some validation
     # images are surely wrong and the most-wrong window must be on the page
     train_with_visdom(tmp_path, tiny_data, server, 'browser', max_epoch=2, lr=1e-9)
-    last = json.loads((tmp_path / 'checkpoints' / 'metrics.jsonl').read_text().splitlines()[-1])
+    last = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()[-1])
     assert last['confusion'][0][1] + last['confusion'][1][0] > 0
     flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
              '--disable-component-update', '--disable-sync', '--no-first-run',

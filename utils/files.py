@@ -3,6 +3,7 @@ import contextlib
 import os
 import pickle
 import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,6 +76,25 @@ def atomic_save(obj, path):
                 raise
             # torch's zip writer reports a failed write (a full disk) as a RuntimeError
             raise OSError(f'writing failed; is the disk full? {str(e).splitlines()[0]}') from None
+
+
+def atomic_link(source, path):
+    """Make `path` hold the finished file `source` without writing its bytes again: a hard link
+    where the file system allows, a copy elsewhere; atomically, like atomic_save. Both stay
+    independent: atomic_save replaces a file by renaming a new one over it, never in place."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    with interrupts_deferred():
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # no hard links here (some network and FAT file systems)
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
+                            f'the previous {path.name}, if any, is unchanged') from None
 
 
 def load_checkpoint(path):

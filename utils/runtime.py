@@ -34,6 +34,14 @@ class Runtime:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (just `obj` without torchrun)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def share_buffers(self, model):
         """Give every process rank 0's buffers (BatchNorm statistics), which DDP leaves apart
         after the last step: evaluation must see the model rank 0 saves."""

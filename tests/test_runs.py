@@ -1,0 +1,174 @@
+"""Runs side by side: every training run keeps its own folder, and nothing of an older run is lost."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, run_main
+from models import SqueezeNet
+from utils import runs
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_folders(checkpoints):
+    return sorted(p for p in checkpoints.iterdir() if p.name != 'latest')
+
+
+@pytest.fixture(scope='module')
+def two_runs(tmp_path_factory, tiny_data):
+    """Two trainings in a row into one checkpoint_dir, with what each left right after it ran."""
+    folder = tmp_path_factory.mktemp('runs')
+    checkpoints = folder / 'checkpoints'
+    kept = []
+    for options in (dict(max_epoch=2), dict(max_epoch=1, lr=0.01)):
+        main.train(**fast_options(folder, tiny_data, **options))
+        run = (checkpoints / 'latest').resolve()
+        kept.append((run, digest(run / 'best.pth'), (run / 'metrics.jsonl').read_text()))
+    return folder, kept
+
+
+def test_a_second_run_keeps_the_first_runs_files(two_runs):
+    folder, kept = two_runs
+    assert run_folders(folder / 'checkpoints') == sorted(run for run, _, _ in kept)
+    for run, best, metrics in kept:
+        assert digest(run / 'best.pth') == best and (run / 'metrics.jsonl').read_text() == metrics
+        assert sorted(p.name for p in run.iterdir()) == ['best.pth', 'config.json', 'last.pth', 'metrics.jsonl']
+    first, second = (run for run, _, _ in kept)
+    assert first.name.endswith('-SqueezeNet') and first != second
+    assert (folder / 'checkpoints' / 'latest').resolve() == second  # latest moved to the second
+
+
+def test_config_json_says_how_the_run_was_made(two_runs):
+    _, kept = two_runs
+    made = json.loads((kept[1][0] / 'config.json').read_text())
+    assert made['options']['lr'] == 0.01 and made['options']['max_epoch'] == 1
+    assert made['classes'] == ['cat', 'dog'] and made['device'] == 'cpu'
+    assert made['versions']['torch'] == torch.__version__ and made['versions']['python']
+    assert made['command'] and made['started']
+    head = subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True, text=True)
+    assert made['git_commit'] == (head.stdout.strip() or None)
+
+
+def test_runs_lists_both_newest_first_with_their_figures(two_runs):
+    folder, kept = two_runs
+    result = run_main('runs', f"--checkpoint_dir={folder / 'checkpoints'}")
+    assert result.returncode == 0, result.stderr
+    names = {run.name for run, _, _ in kept}
+    lines = [line for line in result.stdout.splitlines() if line.split()[0] in names]
+    assert [line.split()[0] for line in lines] == [kept[1][0].name, kept[0][0].name]
+    for line, (run, _, metrics) in zip(lines, reversed(kept)):
+        records = [json.loads(r) for r in metrics.splitlines()]
+        best = max(records, key=lambda r: r['val_accuracy'])
+        asked = json.loads((run / 'config.json').read_text())['options']['max_epoch']
+        assert f"SqueezeNet  cat,dog  {len(records)}/{asked} epochs  best acc {best['val_accuracy']:.2%}  " \
+               f"log loss {best['val_log_loss']:.4f}  started " in line
+        assert 'interrupted' not in line
+
+
+def test_resuming_latest_continues_the_newest_run_in_its_folder(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data, name='one'))
+    main.train(**fast_options(tmp_path, tiny_data, name='two'))
+    capsys.readouterr()
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume='latest'))
+    assert 'run folder ' + str(tmp_path / 'checkpoints' / 'two') in capsys.readouterr().out
+    epochs = [json.loads(line)['epoch'] for line in (tmp_path / 'checkpoints' / 'two' / 'metrics.jsonl').read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert len((tmp_path / 'checkpoints' / 'one' / 'metrics.jsonl').read_text().splitlines()) == 1
+    assert run_folders(tmp_path / 'checkpoints') == [tmp_path / 'checkpoints' / n for n in ('one', 'two')]
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume='one'))  # a run by its name
+    assert (tmp_path / 'checkpoints' / 'latest').resolve().name == 'one'
+
+
+def test_a_name_that_is_taken_is_an_error(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data, name='mine'))
+    result = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, name='mine')))
+    assert_one_line_error(result, '--name=mine:', 'is taken', '--resume=mine')
+
+
+def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs.time, 'strftime', lambda pattern: '20261202-141503')  # the same second
+    made, start = [], threading.Barrier(8)
+
+    def make():
+        start.wait()
+        made.append(runs.new_run_dir(tmp_path, 'ResNet34'))
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 8 and all(p.is_dir() for p in made)
+    assert sorted(p.name for p in made)[:2] == ['20261202-141503-ResNet34', '20261202-141503-ResNet34-2']
+
+
+def test_two_trainings_from_two_terminals_at_once(tmp_path, tiny_data):
+    options = as_flags(fast_options(tmp_path, tiny_data))
+    both = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), 'train', *options], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in both:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    folders = run_folders(tmp_path / 'checkpoints')
+    assert len(folders) == 2
+    for folder in folders:
+        assert len((folder / 'metrics.jsonl').read_text().splitlines()) == 1  # each wrote only its own
+
+
+def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_runs, tmp_path, tiny_data):
+    folder, kept = two_runs
+    newest = kept[1][0]
+    options = [f"--checkpoint_dir={folder / 'checkpoints'}", '--use_gpu=False', '--num_workers=0']
+    val = run_main('val', *options, cwd=tmp_path)  # no data options, from another folder
+    assert val.returncode == 0, val.stderr
+    assert f"using {newest / 'best.pth'} (the newest run)" in val.stdout
+    assert 'train_data_root=' in val.stdout and '12 validation images' in val.stdout
+
+    for expected in ('result.csv', 'result-2.csv'):  # a second test never overwrites the first
+        test = run_main('test', *options)
+        assert test.returncode == 0, test.stderr
+        assert f'wrote 8 predictions to {newest / expected}' in test.stdout
+    assert (newest / 'result.csv').read_text() == (newest / 'result-2.csv').read_text()
+
+    predict = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), *options)
+    assert predict.returncode == 0, predict.stderr
+    assert f"using {newest / 'best.pth'} (the newest run)" in predict.stdout
+    explicit = tmp_path / 'mine.csv'
+    assert run_main('test', *options, f'--result_file={explicit}').returncode == 0 and explicit.exists()
+
+
+def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_data):
+    # a run that learns nothing: every epoch ties the best, and best.pth is last.pth's second name
+    main.train(**fast_options(tmp_path / 'still', tiny_data, max_epoch=2, lr=1e-9))
+    run = (tmp_path / 'still' / 'checkpoints' / 'latest').resolve()
+    assert os.stat(run / 'best.pth').st_ino == os.stat(run / 'last.pth').st_ino
+    # ResNet34 on the tiny set is best in epoch 4 of 5: the last epoch's save leaves best.pth alone
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=5, model='ResNet34'))
+    run = (tmp_path / 'checkpoints' / 'latest').resolve()
+    accuracies = [json.loads(line)['val_accuracy'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    best, last = torch.load(run / 'best.pth', weights_only=True), torch.load(run / 'last.pth', weights_only=True)
+    assert (best['epoch'], last['epoch']) == (3, 4) and accuracies[3] > accuracies[4]
+    assert os.stat(run / 'best.pth').st_ino != os.stat(run / 'last.pth').st_ino
+    assert not torch.equal(best['model']['net.fc.weight'], last['model']['net.fc.weight'])
+    assert best['best_accuracy'] == last['best_accuracy'] == max(accuracies)
+
+
+def test_a_checkpoint_folder_from_before_runs_is_still_usable_by_path(tmp_path, tiny_data):
+    old = tmp_path / 'checkpoints'  # files directly in checkpoints/, as written before run folders
+    old.mkdir()
+    model = SqueezeNet()
+    torch.save({'model': model.state_dict(), 'config': {'model': 'SqueezeNet', 'image_size': 32}}, old / 'best.pth')
+    options = fast_options(tmp_path, tiny_data)
+    del options['model'], options['image_size'], options['result_file']
+    main.test(**options)  # no latest run: the old best.pth
+    assert (old / 'result.csv').read_text().startswith('id,label\n')
+    main.test(**options, load_model_path=str(old / 'best.pth'))
+    assert (old / 'result-2.csv').exists()

@@ -1,0 +1,143 @@
+"""One folder per training run under checkpoint_dir, and `latest`, which names the newest.
+
+A run folder holds config.json (how the run was made), last.pth, best.pth and metrics.jsonl.
+A new run never writes into another run's folder; --resume continues a run in its own.
+"""
+import itertools
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils import UserError
+from utils.files import atomic_open
+
+LATEST = 'latest'
+
+
+def new_run_dir(checkpoint_dir, model, name=''):
+    """Make the folder of a new run: `name`, or the start time and the model. os.mkdir is
+    atomic, so two runs started in the same second (or from two terminals) get two folders."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if name:
+        check_name_free(checkpoint_dir, name)
+        candidates = [name]
+    else:
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}"
+        candidates = itertools.chain([stem], (f'{stem}-{n}' for n in itertools.count(2)))
+    for candidate in candidates:
+        try:
+            (checkpoint_dir / candidate).mkdir()
+            return checkpoint_dir / candidate
+        except FileExistsError:
+            continue
+    check_name_free(checkpoint_dir, name)  # taken meanwhile by another run
+
+
+def check_name_free(checkpoint_dir, name):
+    if name == LATEST or (checkpoint_dir / name).exists():
+        raise UserError(f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
+                        f'continue that run with --resume={name}')
+
+
+def point_latest(checkpoint_dir, run_dir):
+    """Make checkpoint_dir/latest name `run_dir`, atomically: a relative symlink, or a small text
+    file holding the run's name where the system makes no symlinks."""
+    link = checkpoint_dir / LATEST
+    tmp = checkpoint_dir / f'.{LATEST}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+    try:
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+    except (OSError, NotImplementedError):
+        with atomic_open(link, 'w') as f:
+            f.write(run_dir.name + '\n')
+        return
+    os.replace(tmp, link)
+
+
+def latest_run(checkpoint_dir):
+    """The newest run's folder, or None when there is none."""
+    link = checkpoint_dir / LATEST
+    if link.is_symlink() or link.is_dir():
+        return link.resolve()
+    if link.is_file():
+        return checkpoint_dir / link.read_text().strip()
+    return None
+
+
+def find_checkpoint(checkpoint_dir, value, file, option):
+    """The checkpoint `value` names: a file, a run folder (its `file`), `latest`, or a run's
+    name under checkpoint_dir."""
+    if value == LATEST:
+        run = latest_run(checkpoint_dir)
+        if run is None:
+            raise UserError(f'--{option}=latest: there is no run in {checkpoint_dir} yet')
+        return run / file
+    path = Path(value)
+    if not path.exists() and (checkpoint_dir / value).is_dir():
+        path = checkpoint_dir / value
+    path = path / file if path.is_dir() else path
+    return path.resolve() if path.exists() else path  # checkpoints/latest/last.pth: the run's own
+
+
+def write_config(run_dir, cfg, classes, device, world_size):
+    """config.json: the effective options and what else the run was made with (a resumed run
+    keeps its start time and adds the time it was resumed)."""
+    now = time.strftime('%Y-%m-%d %H:%M:%S')
+    earlier = json.loads((run_dir / 'config.json').read_text()) if (run_dir / 'config.json').is_file() else {}
+    record = {
+        'options': cfg.to_dict(),
+        'classes': list(classes),
+        'command': [Path(sys.executable).name, *sys.argv],
+        'started': earlier.get('started', now),
+        'resumed': earlier.get('resumed', []) + ([now] if earlier else []),
+        'device': str(device) + (f' x {world_size} processes' if world_size > 1 else ''),
+        'versions': {'python': platform.python_version(), **_versions('torch', 'torchvision')},
+        'git_commit': _git_commit(Path(__file__).resolve().parent.parent),
+    }
+    with atomic_open(run_dir / 'config.json', 'w') as f:
+        json.dump(record, f, indent=2)
+        f.write('\n')
+
+
+def _versions(*modules):
+    return {name: sys.modules[name].__version__ for name in modules if name in sys.modules}
+
+
+def _git_commit(folder):
+    if not (folder / '.git').exists():
+        return None
+    try:
+        found = subprocess.run(['git', '-C', str(folder), 'rev-parse', 'HEAD'], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.strip() or None
+
+
+def list_runs(checkpoint_dir):
+    """[{name, model, classes, epochs, max_epoch, best_accuracy, log_loss, started, interrupted}]
+    of the runs under checkpoint_dir, newest first."""
+    import torch
+
+    runs = []
+    for folder in sorted(checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else []:
+        config = folder / 'config.json'
+        if folder.is_symlink() or not config.is_file():
+            continue
+        made = json.loads(config.read_text())
+        records = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()
+                   if line.strip()] if (folder / 'metrics.jsonl').is_file() else []
+        best = max(records, key=lambda r: r['val_accuracy'], default=None)
+        last = folder / 'last.pth'
+        # mmap: only the few plain values are read, not the hundreds of MB of weights
+        state = torch.load(last, map_location='cpu', weights_only=True, mmap=True) if last.is_file() else {}
+        runs.append({'name': folder.name, 'model': made['options']['model'], 'classes': made['classes'],
+                     'epochs': records[-1]['epoch'] if records else 0,
+                     'max_epoch': made['options']['max_epoch'],
+                     'best_accuracy': best and best['val_accuracy'], 'log_loss': best and best['val_log_loss'],
+                     'started': made['started'], 'interrupted': bool(state.get('interrupted'))})
+    return sorted(runs, key=lambda r: (r['started'], r['name']), reverse=True)
