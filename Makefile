@@ -17,17 +17,20 @@ $(VENV)/installed: requirements.txt build-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=build-constraints.txt PIP_BUILD_CONSTRAINT=build-constraints.txt \
 		$(BIN)/python -m pip install -r requirements.txt
-	$(BIN)/python -m utils.visdom_server --provision-only || \
+	$(BIN)/python -m tools.visdom_server --provision-only || \
 		echo "warning: the visdom page will need internet (see README.md, Live curves)"
 	touch $@
 
+# test takes the newest run's best.pth and the test folder that run was given, and writes
+# result.csv into the run's folder
 demo: install
 	$(BIN)/python main.py demo_data --root=$(DEMO)
 	$(BIN)/python main.py train $(DEMO_OPTIONS)
-	$(BIN)/python main.py test $(DEMO_OPTIONS) --load_model_path=checkpoints/best.pth
+	$(BIN)/python main.py test
 
 test: install
 	$(BIN)/python -m pytest -q -rs
 
+# the environment and the demo data only: runs in checkpoints/ are yours to delete (README.md)
 clean:
-	rm -rf $(VENV) $(DEMO) checkpoints/*.pth checkpoints/metrics.jsonl result.csv
+	rm -rf $(VENV) $(DEMO)

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 
 def test_benchmark_smoke_prints_every_ratio_with_its_figures():
-    result = subprocess.run([sys.executable, '-m', 'utils.benchmark', '--smoke'], cwd=ROOT,
+    result = subprocess.run([sys.executable, '-m', 'tools.benchmark', '--smoke'], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     # the benchmark measures on the GPU where there is one

@@ -18,7 +18,7 @@ def test_train_then_test_end_to_end(tmp_path, tiny_data):
     assert (tmp_path / 'checkpoints' / 'latest' / 'best.pth').exists()
 
     # test takes model and image size from the checkpoint, and reads options with dashes
-    tested = run_main('test', f'--load-model-path={tmp_path}/checkpoints/best.pth',
+    tested = run_main('test', f'--load-model-path={tmp_path}/checkpoints/latest/best.pth',
                       f'--test-data-root={tiny_data}/test1', f'--result-file={tmp_path}/result.csv',
                       '--use-gpu=False', '--num-workers=0')
     assert tested.returncode == 0, tested.stderr

@@ -1,4 +1,4 @@
-"""Live curves in a real visdom server (started offline by utils.visdom_server), seen through
+"""Live curves in a real visdom server (started offline by tools.visdom_server), seen through
 visdom's own API and in a headless Chromium; and what training does when no server answers."""
 import base64
 import io
@@ -19,7 +19,7 @@ from PIL import Image
 import main
 import utils.visualize
 from conftest import ROOT, as_flags, fast_options, run_main
-from utils.visdom_server import start
+from tools.visdom_server import start
 from utils.visualize import Visualizer
 
 

@@ -1,4 +1,4 @@
-"""Live training curves in a visdom server (start one with `python -m utils.visdom_server`)."""
+"""Live training curves in a visdom server (start one with `python -m tools.visdom_server`)."""
 import atexit
 import logging
 import queue
@@ -160,7 +160,7 @@ class Visualizer:
             if not self.warned:
                 self.warned = True
                 print(f'warning: no visdom server answers at {self.server}:{self.port}; training '
-                      f'goes on without live curves (python -m utils.visdom_server starts one)',
+                      f'goes on without live curves (python -m tools.visdom_server starts one)',
                       file=sys.stderr)
 
     def _connect(self):

@@ -1,7 +1,7 @@
 """How close the pipeline comes to what the hardware does with no pipeline at all.
 
-    python -m utils.benchmark                 # the full run (several minutes on 2 CPU cores)
-    python -m utils.benchmark --smoke         # seconds: checks that every measurement runs
+    python -m tools.benchmark                 # the full run (several minutes on 2 CPU cores)
+    python -m tools.benchmark --smoke         # seconds: checks that every measurement runs
 
 Every figure is measured in this one run, on JPEGs it writes to a temporary folder, and printed
 as a ratio with its two absolute figures beside it. Nothing here asserts a timing.

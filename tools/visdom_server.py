@@ -1,4 +1,4 @@
-"""A visdom server that works with no internet:  python -m utils.visdom_server [--port=8097]
+"""A visdom server that works with no internet:  python -m tools.visdom_server [--port=8097]
 
 visdom's own `python -m visdom.server` downloads its page's JavaScript, CSS and fonts from CDNs
 at every start; with no internet (or behind a firewall) it crashes, or its page stays blank.
@@ -96,7 +96,7 @@ def start(port, env_path, timeout=60):
     import urllib.request
 
     provision()
-    process = subprocess.Popen([sys.executable, '-m', 'utils.visdom_server', f'--port={port}',
+    process = subprocess.Popen([sys.executable, '-m', 'tools.visdom_server', f'--port={port}',
                                 f'--env_path={env_path}'], cwd=Path(__file__).resolve().parent.parent,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout

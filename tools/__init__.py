@@ -1,0 +1,1 @@
+"""Tools run beside the recipe: the benchmark and an offline visdom server (python -m tools.NAME)."""
