@@ -5,13 +5,12 @@ Relative paths are relative to the project folder (where this file is), not to t
 directory, so a run behaves the same wherever it is started from.
 """
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, unknown
 
 ROOT = Path(__file__).resolve().parent
 
@@ -70,10 +69,7 @@ class DefaultConfig:
         for raw_key, value in kwargs.items():
             key = raw_key.replace('-', '_')
             if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
-                hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else \
-                    "; `python main.py help` lists them"
-                raise UserError(f"unknown option --{raw_key}{hint}")
+                raise unknown('option', key, fields, prefix='--')
             setattr(self, key, _coerce(key, value, fields[key].type))
             self._given.add(key)
         self._check()

@@ -26,7 +26,7 @@ from data.demo import make_demo_data
 from data.transforms import eval_transform, model_input
 from models import build_model
 from utils import UserError
-from utils.cli import run
+from utils.cli import run, verb_options
 from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, writable_folder
 from utils.runs import (check_name_free, find_checkpoint, latest_run, list_runs, new_run_dir, point_latest,
                         write_config)
@@ -343,8 +343,8 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
     """
     # the results go straight into tensors sized for all of this process's images: kept as
     # they came, each batch's tensors held two file descriptors of the workers' shared memory
-    # (a large validation set could use up the usual limit of 1,024) and grew the process by
-    # ~2 MB a batch (1 GB over 54,000 images)
+    # (a large validation set could use up the usual limit of 1,024) and grew the process with
+    # every batch (docs/performance.md)
     count = len(loader.sampler)
     log_probs = None  # (count, classes) once the first batch tells the number of classes
     targets, indices = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=torch.long)
@@ -466,7 +466,10 @@ def test(**kwargs):
 
 
 def predict(*paths, out='', **kwargs):
-    """Classify your own photos: predict PATH [PATH ...] (files or folders) [--out=FILE.csv]."""
+    """Classify your own photos: predict PATH [PATH ...] (files or folders) [--out=FILE.csv].
+
+    --out: a CSV file to write the predictions to (besides printing them)
+    """
     cfg = DefaultConfig().parse(kwargs)
     files = find_images(paths)
     model, classes, _ = load_trained(cfg)
@@ -580,8 +583,8 @@ def _start_worker(worker_id, nice):
         # On the CPU the workers and the training threads share the cores. A worker that takes
         # a core mid-step stalls both training threads (each step waits for its slowest
         # thread), so it costs twice its own time; at the lowest priority it decodes in the
-        # gaps instead, or while the loop waits for a batch: SqueezeNet's loop efficiency rose
-        # from 0.82-0.90 to 0.87-0.95 on 2 cores. Not on a GPU, whose feeding must never wait.
+        # gaps instead, or while the loop waits for a batch (docs/performance.md has the
+        # figures). Not on a GPU, whose feeding must never wait.
         os.nice(19)
     # A worker's errors in __getitem__ reach the main process, which reports them. What else
     # a worker could print is multiprocessing's fd-sharing thread failing when the main process
@@ -590,7 +593,15 @@ def _start_worker(worker_id, nice):
 
 
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle'):
-    """Write a small synthetic dataset: ROOT/train and ROOT/test1, Kaggle's layout or folders."""
+    """Write a small synthetic dataset: ROOT/train and ROOT/test1, Kaggle's layout or folders.
+
+    --root: the folder to write into
+    --n_train: training images, shared equally by the classes
+    --n_test: test images
+    --seed: the same seed draws the same images
+    --classes: how many classes: 2 (cat, dog) or 3 (and fox)
+    --layout: kaggle (train/cat.N.jpg, test1/N.jpg) or folders (train/cat/N.jpg, test1/photo-N.jpg)
+    """
     from config import ROOT
     from data.demo import CLASSES
     if layout not in ('kaggle', 'folders'):
@@ -621,8 +632,12 @@ def help():
     """Show the verbs and every option with its default."""
     print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
     for name, verb in VERBS.items():
-        print(f'  {name:<10} {inspect.getdoc(verb).splitlines()[0]}')
-    print('\noptions of train, val, test and predict (default, meaning):')
+        doc = inspect.getdoc(verb).splitlines()
+        print(f'  {name:<10} {doc[0]}')
+        meanings = dict(line.split(': ', 1) for line in doc if line.startswith('--'))
+        for option, default in verb_options(verb, own=True).items():
+            print(f"{'':14}--{option:<12} {default!r:<14} {meanings.get('--' + option, '')}")
+    print('\noptions of train, val, test, predict and runs (default, meaning):')
     for name, (default, comment) in option_help().items():
         print(f'  --{name:<16} {default!r:<18} {comment}')
 

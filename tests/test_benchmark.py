@@ -3,10 +3,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
 
+
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
 
 def test_benchmark_smoke_prints_every_ratio_with_its_figures():
     result = subprocess.run([sys.executable, '-m', 'tools.benchmark', '--smoke'], cwd=ROOT,

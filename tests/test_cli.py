@@ -8,8 +8,10 @@ import pytest
 from config import option_help
 from conftest import as_flags, assert_one_line_error, fast_options, run_main
 from main import VERBS
+from utils.cli import verb_options
 
 
+@pytest.mark.slow
 def test_train_then_test_end_to_end(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data, max_epoch=2)
     trained = run_main('train', *as_flags(options))
@@ -29,6 +31,7 @@ def test_train_then_test_end_to_end(tmp_path, tiny_data):
     assert all(0.005 <= float(r['label']) <= 0.995 for r in rows)
 
 
+@pytest.mark.slow
 def test_help_lists_verbs_and_every_option():
     result = run_main('help')
     assert result.returncode == 0
@@ -38,6 +41,9 @@ def test_help_lists_verbs_and_every_option():
     lines = result.stdout.splitlines()
     for verb in VERBS:
         assert any(re.fullmatch(rf' +{verb} +\S.*', line) for line in lines), verb
+    for verb in VERBS.values():  # a verb's own options, such as predict's --out
+        for name, default in verb_options(verb, own=True).items():
+            assert any(re.fullmatch(rf' +--{name} +{re.escape(repr(default))} +\S.*', line) for line in lines), name
     for name, (default, comment) in option_help().items():
         assert any(re.fullmatch(rf' +--{name} +{re.escape(repr(default))} +{re.escape(comment)}', line)
                    for line in lines), name
@@ -52,11 +58,16 @@ def test_help_lists_verbs_and_every_option():
     (['train', '--train_data_root=/no/such/dir'], ['--train_data_root', '/no/such/dir does not exist']),
     (['test', '--load_model_path=/no/such.pth'], ['/no/such.pth does not exist']),
     (['train', '0.1'], ["unexpected word '0.1'", '--name=value']),
+    (['tain'], ['unknown verb tain; did you mean train?']),
+    (['predict', 'a.jpg', '--outt=x.csv'], ['unknown option --outt; did you mean --out?']),
+    (['demo_data', '--clases=3'], ['unknown option --clases; did you mean --classes?']),
+    (['demo_data', '--lr=0.1'], ['unknown option --lr']),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(run_main(*args), *fragments)
 
 
+@pytest.mark.slow
 def test_demo_reaches_90_percent_and_writes_a_submission(tmp_path):
     """The README's first command, in a temporary folder: generated data, train, test."""
     demo = tmp_path / 'demo'

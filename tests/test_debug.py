@@ -9,6 +9,8 @@ from conftest import ROOT, as_flags, fast_options, run_main, torchrun
 from models import SqueezeNet
 
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
+
 def debug_options(tmp_path, tiny_data, **more):
     (tmp_path / 'debug').touch()
     return fast_options(tmp_path, tiny_data, max_epoch=2, batch_size=4, print_freq=3, **more)

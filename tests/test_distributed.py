@@ -15,6 +15,8 @@ from models import ResNet34
 from utils.files import load_checkpoint
 
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
+
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory, tiny_data):
     folder = tmp_path_factory.mktemp('ddp')

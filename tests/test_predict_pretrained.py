@@ -21,6 +21,7 @@ def trained(tmp_path_factory, tiny_data):
     return folder / 'checkpoints' / 'latest' / 'best.pth'
 
 
+@pytest.mark.slow
 def test_predict_prints_a_line_per_image_and_writes_csv(tmp_path, tiny_data, trained):
     photos = tmp_path / 'photos'
     shutil.copytree(tiny_data / 'test1', photos / 'album')
@@ -42,6 +43,7 @@ def test_predict_prints_a_line_per_image_and_writes_csv(tmp_path, tiny_data, tra
     assert all(0 <= float(r['p_dog']) <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_predict_takes_model_and_size_from_the_checkpoint(tmp_path, tiny_data, trained):
     # trained as SqueezeNet at 32 px; the defaults (ResNet34, 224) must not apply
     result = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), f'--load_model_path={trained}',
@@ -53,6 +55,7 @@ def test_predict_takes_model_and_size_from_the_checkpoint(tmp_path, tiny_data, t
     assert clash.returncode == 2 and "--model='AlexNet' conflicts with" in clash.stderr
 
 
+@pytest.mark.slow
 def test_predict_errors_are_one_line(tmp_path, trained):
     missing = run_main('predict', str(tmp_path / 'nope.jpg'), f'--load_model_path={trained}')
     assert missing.returncode == 2 and missing.stderr.strip() == f'error: {tmp_path}/nope.jpg does not exist'
@@ -128,6 +131,7 @@ def test_frozen_batchnorm_keeps_its_statistics():
     assert model.net.fc.training and not model.net.bn1.training
 
 
+@pytest.mark.slow
 def test_train_with_pretrained_through_the_command_line(tmp_path, tiny_data, monkeypatch):
     cached = imagenet_squeezenet_in_cache(tmp_path / 'torch-home', monkeypatch)  # TORCH_HOME reaches the child
     result = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, pretrained=True)))

@@ -130,6 +130,7 @@ def test_a_folder_whose_images_all_fail_names_it(tmp_path):
         main.test(**fast_options(tmp_path, tmp_path, test_data_root=str(folder), load_model_path=str(model)))
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
     (tmp_path / 'notes.pth').write_text('not a checkpoint')
     assert_one_line_error(run_main('test', f'--load_model_path={tmp_path}/notes.pth', '--use_gpu=False'),
@@ -147,6 +148,7 @@ def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
     assert not (tmp_path / 'hacked').exists()
 
 
+@pytest.mark.slow
 def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(tmp_path, tiny_data):
     taken = tmp_path / 'taken'  # a file where a folder should be: mkdir fails even for root
     taken.write_text('not a folder')
@@ -221,6 +223,7 @@ def small_disk(tmp_path):
     subprocess.run(['umount', str(mount)])
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_stops_training_with_a_clear_error(tmp_path, tiny_data, small_disk):
     # 12 MB holds one last.pth of SqueezeNet (about 8.7 MB; best.pth is a second name of it), not
     # the next epoch's beside it
@@ -258,6 +261,7 @@ def identity(path):
     return info.st_ino, info.st_mtime_ns
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_or_mid_epoch_leaves_a_loadable_last_checkpoint(tmp_path, tiny_data):
     checkpoints = tmp_path / 'checkpoints' / 'latest'  # the run's folder
     last = checkpoints / 'last.pth'
@@ -294,6 +298,7 @@ def alive(marker):
     return found.stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_path, tiny_data, signum, code):
     last = tmp_path / 'checkpoints' / 'latest' / 'last.pth'

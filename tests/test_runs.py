@@ -58,6 +58,7 @@ def test_config_json_says_how_the_run_was_made(two_runs):
     assert made['git_commit'] == (head.stdout.strip() or None)
 
 
+@pytest.mark.slow
 def test_runs_lists_both_newest_first_with_their_figures(two_runs):
     folder, kept = two_runs
     result = run_main('runs', f"--checkpoint_dir={folder / 'checkpoints'}")
@@ -110,6 +111,7 @@ def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):
     assert sorted(p.name for p in made)[:2] == ['20261202-141503-ResNet34', '20261202-141503-ResNet34-2']
 
 
+@pytest.mark.slow
 def test_two_trainings_from_two_terminals_at_once(tmp_path, tiny_data):
     options = as_flags(fast_options(tmp_path, tiny_data))
     both = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), 'train', *options], cwd=ROOT,
@@ -123,6 +125,7 @@ def test_two_trainings_from_two_terminals_at_once(tmp_path, tiny_data):
         assert len((folder / 'metrics.jsonl').read_text().splitlines()) == 1  # each wrote only its own
 
 
+@pytest.mark.slow
 def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_runs, tmp_path, tiny_data):
     folder, kept = two_runs
     newest = kept[1][0]
@@ -145,6 +148,7 @@ def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_run
     assert run_main('test', *options, f'--result_file={explicit}').returncode == 0 and explicit.exists()
 
 
+@pytest.mark.slow
 def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_data):
     # a run that learns nothing: every epoch ties the best, and best.pth is last.pth's second name
     main.train(**fast_options(tmp_path / 'still', tiny_data, max_epoch=2, lr=1e-9))

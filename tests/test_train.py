@@ -56,6 +56,7 @@ def records(folder):
     return [json.loads(line) for line in (folder / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path, tiny_data, capsys):
     # ResNet34 on the tiny set peaks in epoch 4 and decays its rate in epoch 7: a break after
     # epoch 4 leaves both a best accuracy and a decay for the resumed run to get right

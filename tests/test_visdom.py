@@ -23,6 +23,8 @@ from tools.visdom_server import start
 from utils.visualize import Visualizer
 
 
+pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

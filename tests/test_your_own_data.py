@@ -36,6 +36,7 @@ def trained_on_three(tmp_path_factory, three_classes):
     return folder, result
 
 
+@pytest.mark.slow
 def test_a_folder_per_class_trains_with_the_class_names_everywhere(trained_on_three):
     folder, result = trained_on_three
     assert '33 training and 12 validation images' in result.stdout
@@ -47,6 +48,7 @@ def test_a_folder_per_class_trains_with_the_class_names_everywhere(trained_on_th
     assert sum(map(sum, record['confusion'])) == 12 and len(record['recall']) == 3
 
 
+@pytest.mark.slow
 def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_three, three_classes, tmp_path):
     folder, _ = trained_on_three
     options = fast_options(folder, three_classes, load_model_path=folder / 'checkpoints' / 'latest' / 'best.pth',
@@ -79,6 +81,7 @@ def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_th
         assert max(CLASSES, key=lambda c: float(row[f'p_{c}'])) == label
 
 
+@pytest.mark.slow
 def test_data_of_other_classes_is_refused_naming_both_lists(trained_on_three, tiny_data):
     folder, _ = trained_on_three
     result = run_main('val', f"--load_model_path={folder / 'checkpoints' / 'latest' / 'best.pth'}",
@@ -136,6 +139,7 @@ def one_class_folder(root):
     kaggle_names(root / 'only', {'x': 2})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('make, fragments', [
     (one_kaggle_class, ['holds one class only (cat: 3)', 'two or more']),
     (files_beside_class_folders, ['mixes the two layouts', '(cat: 1, dog: 2)', '(Cat: 2, Dog: 3)']),
@@ -174,6 +178,7 @@ def test_augmentation_options_are_stored_and_turn_the_randomness_off(tmp_path, t
     assert flips == {False, True}  # mirrored half the time, else the same square
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['mobilenet_v3_small', 'resnet18'])
 def test_a_torchvision_model_by_name_trains_saves_loads_and_predicts(tmp_path, tiny_data, name):
     result = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, model=name)))
@@ -186,6 +191,7 @@ def test_a_torchvision_model_by_name_trains_saves_loads_and_predicts(tmp_path, t
     assert predicted.stdout.splitlines()[-1].split()[1] in ('cat', 'dog')
 
 
+@pytest.mark.slow
 def test_an_unknown_model_name_lists_the_closest():
     assert_one_line_error(run_main('train', '--model=resnet5O'), "--model='resnet5O' is invalid",
                           'did you mean resnet50')

@@ -262,7 +262,7 @@ def main_():
         print(f'data: JPEGs of {sum(f.stat().st_size for f in files) / len(files) / 1e3:.1f} KB on average '
               f'(blur {args.blur}; Kaggle\'s: about 22 KB)\n')
         port = free_port()
-        from utils import visdom_server
+        from tools import visdom_server
         try:
             server = visdom_server.start(port, root / 'visdom')
         except (RuntimeError, SystemExit):

@@ -1,5 +1,6 @@
 """The command line: python-fire dispatches the verbs; mistakes a user can make become one line."""
 import bdb
+import dataclasses
 import inspect
 import os
 import signal
@@ -7,7 +8,7 @@ import sys
 
 import fire
 
-from utils import UserError, raise_interrupt
+from utils import UserError, raise_interrupt, unknown
 
 
 def run(verbs, argv=None):
@@ -25,9 +26,10 @@ def run(verbs, argv=None):
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         verb = verbs.get(argv[0])
-        takes_words = verb is not None and any(
-            p.kind is p.VAR_POSITIONAL for p in inspect.signature(verb).parameters.values())
-        if not takes_words:
+        if verb is None:
+            raise unknown('verb', argv[0], verbs)
+        _check_options(argv[1:], verb_options(verb))
+        if not any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(verb).parameters.values()):
             _reject_stray_words(argv)
         fire.Fire(verbs, command=argv, name='main.py')
     except UserError as e:
@@ -40,6 +42,32 @@ def run(verbs, argv=None):
     except bdb.BdbQuit:
         print('quit from the debugger', file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+def verb_options(verb, own=False):
+    """{option: default} that `verb` takes: its own keyword parameters, and (unless `own`) every
+    field of DefaultConfig when it takes **options."""
+    from config import DefaultConfig
+
+    options, params = {}, inspect.signature(verb).parameters.values()
+    for p in params:
+        if p.kind is p.VAR_KEYWORD and not own:
+            options.update((f.name, getattr(DefaultConfig(), f.name)) for f in dataclasses.fields(DefaultConfig))
+        elif p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            options[p.name] = p.default
+    return options
+
+
+def _check_options(words, options):
+    """Refuse an option `verb` does not take, naming the closest it does (before fire, whose own
+    message for a verb's parameters names nothing)."""
+    for word in words:
+        if word == '--':
+            return
+        if word.startswith('--'):
+            name = word[2:].split('=', 1)[0].replace('-', '_')
+            if name not in options:
+                raise unknown('option', name, options, prefix='--')
 
 
 def _reject_stray_words(argv):

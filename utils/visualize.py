@@ -19,8 +19,7 @@ class Visualizer:
     """Thin wrapper over visdom.Visdom: one window per name, points appended as they come.
 
     Training never waits for it: a background thread posts the points in the order given (a
-    post takes ~2 ms to a local server, longer to a distant one, up to TIMEOUT_SECONDS to one
-    that hangs). With no server answering it warns once, drops what it is given, and tries the
+    post to a distant server takes longer, up to TIMEOUT_SECONDS to one that hangs). With no server answering it warns once, drops what it is given, and tries the
     server again every RETRY_SECONDS, so plotting resumes when the server is back. close(),
     also run at exit, waits a little for the points still queued.
     """
