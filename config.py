@@ -21,6 +21,7 @@ class DefaultConfig:
     vis: bool = True  # send curves to a visdom server (training runs on if none answers)
     vis_server: str = 'http://127.0.0.1'  # visdom server address
     vis_port: int = 8097  # visdom server port
+    tensorboard: bool = True  # write TensorBoard event files into the run's folder
     model: str = 'ResNet34'  # ResNet34, SqueezeNet, AlexNet, or a torchvision model by name (resnet50)
     pretrained: bool = False  # start from torchvision's ImageNet weights (from TORCH_HOME's cache)
     pretrained_path: str = ''  # or from this file of ImageNet weights of the same architecture

@@ -31,6 +31,7 @@ from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, 
 from utils.runs import (check_name_free, find_checkpoint, latest_run, list_runs, new_run_dir, point_latest,
                         write_config)
 from utils.runtime import autocast, grad_scaler, runtime, seed_everything
+from utils.board import Board
 from utils.visualize import Visualizer
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep every
@@ -126,6 +127,11 @@ def fit(cfg, root, resume, resume_file, rt):
     # step 4: train, validate, log and keep the checkpoints, epoch by epoch, in the run's folder
     run_dir = rt.broadcast(start_run(cfg, resume_file, classes, rt) if rt.is_main else None)
     vis = Visualizer(cfg.env or run_dir.name, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
+    steps = len(train_loader)  # the x of every TensorBoard point is the number of batches trained
+    board = Board(run_dir, purge_step=start_epoch * steps if resume else None, enabled=cfg.tensorboard and rt.is_main)
+    if resume is None:
+        board.graph(model, model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8),
+                                       device, memory_format(cfg)))
     metrics_file = run_dir / 'metrics.jsonl'  # one JSON line per epoch; --resume adds to it
     save = atomic_save if rt.is_main else lambda state, path: None
     finished = start_epoch - 1  # the last epoch whose checkpoint is on disk
@@ -139,7 +145,7 @@ def fit(cfg, root, resume, resume_file, rt):
             started = time.perf_counter()
             model.train()
             train_loss, seen, skipped = train_one_epoch(trained, train_loader, criterion, optimizer,
-                                                        scaler, rt, cfg, epoch, vis)
+                                                        scaler, rt, cfg, epoch, (vis, board))
             seconds = time.perf_counter() - started
             model.eval()
             rt.share_buffers(model)
@@ -165,9 +171,12 @@ def fit(cfg, root, resume, resume_file, rt):
                 with open(metrics_file, 'a') as f:
                     f.write(json.dumps(record) + '\n')
             report_epoch(record, cfg.max_epoch, vis)
-            if vis.enabled:
-                vis.captioned_images('most wrong (validation)', most_wrong(val_data, metrics, classes),
+            board.epoch(record, (epoch + 1) * steps)
+            if vis.enabled or board.enabled:
+                wrong = most_wrong(val_data, metrics, classes)
+                vis.captioned_images('most wrong (validation)', wrong,
                                      summary='validation images wrong with the most confidence')
+                board.images('most wrong (validation)', wrong, (epoch + 1) * steps)
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
         state = training_state(model, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
@@ -178,6 +187,8 @@ def fit(cfg, root, resume, resume_file, rt):
         raise
     finally:
         vis.close()  # the last points and pictures reach the server before the run ends
+        board.hparams(cfg.to_dict(), {'hparam/best_accuracy': best_accuracy})
+        board.close()
     print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {run_dir}')
 
 
@@ -263,7 +274,7 @@ def most_wrong(dataset, metrics, classes, count=16):
     return items
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis):
+def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, dashboards):
     """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices.
 
     Under torchrun `model` is the DistributedDataParallel wrapper and the figures returned are
@@ -312,7 +323,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
                 loss_meter.add(loss_sum, int(count))
                 if step % cfg.print_freq == 0:
                     progress.set_postfix(loss=f'{window_loss:.4f}')
+                    vis, board = dashboards
                     vis.plot('train_loss', window_loss, x=epoch * steps + step)
+                    board.scalar('train/loss', window_loss, epoch * steps + step)
             if rt.is_main and debug_file.exists():  # the other processes wait for this one
                 debug_prompt(unwrap(model), optimizer, cfg, images, targets, loss, epoch, step)
     progress.close()

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from config import option_help
-from conftest import as_flags, assert_one_line_error, fast_options, run_main
+from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from main import VERBS
 from utils.cli import verb_options
 
@@ -17,10 +17,10 @@ def test_train_then_test_end_to_end(tmp_path, tiny_data):
     trained = run_main('train', *as_flags(options))
     assert trained.returncode == 0, trained.stderr
     assert 'epoch 2/2' in trained.stdout and 'val acc' in trained.stdout
-    assert (tmp_path / 'checkpoints' / 'latest' / 'best.pth').exists()
+    assert (newest_run(tmp_path / 'checkpoints') / 'best.pth').exists()
 
     # test takes model and image size from the checkpoint, and reads options with dashes
-    tested = run_main('test', f'--load-model-path={tmp_path}/checkpoints/latest/best.pth',
+    tested = run_main('test', f"--load-model-path={newest_run(tmp_path / 'checkpoints') / 'best.pth'}",
                       f'--test-data-root={tiny_data}/test1', f'--result-file={tmp_path}/result.csv',
                       '--use-gpu=False', '--num-workers=0')
     assert tested.returncode == 0, tested.stderr
@@ -79,7 +79,7 @@ def test_demo_reaches_90_percent_and_writes_a_submission(tmp_path):
     trained = run_main('train', *as_flags(options), timeout=900)
     assert trained.returncode == 0, trained.stderr
     best = max(json.loads(line)['val_accuracy']
-               for line in (tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines())
+               for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines())
     assert best >= 0.9
     tested = run_main('test', *as_flags(options))
     assert tested.returncode == 0, tested.stderr

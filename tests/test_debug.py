@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, as_flags, fast_options, run_main, torchrun
+from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 from models import SqueezeNet
 
 
@@ -54,7 +54,7 @@ def test_the_readme_save_at_the_prompt_works_in_every_mode(tmp_path, tiny_data, 
 
 def test_quitting_the_debugger_ends_cleanly_and_keeps_the_checkpoint(tmp_path, tiny_data):
     assert run_main('train', *as_flags(fast_options(tmp_path, tiny_data))).returncode == 0
-    last = tmp_path / 'checkpoints' / 'latest' / 'last.pth'
+    last = newest_run(tmp_path / 'checkpoints') / 'last.pth'
     before = last.read_bytes()
     result = debug_run(tmp_path, tiny_data, 'q\n', resume=str(last), num_workers=2)
     assert result.returncode == 130

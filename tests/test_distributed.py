@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, as_flags, fast_options, run_main, torchrun
+from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 from models import ResNet34
 from utils.files import load_checkpoint
 
@@ -35,21 +35,21 @@ def test_two_processes_train_and_write_one_checkpoint_that_loads_alone(two_proce
     assert len(runs) == 1  # one run folder, made by rank 0 alone
     files = sorted(p.name for p in runs[0].iterdir())
     assert files == ['best.pth', 'config.json', 'last.pth', 'metrics.jsonl']
-    state = load_checkpoint(folder / 'checkpoints' / 'latest' / 'last.pth')
+    state = load_checkpoint(newest_run(folder / 'checkpoints') / 'last.pth')
     assert state['epoch'] == 1
     assert not any(key.startswith('module.') for key in state['model'])
-    ResNet34().load(folder / 'checkpoints' / 'latest' / 'last.pth')
-    assert len((folder / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()) == 2
+    ResNet34().load(newest_run(folder / 'checkpoints') / 'last.pth')
+    assert len((newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()) == 2
 
 
 def test_validation_accuracy_equals_a_single_process_val(two_process_run):
     folder, options, _ = two_process_run
-    record = json.loads((folder / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()[-1])
-    alone = run_main('val', *as_flags(options), f"--load_model_path={folder / 'checkpoints' / 'latest' / 'last.pth'}")
+    record = json.loads((newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
+    alone = run_main('val', *as_flags(options), f"--load_model_path={newest_run(folder / 'checkpoints') / 'last.pth'}")
     assert alone.returncode == 0, alone.stderr
     assert f"12 validation images: loss {record['val_loss']:.4f}  accuracy {record['val_accuracy']:.2%}" \
         in alone.stdout
-    together = torchrun('val', *as_flags(options), f"--load_model_path={folder / 'checkpoints' / 'latest' / 'last.pth'}")
+    together = torchrun('val', *as_flags(options), f"--load_model_path={newest_run(folder / 'checkpoints') / 'last.pth'}")
     assert together.returncode == 0, together.stderr
     assert together.stdout.count('validation images') == 1
     assert alone.stdout.splitlines()[-4:] == together.stdout.splitlines()[-4:]
@@ -57,7 +57,7 @@ def test_validation_accuracy_equals_a_single_process_val(two_process_run):
 
 def test_test_under_torchrun_writes_the_single_process_submission(two_process_run, tmp_path):
     folder, options, _ = two_process_run
-    checkpoint = f"--load_model_path={folder / 'checkpoints' / 'latest' / 'last.pth'}"
+    checkpoint = f"--load_model_path={newest_run(folder / 'checkpoints') / 'last.pth'}"
     one = run_main('test', *as_flags({**options, 'result_file': tmp_path / 'one.csv'}), checkpoint)
     two = torchrun('test', *as_flags({**options, 'result_file': tmp_path / 'two.csv'}), checkpoint)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -71,12 +71,12 @@ def test_test_under_torchrun_writes_the_single_process_submission(two_process_ru
 def test_resume_under_torchrun_from_a_single_process_checkpoint(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data, max_epoch=1)
     assert run_main('train', *as_flags(options)).returncode == 0
-    last = tmp_path / 'checkpoints' / 'latest' / 'last.pth'
+    last = newest_run(tmp_path / 'checkpoints') / 'last.pth'
     result = torchrun('train', *as_flags({**options, 'max_epoch': 2, 'resume': last}))
     assert result.returncode == 0, result.stderr
     assert 'resuming' in result.stdout and result.stdout.count('epoch 2/2') == 1
     assert load_checkpoint(last)['epoch'] == 1
-    assert [json.loads(line)['epoch'] for line in (tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)['epoch'] for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, tiny_data):
@@ -93,7 +93,7 @@ def test_a_batch_of_only_bad_images_on_one_process_does_not_hang_the_others(tmp_
         (data / 'train' / f'cat.{i}.jpg').write_bytes(b'')
     result = torchrun('train', *as_flags(fast_options(tmp_path, data, batch_size=1, max_epoch=1)), timeout=240)
     assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text())
+    record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == 6
 
 
@@ -118,4 +118,4 @@ def test_two_nodes_through_a_rendezvous_endpoint(tmp_path, tiny_data):
                 pass
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert 'in each of 2 processes' in outputs[0][0] + outputs[1][0]
-    assert load_checkpoint(tmp_path / 'checkpoints' / 'latest' / 'last.pth')['epoch'] == 0
+    assert load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['epoch'] == 0

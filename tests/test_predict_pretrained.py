@@ -8,7 +8,7 @@ import torch
 from torchvision.models import squeezenet1_1
 
 import main
-from conftest import as_flags, fast_options, run_main
+from conftest import as_flags, fast_options, newest_run, run_main
 from models import SqueezeNet, build_model
 from utils import UserError
 
@@ -18,7 +18,7 @@ def trained(tmp_path_factory, tiny_data):
     """A checkpoint trained for one epoch on the tiny data, with its config."""
     folder = tmp_path_factory.mktemp('trained')
     main.train(**fast_options(folder, tiny_data))
-    return folder / 'checkpoints' / 'latest' / 'best.pth'
+    return newest_run(folder / 'checkpoints') / 'best.pth'
 
 
 @pytest.mark.slow
@@ -111,14 +111,14 @@ def test_missing_weights_offline_say_which_file_goes_where(tmp_path, monkeypatch
 def test_frozen_features_stay_fixed_while_the_head_learns(tmp_path, tiny_data, monkeypatch):
     imagenet_squeezenet_in_cache(tmp_path / 'torch-home', monkeypatch)
     main.train(**fast_options(tmp_path, tiny_data, pretrained=True, freeze_features=True))
-    trained = SqueezeNet().load(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    trained = SqueezeNet().load(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     torch.manual_seed(0)  # as train() does with --seed=0 before it builds the model
     start = build_model('SqueezeNet', pretrained=True)
     for name, tensor in trained.state_dict().items():
         if name.startswith('net.features.'):
             assert torch.equal(tensor, start.state_dict()[name]), name
     assert not torch.equal(trained.head().weight, start.head().weight)
-    optimizer = torch.load(tmp_path / 'checkpoints' / 'latest' / 'last.pth', weights_only=True)['optimizer']
+    optimizer = torch.load(newest_run(tmp_path / 'checkpoints') / 'last.pth', weights_only=True)['optimizer']
     assert len(optimizer['param_groups'][0]['params']) == 2  # the head's weight and bias only
 
 
@@ -138,7 +138,7 @@ def test_train_with_pretrained_through_the_command_line(tmp_path, tiny_data, mon
     assert result.returncode == 0, result.stderr
     # four Adam steps of lr 0.001 move a weight by a few thousandths: the features trained from
     # the cached ImageNet weights, not from a fresh initialisation, which is far from them
-    trained = SqueezeNet().load(tmp_path / 'checkpoints' / 'latest' / 'last.pth').net.state_dict()
+    trained = SqueezeNet().load(newest_run(tmp_path / 'checkpoints') / 'last.pth').net.state_dict()
     torch.manual_seed(0)
     fresh = squeezenet1_1(num_classes=1000).state_dict()
     features = [name for name in cached if name.startswith('features.') and name.endswith('weight')]

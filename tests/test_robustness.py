@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import main
-from conftest import ROOT, as_flags, assert_one_line_error, fast_options, run_main
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
 from utils import UserError
@@ -93,12 +93,12 @@ def test_training_and_test_run_through_a_messy_folder(tmp_path, messy_data, caps
     root, train_bad, train_ignored, test_bad, test_ignored = messy_data
     main.train(**fast_options(tmp_path, root, max_epoch=1, val_ratio=0.5))
     out = capsys.readouterr().out
-    record = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text())
+    record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == len(train_bad)  # train and val halves together
     assert f'{len(train_ignored)} other entries ignored' in out
     assert f"skipped {len(train_bad)} unreadable" in out
 
-    main.test(**fast_options(tmp_path, root, load_model_path=str(tmp_path / 'checkpoints' / 'latest' / 'last.pth')))
+    main.test(**fast_options(tmp_path, root, load_model_path=str(newest_run(tmp_path / 'checkpoints') / 'last.pth')))
     out = capsys.readouterr().out
     with open(tmp_path / 'result.csv', newline='') as f:
         ids = [int(row['id']) for row in csv.DictReader(f)]
@@ -175,7 +175,7 @@ def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(t
 def test_resume_with_a_conflicting_option_says_which(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))
     options = fast_options(tmp_path, tiny_data, max_epoch=2, image_size=48,
-                           resume=str(tmp_path / 'checkpoints' / 'latest' / 'last.pth'))
+                           resume=str(newest_run(tmp_path / 'checkpoints') / 'last.pth'))
     assert_one_line_error(run_main('train', *as_flags(options)),
                           '--image_size=48 conflicts with', 'image_size=32', 'drop --image_size')
 
@@ -194,7 +194,7 @@ def test_a_non_finite_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoi
     monkeypatch.setattr(main.nn, 'CrossEntropyLoss', LossGoesNan)
     with pytest.raises(UserError, match=r'the loss became nan in epoch 2 \(steps 1-2\)'):
         main.train(**fast_options(tmp_path, tiny_data, max_epoch=3))
-    last = load_checkpoint(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    last = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     assert last['epoch'] == 0
     assert all(torch.isfinite(t).all() for t in last['model'].values() if t.is_floating_point())
 
@@ -231,7 +231,7 @@ def test_a_really_full_disk_stops_training_with_a_clear_error(tmp_path, tiny_dat
     result = run_main('train', *as_flags(options))
     assert result.returncode == 2
     assert 'error: could not write' in result.stderr and 'is the disk full?' in result.stderr
-    assert load_checkpoint(small_disk / 'latest' / 'last.pth')['epoch'] == 0
+    assert load_checkpoint(newest_run(small_disk) / 'last.pth')['epoch'] == 0
     assert not list(small_disk.glob('*/.*.tmp'))
 
 
@@ -263,13 +263,13 @@ def identity(path):
 
 @pytest.mark.slow
 def test_sigkill_mid_save_or_mid_epoch_leaves_a_loadable_last_checkpoint(tmp_path, tiny_data):
-    checkpoints = tmp_path / 'checkpoints' / 'latest'  # the run's folder
+    checkpoints = tmp_path / 'checkpoints' / 'killed'  # the run's folder
     last = checkpoints / 'last.pth'
     writing = lambda: list(checkpoints.glob('.last.pth.*.tmp'))  # noqa: E731
     kills = []
     while len(kills) < 3:
         where = ('mid-save', 'mid-epoch', 'mid-save')[len(kills)]
-        resume = {'resume': str(last)} if last.exists() else {}
+        resume = {'resume': str(last)} if last.exists() else {'name': 'killed'}
         process = start_training(tmp_path, tiny_data, model='ResNet34', **resume)  # big files: slow saves
         try:
             before = identity(last)
@@ -301,8 +301,8 @@ def alive(marker):
 @pytest.mark.slow
 @pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_path, tiny_data, signum, code):
-    last = tmp_path / 'checkpoints' / 'latest' / 'last.pth'
-    process = start_training(tmp_path, tiny_data, num_workers=2)
+    last = tmp_path / 'checkpoints' / 'stopped' / 'last.pth'
+    process = start_training(tmp_path, tiny_data, num_workers=2, name='stopped')
     try:
         wait_for(lambda: last.exists(), process)
         time.sleep(0.3)  # into the next epoch

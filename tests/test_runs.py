@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT, as_flags, assert_one_line_error, fast_options, run_main
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from models import SqueezeNet
 from utils import runs
 
@@ -31,7 +31,7 @@ def two_runs(tmp_path_factory, tiny_data):
     kept = []
     for options in (dict(max_epoch=2), dict(max_epoch=1, lr=0.01)):
         main.train(**fast_options(folder, tiny_data, **options))
-        run = (checkpoints / 'latest').resolve()
+        run = newest_run(checkpoints)
         kept.append((run, digest(run / 'best.pth'), (run / 'metrics.jsonl').read_text()))
     return folder, kept
 
@@ -44,7 +44,7 @@ def test_a_second_run_keeps_the_first_runs_files(two_runs):
         assert sorted(p.name for p in run.iterdir()) == ['best.pth', 'config.json', 'last.pth', 'metrics.jsonl']
     first, second = (run for run, _, _ in kept)
     assert first.name.endswith('-SqueezeNet') and first != second
-    assert (folder / 'checkpoints' / 'latest').resolve() == second  # latest moved to the second
+    assert newest_run(folder / 'checkpoints') == second  # latest moved to the second
 
 
 def test_config_json_says_how_the_run_was_made(two_runs):
@@ -86,7 +86,7 @@ def test_resuming_latest_continues_the_newest_run_in_its_folder(tmp_path, tiny_d
     assert len((tmp_path / 'checkpoints' / 'one' / 'metrics.jsonl').read_text().splitlines()) == 1
     assert run_folders(tmp_path / 'checkpoints') == [tmp_path / 'checkpoints' / n for n in ('one', 'two')]
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume='one'))  # a run by its name
-    assert (tmp_path / 'checkpoints' / 'latest').resolve().name == 'one'
+    assert newest_run(tmp_path / 'checkpoints').name == 'one'
 
 
 def test_a_name_that_is_taken_is_an_error(tmp_path, tiny_data):
@@ -152,11 +152,11 @@ def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_run
 def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_data):
     # a run that learns nothing: every epoch ties the best, and best.pth is last.pth's second name
     main.train(**fast_options(tmp_path / 'still', tiny_data, max_epoch=2, lr=1e-9))
-    run = (tmp_path / 'still' / 'checkpoints' / 'latest').resolve()
+    run = newest_run(tmp_path / 'still' / 'checkpoints')
     assert os.stat(run / 'best.pth').st_ino == os.stat(run / 'last.pth').st_ino
     # ResNet34 on the tiny set is best in epoch 4 of 5: the last epoch's save leaves best.pth alone
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=5, model='ResNet34'))
-    run = (tmp_path / 'checkpoints' / 'latest').resolve()
+    run = newest_run(tmp_path / 'checkpoints')
     accuracies = [json.loads(line)['val_accuracy'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
     best, last = torch.load(run / 'best.pth', weights_only=True), torch.load(run / 'last.pth', weights_only=True)
     assert (best['epoch'], last['epoch']) == (3, 4) and accuracies[3] > accuracies[4]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main
-from conftest import fast_options
+from conftest import fast_options, newest_run
 from models import SqueezeNet
 from utils import UserError
 from utils.files import load_checkpoint
@@ -20,11 +20,11 @@ from utils.runtime import Runtime
 
 def test_train_keeps_last_and_best_checkpoints_and_a_metrics_file(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=2))
-    last = load_checkpoint(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    last = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     assert set(last) >= {'model', 'optimizer', 'scheduler', 'epoch', 'best_accuracy', 'config'}
     assert last['epoch'] == 1 and last['config']['model'] == 'SqueezeNet'
-    assert (tmp_path / 'checkpoints' / 'latest' / 'best.pth').exists()
-    records = [json.loads(line) for line in (tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()]
+    assert (newest_run(tmp_path / 'checkpoints') / 'best.pth').exists()
+    records = [json.loads(line) for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2]
     assert all(0 <= r['val_accuracy'] <= 1 and r['skipped'] == 0 for r in records)
     assert last['best_accuracy'] == max(r['val_accuracy'] for r in records)
@@ -41,19 +41,19 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_unbroken_run_does(
 
     parts = tmp_path / 'parts'
     main.train(**fast_options(parts, tiny_data, max_epoch=1))
-    assert load_checkpoint(parts / 'checkpoints' / 'latest' / 'last.pth')['epoch'] == 0
-    main.train(**fast_options(parts, tiny_data, max_epoch=2, resume=str(parts / 'checkpoints' / 'latest' / 'last.pth')))
+    assert load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')['epoch'] == 0
+    main.train(**fast_options(parts, tiny_data, max_epoch=2, resume=str(newest_run(parts / 'checkpoints') / 'last.pth')))
 
-    resumed = load_checkpoint(parts / 'checkpoints' / 'latest' / 'last.pth')
+    resumed = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')
     assert resumed['epoch'] == 1
-    epochs = [json.loads(line)['epoch'] for line in (parts / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()]
+    epochs = [json.loads(line)['epoch'] for line in (newest_run(parts / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
     assert epochs == [1, 2]
-    for name, tensor in weights(whole / 'checkpoints' / 'latest' / 'last.pth').items():
+    for name, tensor in weights(newest_run(whole / 'checkpoints') / 'last.pth').items():
         assert torch.equal(tensor, resumed['model'][name]), name
 
 
 def records(folder):
-    return [json.loads(line) for line in (folder / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()]
+    return [json.loads(line) for line in (newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -65,26 +65,26 @@ def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path,
     main.train(**fast_options(whole, tiny_data, **options))
     parts = tmp_path / 'parts'
     main.train(**fast_options(parts, tiny_data, **{**options, 'max_epoch': 4}))
-    best_before = load_checkpoint(parts / 'checkpoints' / 'latest' / 'last.pth')['best_accuracy']
+    best_before = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')['best_accuracy']
     capsys.readouterr()
-    main.train(**fast_options(parts, tiny_data, **options, resume=str(parts / 'checkpoints' / 'latest' / 'last.pth')))
+    main.train(**fast_options(parts, tiny_data, **options, resume=str(newest_run(parts / 'checkpoints') / 'last.pth')))
     assert f'best accuracy so far {best_before:.2%}' in capsys.readouterr().out
 
     lrs = [r['lr'] for r in records(whole)]
     assert [r['lr'] for r in records(parts)] == lrs
     assert min(lrs[4:]) < lrs[3], lrs  # the plateau schedule decayed after the break
     assert best_before > max(r['val_accuracy'] for r in records(parts)[4:])  # the best came before it
-    resumed = load_checkpoint(parts / 'checkpoints' / 'latest' / 'last.pth')
+    resumed = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')
     assert resumed['best_accuracy'] == max(r['val_accuracy'] for r in records(parts)) \
-        == load_checkpoint(whole / 'checkpoints' / 'latest' / 'last.pth')['best_accuracy']
-    assert resumed['scheduler'] == load_checkpoint(whole / 'checkpoints' / 'latest' / 'last.pth')['scheduler']
-    for name, tensor in weights(whole / 'checkpoints' / 'latest' / 'last.pth').items():
+        == load_checkpoint(newest_run(whole / 'checkpoints') / 'last.pth')['best_accuracy']
+    assert resumed['scheduler'] == load_checkpoint(newest_run(whole / 'checkpoints') / 'last.pth')['scheduler']
+    for name, tensor in weights(newest_run(whole / 'checkpoints') / 'last.pth').items():
         assert torch.equal(tensor, resumed['model'][name]), name
 
 
 def test_resume_refuses_options_that_would_make_another_run(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))
-    last = str(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    last = str(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     with pytest.raises(UserError, match=r'--lr=0.5 conflicts with .*last.pth, which was made with lr=0.001'):
         main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume=last, lr=0.5))
 
@@ -102,7 +102,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_data, capsys):
         (data / 'train' / name).write_bytes(b'\xff\xd8 truncated')
     # batch_size=1: each broken file makes a batch with nothing left in it
     main.train(**fast_options(tmp_path, data, batch_size=1, max_epoch=1))
-    record = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text())
+    record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == 4
     assert {p.rsplit('/', 1)[1] for p in record['skipped_files']} == {'cat.0.jpg', 'dog.0.jpg', 'cat.1.jpg', 'dog.1.jpg'}
     assert 'skipped 4 unreadable' in capsys.readouterr().out
@@ -181,7 +181,7 @@ def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
 @pytest.mark.parametrize('flags', [{'amp': True}, {'channels_last': True}, {'amp': True, 'channels_last': True}])
 def test_mixed_precision_and_channels_last_train_on_the_cpu(tmp_path, tiny_data, flags):
     main.train(**fast_options(tmp_path, tiny_data, model='ResNet34', **flags))
-    state = load_checkpoint(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    state = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
     assert state['model']['net.fc.weight'].dtype == torch.float32  # autocast leaves weights in fp32
 
@@ -246,8 +246,8 @@ def test_a_run_resumes_with_loss_scaling_turned_on_or_off(tmp_path, tiny_data, m
     """A checkpoint of a run without a gradient scaler (CPU, bf16 or no --amp) resumes on a GPU
     that needs one (fp16), and back: the fp16 path, GradScaler included, runs here on the CPU."""
     from utils import runtime
-    last = tmp_path / 'checkpoints' / 'latest' / 'last.pth'
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=1))
+    last = newest_run(tmp_path / 'checkpoints') / 'last.pth'
     assert load_checkpoint(last)['scaler'] == {}
     monkeypatch.setattr(runtime, 'amp_dtype', lambda device: torch.float16)
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, amp=True, resume=str(last)))
@@ -290,9 +290,9 @@ def test_compiled_training_saves_a_plain_checkpoint(tmp_path, tiny_data):
     counters.clear()
     main.train(**fast_options(tmp_path, tiny_data, compile=True))
     assert counters['stats']['unique_graphs'] > 0  # dynamo captured the model: it was compiled
-    state = load_checkpoint(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    state = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     assert not any('_orig_mod' in key for key in state['model'])
-    SqueezeNet().load(tmp_path / 'checkpoints' / 'latest' / 'last.pth')
+    SqueezeNet().load(newest_run(tmp_path / 'checkpoints') / 'last.pth')
 
 
 class Niceness:

@@ -18,7 +18,7 @@ from PIL import Image
 
 import main
 import utils.visualize
-from conftest import ROOT, as_flags, fast_options, run_main
+from conftest import ROOT, as_flags, fast_options, newest_run, run_main
 from tools.visdom_server import start
 from utils.visualize import Visualizer
 
@@ -69,7 +69,7 @@ def test_a_training_run_shows_its_curves_matrix_log_and_worst_images(tmp_path, t
     log = window(server, 'run', 'log')['content']
     assert log.count('epoch 1/2') == 1 and log.count('epoch 2/2') == 1
 
-    last = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()[-1])
+    last = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
     wrong = last['confusion'][0][1] + last['confusion'][1][0]
     grid = window(server, 'run', 'most wrong (validation)')
     if wrong == 0:
@@ -123,7 +123,7 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server)
     # a learning rate too small to learn anything: the network guesses, so some validation
     # images are surely wrong and the most-wrong window must be on the page
     train_with_visdom(tmp_path, tiny_data, server, 'browser', max_epoch=2, lr=1e-9)
-    last = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()[-1])
+    last = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
     assert last['confusion'][0][1] + last['confusion'][1][0] > 0
     flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
              '--disable-component-update', '--disable-sync', '--no-first-run',

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import main
-from conftest import as_flags, assert_one_line_error, fast_options, run_main
+from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from data import DogCat
 from data.decode import load_pixels
 from data.demo import make_demo_data
@@ -41,9 +41,9 @@ def test_a_folder_per_class_trains_with_the_class_names_everywhere(trained_on_th
     folder, result = trained_on_three
     assert '33 training and 12 validation images' in result.stdout
     assert 'one folder per class; 3 classes: cat, dog, fox' in result.stdout
-    state = load_checkpoint(folder / 'checkpoints' / 'latest' / 'best.pth')
+    state = load_checkpoint(newest_run(folder / 'checkpoints') / 'best.pth')
     assert state['classes'] == CLASSES and state['model']['net.classifier.1.weight'].shape[0] == 3
-    record = json.loads((folder / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text().splitlines()[-1])
+    record = json.loads((newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
     assert record['classes'] == CLASSES and len(record['confusion']) == 3
     assert sum(map(sum, record['confusion'])) == 12 and len(record['recall']) == 3
 
@@ -51,7 +51,7 @@ def test_a_folder_per_class_trains_with_the_class_names_everywhere(trained_on_th
 @pytest.mark.slow
 def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_three, three_classes, tmp_path):
     folder, _ = trained_on_three
-    options = fast_options(folder, three_classes, load_model_path=folder / 'checkpoints' / 'latest' / 'best.pth',
+    options = fast_options(folder, three_classes, load_model_path=newest_run(folder / 'checkpoints') / 'best.pth',
                            result_file=tmp_path / 'result.csv')
     del options['model'], options['image_size']
     val = run_main('val', *as_flags(options))
@@ -84,7 +84,7 @@ def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_th
 @pytest.mark.slow
 def test_data_of_other_classes_is_refused_naming_both_lists(trained_on_three, tiny_data):
     folder, _ = trained_on_three
-    result = run_main('val', f"--load_model_path={folder / 'checkpoints' / 'latest' / 'best.pth'}",
+    result = run_main('val', f"--load_model_path={newest_run(folder / 'checkpoints') / 'best.pth'}",
                       f"--train_data_root={three_classes_with_a_new_one(folder)}", '--use_gpu=False')
     assert_one_line_error(result, 'holds the classes cat, dog, fox, owl', 'the model knows cat, dog, fox',
                           'owl is new to it')
@@ -106,7 +106,7 @@ def test_separate_validation_data_and_a_class_missing_from_it(tmp_path, three_cl
     captured = capsys.readouterr()
     assert '45 training and 30 validation images' in captured.out  # nothing held out of train
     assert captured.err.count('has no images of fox') == 1
-    record = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text())
+    record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['recall'][2] is None and sum(record['confusion'][2]) == 0
 
 
@@ -160,7 +160,7 @@ def test_petimages_layout_skips_unreadable_files_and_ignores_the_rest(tmp_path, 
         (root / folder / '666.jpg').write_bytes(b'')  # the Microsoft release has broken files
         (root / folder / 'Thumbs.db').write_bytes(b'\xd0\xcf')
     main.train(**fast_options(tmp_path, tiny_data, train_data_root=str(root), val_ratio=0.5))
-    record = json.loads((tmp_path / 'checkpoints' / 'latest' / 'metrics.jsonl').read_text())
+    record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == 2 and record['classes'] == ['Cat', 'Dog']
     data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
     assert data.ignored == ['Cat/Thumbs.db', 'Dog/Thumbs.db']
@@ -168,7 +168,7 @@ def test_petimages_layout_skips_unreadable_files_and_ignores_the_rest(tmp_path, 
 
 def test_augmentation_options_are_stored_and_turn_the_randomness_off(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data, crop_scale=1.0, hflip=False))
-    config = load_checkpoint(tmp_path / 'checkpoints' / 'latest' / 'last.pth')['config']
+    config = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['config']
     assert (config['crop_scale'], config['hflip']) == (1.0, False)
     train = DogCat(tiny_data / 'train', 'train', 32, crop_scale=1.0, hflip=False)
     image, _, index = train[0]  # no crop, no mirror: the central square, as evaluation sees it
@@ -183,7 +183,7 @@ def test_augmentation_options_are_stored_and_turn_the_randomness_off(tmp_path, t
 def test_a_torchvision_model_by_name_trains_saves_loads_and_predicts(tmp_path, tiny_data, name):
     result = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, model=name)))
     assert result.returncode == 0, result.stderr
-    best = tmp_path / 'checkpoints' / 'latest' / 'best.pth'
+    best = newest_run(tmp_path / 'checkpoints') / 'best.pth'
     assert load_checkpoint(best)['config']['model'] == name
     predicted = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), f'--load_model_path={best}', '--use_gpu=False')
     assert predicted.returncode == 0, predicted.stderr

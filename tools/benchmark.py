@@ -32,6 +32,7 @@ from data.transforms import MEAN, STD
 from data.demo import make_demo_data
 from models import build_model
 from utils.runtime import Runtime, autocast, cpu_has_bf16, grad_scaler
+from utils.board import Board
 from utils.visualize import Visualizer
 
 
@@ -103,11 +104,12 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     # the default print_freq where an epoch is long enough, so that every epoch plots to visdom
     cfg.print_freq = max(1, min(cfg.print_freq, steps // 2))
     loader = main.make_loader(train, cfg, rt, shuffle=True)
-    vis = Visualizer(cfg.env + '-benchmark', cfg.vis_server, cfg.vis_port)
+    vis = Visualizer('benchmark', cfg.vis_server, cfg.vis_port)
+    board = Board(root / 'board', enabled=cfg.tensorboard)  # as train writes them by default
 
     def real_epoch(epoch):
         started = time.perf_counter()
-        _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, vis)
+        _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, (vis, board))
         return seen / (time.perf_counter() - started)
 
     epochs = iter(range(args.rounds + 1))
@@ -116,6 +118,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
                                             args.rounds, lambda: real_epoch(next(epochs)),
                                             lambda: bare_steps(steps))
     vis.close()
+    board.close()
 
 
 def loader_headroom(root, args, out):

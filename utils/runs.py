@@ -5,9 +5,7 @@ A new run never writes into another run's folder; --resume continues a run in it
 """
 import itertools
 import json
-import os
 import platform
-import secrets
 import subprocess
 import sys
 import time
@@ -45,27 +43,16 @@ def check_name_free(checkpoint_dir, name):
 
 
 def point_latest(checkpoint_dir, run_dir):
-    """Make checkpoint_dir/latest name `run_dir`, atomically: a relative symlink, or a small text
-    file holding the run's name where the system makes no symlinks."""
-    link = checkpoint_dir / LATEST
-    tmp = checkpoint_dir / f'.{LATEST}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
-    try:
-        os.symlink(run_dir.name, tmp, target_is_directory=True)
-    except (OSError, NotImplementedError):
-        with atomic_open(link, 'w') as f:
-            f.write(run_dir.name + '\n')
-        return
-    os.replace(tmp, link)
+    """Make checkpoint_dir/latest name `run_dir`, atomically. It is a one-line text file, not a
+    symlink: TensorBoard follows symlinks and would show the newest run twice."""
+    with atomic_open(checkpoint_dir / LATEST, 'w') as f:
+        f.write(run_dir.name + '\n')
 
 
 def latest_run(checkpoint_dir):
     """The newest run's folder, or None when there is none."""
-    link = checkpoint_dir / LATEST
-    if link.is_symlink() or link.is_dir():
-        return link.resolve()
-    if link.is_file():
-        return checkpoint_dir / link.read_text().strip()
-    return None
+    pointer = checkpoint_dir / LATEST
+    return checkpoint_dir / pointer.read_text().strip() if pointer.is_file() else None
 
 
 def find_checkpoint(checkpoint_dir, value, file, option):

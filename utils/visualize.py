@@ -70,17 +70,9 @@ class Visualizer:
         to its width. summary: one line for the window (visdom shows it above and below)."""
         if not self.enabled or not items:
             return
-        from PIL import Image, ImageDraw, ImageOps
+        from utils.pictures import captioned_tiles
 
-        lines = [_wrap(caption, size - 4) for _, caption in items]
-        height = size + 2 + 11 * max(map(len, lines))
-        tiles = []
-        for (image, _), caption in zip(items, lines):
-            tile = Image.new('RGB', (size, height), 'white')
-            tile.paste(ImageOps.fit(image, (size, size)))
-            ImageDraw.Draw(tile).multiline_text((2, size + 1), '\n'.join(caption), fill='black', spacing=1)
-            tiles.append(np.asarray(tile).transpose(2, 0, 1) / 255)
-        self._call('images', np.stack(tiles), nrow=4, win=name,
+        self._call('images', captioned_tiles(items, size), nrow=4, win=name,
                    opts={'title': name, 'caption': summary or f'{len(items)} images'})
 
     def confusion(self, name, matrix, classes):
@@ -180,17 +172,3 @@ class Visualizer:
         return Client(server=self.server, port=self.port, env=self.env, raise_exceptions=True,
                       use_incoming_socket=False)
 
-
-def _wrap(text, width):
-    """`text` in lines no wider than `width` pixels in Pillow's default font, broken at spaces
-    (a word longer than a line gets a line of its own)."""
-    from PIL import Image, ImageDraw
-
-    measure = ImageDraw.Draw(Image.new('RGB', (1, 1))).textlength
-    lines = []
-    for word in text.split(' '):
-        if lines and measure(f'{lines[-1]} {word}') <= width:
-            lines[-1] += f' {word}'
-        else:
-            lines.append(word)
-    return lines

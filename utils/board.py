@@ -1,0 +1,74 @@
+"""TensorBoard event files in the run's folder: `tensorboard --logdir checkpoints` shows every run.
+
+Every point is written against the global step (batches trained so far), the per-epoch figures
+at the last step of their epoch, so a resumed run (which purges what an interrupted epoch left
+after its last checkpoint) goes on where the curves stop, with no point twice.
+"""
+import sys
+
+
+class Board:
+    """What train() shows in TensorBoard; with enabled=False, nothing, and nothing is imported."""
+
+    def __init__(self, run_dir, purge_step=None, enabled=True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # here: --tensorboard=False never pays
+
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    @property
+    def enabled(self):
+        return self.writer is not None
+
+    def scalar(self, tag, value, step):
+        if self.writer:
+            self.writer.add_scalar(tag, value, step)
+
+    def epoch(self, record, step):
+        """The figures of one epoch (a line of metrics.jsonl) and its pictures."""
+        if not self.writer:
+            return
+        for tag, key in (('loss/train', 'train_loss'), ('loss/val', 'val_loss'), ('val/accuracy', 'val_accuracy'),
+                         ('val/log_loss', 'val_log_loss'), ('lr', 'lr')):
+            self.writer.add_scalar(tag, record[key], step)
+        from utils.pictures import confusion_picture
+
+        self.writer.add_image('confusion', confusion_picture(record['confusion'], record['classes']), step)
+
+    def images(self, tag, items, step):
+        """(PIL image, caption) pairs as one grid of captioned tiles."""
+        if self.writer and items:
+            from torchvision.utils import make_grid
+
+            import torch
+            from utils.pictures import captioned_tiles
+
+            self.writer.add_image(tag, make_grid(torch.from_numpy(captioned_tiles(items)), nrow=4), step)
+
+    def graph(self, model, example):
+        """The model's graph, traced once on an example batch; a model that cannot be traced is
+        said once and left out."""
+        if not self.writer:
+            return
+        try:
+            self.writer.add_graph(model, example)
+        except Exception as e:  # tracing fails on some control flow: the graph is a nicety
+            print(f'warning: TensorBoard gets no graph of this model ({type(e).__name__})', file=sys.stderr)
+
+    def hparams(self, options, metrics):
+        """The run's options and final figures, for TensorBoard's HParams tab (in this run's own
+        event file, so that each run folder is one row)."""
+        if not self.writer:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        plain = {k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))}
+        for summary in hparams(plain, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
