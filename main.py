@@ -128,7 +128,9 @@ def fit(cfg, root, resume, resume_file, rt):
     run_dir = rt.broadcast(start_run(cfg, resume_file, classes, rt) if rt.is_main else None)
     vis = Visualizer(cfg.env or run_dir.name, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
     steps = len(train_loader)  # the x of every TensorBoard point is the number of batches trained
-    board = Board(run_dir, purge_step=start_epoch * steps if resume else None, enabled=cfg.tensorboard and rt.is_main)
+    # a resumed run's points go on after the last checkpointed step; an interrupted epoch's are dropped
+    board = Board(run_dir, purge_step=start_epoch * steps + 1 if resume else None,
+                  enabled=cfg.tensorboard and rt.is_main)
     if resume is None:
         board.graph(model, model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8),
                                        device, memory_format(cfg)))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slo
 def two_process_run(tmp_path_factory, tiny_data):
     folder = tmp_path_factory.mktemp('ddp')
     # ResNet34: its answers vary from image to image, so equal submissions mean something
-    options = fast_options(folder, tiny_data, model='ResNet34', max_epoch=2, batch_size=4)
+    options = fast_options(folder, tiny_data, model='ResNet34', max_epoch=2, batch_size=4, tensorboard=True)
     result = torchrun('train', *as_flags(options))
     assert result.returncode == 0, result.stderr
     return folder, options, result
@@ -34,7 +34,9 @@ def test_two_processes_train_and_write_one_checkpoint_that_loads_alone(two_proce
     runs = [p for p in (folder / 'checkpoints').iterdir() if p.name != 'latest']
     assert len(runs) == 1  # one run folder, made by rank 0 alone
     files = sorted(p.name for p in runs[0].iterdir())
-    assert files == ['best.pth', 'config.json', 'last.pth', 'metrics.jsonl']
+    board = [name for name in files if name.startswith('events.out.tfevents.')]
+    assert len(board) == 1  # one TensorBoard file: rank 0's
+    assert [name for name in files if name not in board] == ['best.pth', 'config.json', 'last.pth', 'metrics.jsonl']
     state = load_checkpoint(newest_run(folder / 'checkpoints') / 'last.pth')
     assert state['epoch'] == 1
     assert not any(key.startswith('module.') for key in state['model'])

@@ -1,0 +1,126 @@
+"""TensorBoard beside visdom: a run's event files, read back with TensorBoard's own reader and
+seen in a real TensorBoard in headless Chromium."""
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main
+from conftest import ROOT, fast_options, newest_run
+
+EPOCH_TAGS = {'loss/train': 'train_loss', 'loss/val': 'val_loss', 'val/accuracy': 'val_accuracy',
+              'val/log_loss': 'val_log_loss', 'lr': 'lr'}
+
+
+def events(run):
+    reader = EventAccumulator(str(run), size_guidance={'scalars': 0, 'images': 0})
+    reader.Reload()
+    return reader
+
+
+def records(run):
+    return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+
+
+def train_with_tensorboard(tmp_path, data, **more):
+    # 28 training images, batch 8: 4 steps an epoch, a loss point every 2 steps
+    main.train(**fast_options(tmp_path, data, tensorboard=True, print_freq=2, **more))
+    return newest_run(tmp_path / 'checkpoints')
+
+
+def test_a_runs_event_files_hold_its_curves_pictures_graph_and_hparams(tmp_path, tiny_data):
+    run = train_with_tensorboard(tmp_path, tiny_data, max_epoch=2, lr=1e-9)  # learns nothing: some wrong
+    board = events(run)
+    losses = board.Scalars('train/loss')  # every print_freq steps, against the global step
+    assert [e.step for e in losses] == [2, 4, 6, 8]
+    for epoch, record in enumerate(records(run)):  # windows of 8 + 8 and 8 + 4 images make an epoch
+        mean = (16 * losses[2 * epoch].value + 12 * losses[2 * epoch + 1].value) / 28
+        assert mean == pytest.approx(record['train_loss'], rel=1e-5)
+    for tag, key in EPOCH_TAGS.items():  # one point an epoch, at its last step, as in metrics.jsonl
+        points = board.Scalars(tag)
+        assert [e.step for e in points] == [4, 8], tag
+        assert [e.value for e in points] == pytest.approx([r[key] for r in records(run)], rel=1e-6), tag
+    assert len(board.Images('confusion')) == 2 and len(board.Images('most wrong (validation)')) == 2
+    assert board.Tags()['graph']
+    assert set(board.PluginTagToContent('hparams')) == {'_hparams_/experiment', '_hparams_/session_start_info',
+                                                        '_hparams_/session_end_info'}
+    assert board.Scalars('hparam/best_accuracy')[-1].value == pytest.approx(
+        max(r['val_accuracy'] for r in records(run)), rel=1e-6)
+
+
+def test_a_resumed_run_adds_points_after_its_last_one(tmp_path, tiny_data):
+    run = train_with_tensorboard(tmp_path, tiny_data, max_epoch=1)
+    train_with_tensorboard(tmp_path, tiny_data, max_epoch=3, resume='latest')
+    board = events(run)
+    assert [e.step for e in board.Scalars('train/loss')] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in board.Scalars('val/accuracy')] == [4, 8, 12]
+    assert [e.value for e in board.Scalars('loss/val')] == pytest.approx([r['val_loss'] for r in records(run)], rel=1e-6)
+
+
+def test_without_tensorboard_it_is_never_imported(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, tensorboard=False)
+    code = ('import sys; sys.path.insert(0, sys.argv[1]); import main; main.train(**eval(sys.argv[2])); '
+            "print('imported' if any(m.startswith('tensorboard') for m in sys.modules) else 'not imported')")
+    result = subprocess.run([sys.executable, '-c', code, str(ROOT), repr(options)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == 'not imported'
+    assert not list(newest_run(tmp_path / 'checkpoints').glob('events.out.tfevents.*'))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')
+def test_tensorboard_draws_the_curves_of_both_runs_and_listens_on_loopback(tmp_path, tiny_data):
+    for name in ('first', 'second'):
+        train_with_tensorboard(tmp_path, tiny_data, max_epoch=2, name=name)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, '-m', 'tensorboard.main', f"--logdir={tmp_path / 'checkpoints'}",
+                               f'--port={port}'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                runs = json.loads(urllib.request.urlopen(f'http://127.0.0.1:{port}/data/runs', timeout=1).read())
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, 'tensorboard did not start'
+                time.sleep(0.3)
+        assert sorted(runs) == ['first', 'second']  # the run folders, each once
+        listening = subprocess.run(['ss', '-ltn'], capture_output=True, text=True).stdout
+        assert re.search(rf'(127\.0\.0\.1|\[::1\]):{port} ', listening)  # the README's command: loopback only
+        assert f'0.0.0.0:{port} ' not in listening and f'*:{port} ' not in listening
+        # SVG charts (forceSVG), so that the lines are in the page's DOM and not only in pixels
+        url = f'http://127.0.0.1:{port}/?forceSVG=true&tagFilter=loss#timeseries'
+        flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync', '--no-first-run',
+                 f'--user-data-dir={tmp_path / "chromium"}', '--window-size=1600,1400',
+                 '--virtual-time-budget=30000', '--dump-dom', url]
+        dom = subprocess.run([CHROMIUM, *flags], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    colours = {}  # each run's colour, from the swatches of the runs list
+    for name in runs:
+        found = re.search(rf'>\s*{name}\s*<.*?run-color-swatch[^>]*background: (rgb\([\d, ]+\))', dom, re.S)
+        assert found, name
+        colours[name] = found[1]
+    assert len(set(colours.values())) == 2
+    for name, colour in colours.items():  # lines with vertices in that run's colour: its curves, drawn
+        lines = re.findall(rf'<path d="(M[^"]*L[^"]*)" style="[^"]*stroke: {re.escape(colour)}', dom)
+        assert len(lines) >= 4, (name, len(lines))  # loss/train, loss/val, train/loss, val/log_loss
