@@ -38,7 +38,7 @@ class DefaultConfig:
 
     batch_size: int = 32  # images per step
     use_gpu: bool = True  # use CUDA (or Apple MPS) when there is one; CPU otherwise
-    amp: bool = False  # mixed precision: bf16 (fp16 + loss scaling on pre-Ampere GPUs)
+    amp: str = 'auto'  # mixed precision: auto (bf16 where native), True (fp16 + scaling on older GPUs), False
     compile: bool = False  # torch.compile the model: slow first steps, faster after (PyTorch 2)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs and GPUs alike
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes
@@ -66,6 +66,17 @@ class DefaultConfig:
         An unknown option or a value of the wrong type or range is a UserError naming the
         option and what it accepts: a typo never falls back silently to a default.
         """
+        self._set(kwargs)
+        self._check()
+        print(self.describe())
+        return self
+
+    def check_values(self, kwargs):
+        """The checks of parse() that need no model, and so no torch: names, types, ranges."""
+        self._set(kwargs)
+        self._check(models=False)
+
+    def _set(self, kwargs):
         fields = {f.name: f for f in dataclasses.fields(self)}
         for raw_key, value in kwargs.items():
             key = raw_key.replace('-', '_')
@@ -73,17 +84,20 @@ class DefaultConfig:
                 raise unknown('option', key, fields, prefix='--')
             setattr(self, key, _coerce(key, value, fields[key].type))
             self._given.add(key)
-        self._check()
-        print(self.describe())
-        return self
 
-    def _check(self):
-        from models import check_model_name, image_size_range  # here: `help` should not wait for torch
+    def _check(self, models=True):
+        rules = []
+        if models:
+            from models import check_model_name, image_size_range  # here: `help` need not wait for torch
 
-        check_model_name(self.model)
-        min_size, max_size = image_size_range(self.model)
-        sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
-        rules = [
+            check_model_name(self.model)
+            min_size, max_size = image_size_range(self.model)
+            sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
+            rules.append(('image_size', min_size <= self.image_size <= (max_size or self.image_size),
+                          f'{sizes} for {self.model}'))
+        self.amp = {'true': 'True', 'false': 'False', 'auto': 'auto'}.get(str(self.amp).lower(), self.amp)
+        rules += [
+            ('amp', self.amp in ('auto', 'True', 'False'), 'auto, True or False'),
             ('lr', self.lr > 0, 'a number > 0'),
             ('lr_decay', 0 < self.lr_decay <= 1, 'a number in (0, 1]'),
             ('weight_decay', self.weight_decay >= 0, 'a number >= 0'),
@@ -91,8 +105,6 @@ class DefaultConfig:
             ('max_epoch', self.max_epoch >= 1, 'a whole number >= 1'),
             ('num_workers', self.num_workers >= 0, 'a whole number >= 0'),
             ('print_freq', self.print_freq >= 1, 'a whole number >= 1'),
-            ('image_size', min_size <= self.image_size <= (max_size or self.image_size),
-             f'{sizes} for {self.model}'),
             ('val_ratio', 0 < self.val_ratio < 1, 'a number strictly between 0 and 1'),
             ('crop_scale', 0 < self.crop_scale <= 1, 'a number in (0, 1]'),
             ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),

@@ -1,13 +1,18 @@
 """dogcat: train, validate and test an image classifier (cats vs. dogs, or your own classes).
 `python main.py help` lists the verbs and options."""
-import csv
+import sys
+
+from utils.cli import answer_early
+
+if __name__ == '__main__':
+    answer_early(__file__, sys.argv[1:])  # help and mistyped words answer before torch loads
+
+import csv  # noqa: E402 (the check above comes first: these imports take seconds)
 import functools
-import inspect
 import itertools
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -19,19 +24,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchnet import meter
 from tqdm import tqdm
 
-from config import DefaultConfig, option_help
+from config import DefaultConfig
 from data import DogCat, ImageFiles, collate_fn
 from data.decode import IMAGE_SUFFIXES, load_rgb
 from data.demo import make_demo_data
 from data.transforms import eval_transform, model_input
 from models import build_model
 from utils import UserError
-from utils.cli import run, verb_options
+from utils.cli import print_help, run
 from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, writable_folder
 from utils.runs import (check_name_free, find_checkpoint, latest_run, list_runs, new_run_dir, point_latest,
                         write_config)
-from utils.runtime import autocast, grad_scaler, runtime, seed_everything
 from utils.board import Board
+from utils.runtime import autocast, grad_scaler, precision, runtime, seed_everything
 from utils.visualize import Visualizer
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep every
@@ -103,7 +108,8 @@ def fit(cfg, root, resume, resume_file, rt):
     if cfg.compile:
         trained = torch.compile(trained)  # the same parameters: `model` still saves them
     print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}'
-          + (f' in each of {rt.world_size} processes' if rt.distributed else ''))
+          + (f' in each of {rt.world_size} processes' if rt.distributed else '')
+          + f', computing in {precision(device, cfg.amp)}')
 
     # step 3: objective, optimizer, and the decay of the learning rate
     criterion = nn.CrossEntropyLoss()
@@ -645,20 +651,11 @@ def runs(**kwargs):
 
 def help():
     """Show the verbs and every option with its default."""
-    print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
-    for name, verb in VERBS.items():
-        doc = inspect.getdoc(verb).splitlines()
-        print(f'  {name:<10} {doc[0]}')
-        meanings = dict(line.split(': ', 1) for line in doc if line.startswith('--'))
-        for option, default in verb_options(verb, own=True).items():
-            print(f"{'':14}--{option:<12} {default!r:<14} {meanings.get('--' + option, '')}")
-    print('\noptions of train, val, test, predict and runs (default, meaning):')
-    for name, (default, comment) in option_help().items():
-        print(f'  --{name:<16} {default!r:<18} {comment}')
+    print_help(__file__)
 
 
 VERBS = {'train': train, 'val': val, 'test': test, 'predict': predict, 'runs': runs, 'demo_data': demo_data,
          'help': help}
 
 if __name__ == '__main__':
-    run(VERBS)
+    run(VERBS, __file__)

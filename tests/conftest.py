@@ -43,7 +43,7 @@ def fast_options(tmp_path, data, **more):
     options = dict(train_data_root=str(data / 'train'), test_data_root=str(data / 'test1'),
                    checkpoint_dir=str(tmp_path / 'checkpoints'), result_file=str(tmp_path / 'result.csv'),
                    model='SqueezeNet', image_size=32, batch_size=8, max_epoch=1, num_workers=0,
-                   use_gpu=False, vis=False, tensorboard=False, print_freq=2, debug_file=str(tmp_path / 'debug'))
+                   use_gpu=False, amp=False, vis=False, tensorboard=False, print_freq=2, debug_file=str(tmp_path / 'debug'))
     options.update(more)
     return options
 

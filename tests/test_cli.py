@@ -2,13 +2,15 @@
 import csv
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 from config import option_help
-from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from main import VERBS
-from utils.cli import verb_options
+from utils.cli import verbs_of
 
 
 @pytest.mark.slow
@@ -41,12 +43,23 @@ def test_help_lists_verbs_and_every_option():
     lines = result.stdout.splitlines()
     for verb in VERBS:
         assert any(re.fullmatch(rf' +{verb} +\S.*', line) for line in lines), verb
-    for verb in VERBS.values():  # a verb's own options, such as predict's --out
-        for name, default in verb_options(verb, own=True).items():
+    for verb in verbs_of(ROOT / 'main.py').values():  # a verb's own options, such as predict's --out
+        for name, default in verb.options.items():
             assert any(re.fullmatch(rf' +--{name} +{re.escape(repr(default))} +\S.*', line) for line in lines), name
     for name, (default, comment) in option_help().items():
         assert any(re.fullmatch(rf' +--{name} +{re.escape(repr(default))} +{re.escape(comment)}', line)
                    for line in lines), name
+
+
+def test_help_and_mistyped_words_answer_without_importing_torch():
+    # main.py run in a process where importing torch fails: what answers must answer before it
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for args, exit_code in ((['help'], 0), (['tain'], 2), (['train', '--lr=abc'], 2), (['predict', '--outt=1'], 2)):
+        result = subprocess.run([sys.executable, '-c', code, str(ROOT / 'main.py'), *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == exit_code and 'Traceback' not in result.stderr, result.stderr
+        assert ('options of train, val, test, predict and runs' in result.stdout) == (args == ['help'])
 
 
 @pytest.mark.parametrize('args, fragments', [

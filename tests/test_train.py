@@ -343,3 +343,27 @@ def test_evaluation_holds_no_file_per_batch_from_the_workers(tmp_path, tiny_data
     assert len(model.counts) == 20 and sorted(indices.tolist()) == list(range(40)) and not skipped
     # kept as they came, the batches' tensors held 2 more files open with every batch: +34 by the last
     assert max(model.counts) - min(model.counts) <= 10  # the batches in flight
+
+
+def test_amp_auto_is_bf16_exactly_where_the_cpu_computes_it_and_never_fp16(monkeypatch):
+    from utils import runtime
+    cpu = torch.device('cpu')
+    native = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
+    assert runtime.compute_dtype(cpu, 'auto') == (torch.bfloat16 if native else None)
+    assert runtime.precision(cpu, 'auto') == ('bf16 mixed precision (--amp=auto)' if native else 'fp32')
+    assert runtime.compute_dtype(cpu, 'False') is None and not runtime.grad_scaler(cpu, 'auto').is_enabled()
+    for ampere in (True, False):  # a GPU that only emulates bf16 computes auto in fp32, not fp16
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True, a=ampere: a)
+        assert runtime.compute_dtype(torch.device('cuda'), 'auto') == (torch.bfloat16 if ampere else None)
+
+
+def test_the_default_run_says_how_it_computes_and_resumes_across_precisions(tmp_path, tiny_data, capsys):
+    from utils.runtime import precision
+    main.train(**fast_options(tmp_path, tiny_data, amp=False))
+    assert 'computing in fp32' in capsys.readouterr().out
+    options = fast_options(tmp_path, tiny_data, max_epoch=2, resume='latest')
+    del options['amp']  # the default: auto
+    main.train(**options)
+    out = capsys.readouterr().out
+    assert f"computing in {precision(torch.device('cpu'), 'auto')}" in out and 'resuming' in out
+    assert load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['config']['amp'] == 'auto'

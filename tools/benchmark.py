@@ -237,7 +237,8 @@ def main_():
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
     parser.add_argument('--channels_last', type=lambda v: v.lower() == 'true', default=None,
                         help='True/False; default: the config default')
-    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--amp', default='auto', choices=['auto', 'True', 'False'],
+                        help='mixed precision as in main.py (default auto: bf16 where native)')
     parser.add_argument('--num_workers', type=int, default=DefaultConfig.num_workers)
     parser.add_argument('--nice_workers', type=lambda v: v.lower() == 'true', default=DefaultConfig.nice_workers,
                         help='True/False: workers at low priority on the CPU')

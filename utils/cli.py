@@ -1,36 +1,30 @@
 """The command line: python-fire dispatches the verbs; mistakes a user can make become one line."""
+import ast
 import bdb
 import dataclasses
-import inspect
 import os
 import signal
 import sys
+from pathlib import Path
 
 import fire
 
 from utils import UserError, raise_interrupt, unknown
 
 
-def run(verbs, argv=None):
+def run(verbs, main_file, argv=None):
     """Call the verb named in argv with its --options.
 
     Exit codes: 2 for a UserError (one line, no traceback); 128 + the signal's number when
     interrupted (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a killed command.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or any(word in ('-h', '--help') for word in argv):
-        argv = ['help']  # ours lists every option; fire's cannot see inside **kwargs
+    argv = _normalised(sys.argv[1:] if argv is None else list(argv))
     if int(os.environ.get('RANK', 0)) > 0:
         sys.stdout = open(os.devnull, 'w')  # under torchrun, rank 0 alone talks; errors still show
     signal.signal(signal.SIGINT, raise_interrupt)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        verb = verbs.get(argv[0])
-        if verb is None:
-            raise unknown('verb', argv[0], verbs)
-        _check_options(argv[1:], verb_options(verb))
-        if not any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(verb).parameters.values()):
-            _reject_stray_words(argv)
+        check_words(main_file, argv)
         fire.Fire(verbs, command=argv, name='main.py')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
@@ -44,30 +38,101 @@ def run(verbs, argv=None):
         sys.exit(128 + signal.SIGINT)
 
 
-def verb_options(verb, own=False):
-    """{option: default} that `verb` takes: its own keyword parameters, and (unless `own`) every
-    field of DefaultConfig when it takes **options."""
+def answer_early(main_file, argv):
+    """`help`, and a mistyped verb, option or value, answered before main.py imports torch:
+    at once instead of seconds later. Anything else returns to main.py, which runs it."""
+    argv = _normalised(argv)
+    try:
+        if argv[0] == 'help':
+            print_help(main_file)
+            sys.exit(0)
+        check_words(main_file, argv)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def _normalised(argv):
+    if not argv or any(word in ('-h', '--help') for word in argv):
+        return ['help']  # ours lists every option; fire's cannot see inside **kwargs
+    return argv
+
+
+@dataclasses.dataclass
+class Verb:
+    doc: str
+    options: dict  # its own: {name: default}
+    takes_config: bool  # **options: every field of DefaultConfig
+    takes_words: bool  # *paths
+
+
+def verbs_of(main_file):
+    """{verb: Verb} read from main.py's source (its VERBS table and the functions it names),
+    so that help and the checks need none of the imports main.py makes."""
+    tree = ast.parse(Path(main_file).read_text(encoding='utf-8'))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], 'id', None) == 'VERBS')
+    verbs = {}
+    for key, value in zip(table.keys, table.values):
+        args = functions[value.id].args
+        with_defaults = args.args[len(args.args) - len(args.defaults):]
+        options = {a.arg: ast.literal_eval(d) for a, d in zip(with_defaults, args.defaults)}
+        options.update((a.arg, ast.literal_eval(d)) for a, d in zip(args.kwonlyargs, args.kw_defaults))
+        verbs[key.value] = Verb(ast.get_docstring(functions[value.id]), options, args.kwarg is not None,
+                                args.vararg is not None)
+    return verbs
+
+
+def verb_options(verb):
+    """{option: default} that `verb` (a Verb) takes: its own, and DefaultConfig's if it takes them."""
     from config import DefaultConfig
 
-    options, params = {}, inspect.signature(verb).parameters.values()
-    for p in params:
-        if p.kind is p.VAR_KEYWORD and not own:
-            options.update((f.name, getattr(DefaultConfig(), f.name)) for f in dataclasses.fields(DefaultConfig))
-        elif p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            options[p.name] = p.default
-    return options
+    config = {f.name: getattr(DefaultConfig(), f.name) for f in dataclasses.fields(DefaultConfig)}
+    return {**(config if verb.takes_config else {}), **verb.options}
 
 
-def _check_options(words, options):
-    """Refuse an option `verb` does not take, naming the closest it does (before fire, whose own
-    message for a verb's parameters names nothing)."""
-    for word in words:
+def check_words(main_file, argv):
+    """Raise a UserError for a verb, option or option value that is not one, naming the closest."""
+    from config import DefaultConfig
+
+    verbs = verbs_of(main_file)
+    verb = verbs.get(argv[0])
+    if verb is None:
+        raise unknown('verb', argv[0], verbs)
+    options = verb_options(verb)
+    given = {}
+    for word, following in zip(argv[1:], argv[2:] + ['']):
         if word == '--':
-            return
+            break
         if word.startswith('--'):
-            name = word[2:].split('=', 1)[0].replace('-', '_')
+            name, _, value = word[2:].partition('=')
+            name = name.replace('-', '_')
             if name not in options:
                 raise unknown('option', name, options, prefix='--')
+            if name not in verb.options:
+                given[name] = value if '=' in word else \
+                    following if following and not following.startswith('-') else True
+    if verb.takes_config:
+        DefaultConfig().check_values(given)
+    if not verb.takes_words:
+        _reject_stray_words(argv)
+
+
+def print_help(main_file):
+    """The verbs, each with its own options, and the options of DefaultConfig."""
+    from config import option_help
+
+    print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
+    for name, verb in verbs_of(main_file).items():
+        doc = verb.doc.splitlines()
+        print(f'  {name:<10} {doc[0]}')
+        meanings = dict(line.split(': ', 1) for line in doc if line.startswith('--'))
+        for option, default in verb.options.items():
+            print(f"{'':14}--{option:<12} {default!r:<14} {meanings.get('--' + option, '')}")
+    print('\noptions of train, val, test, predict and runs (default, meaning):')
+    for name, (default, comment) in option_help().items():
+        print(f'  --{name:<16} {default!r:<18} {comment}')
 
 
 def _reject_stray_words(argv):

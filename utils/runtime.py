@@ -129,16 +129,40 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, name)() for name in checks)
 
 
-def autocast(device, enabled):
-    """Mixed precision for the forward pass (a no-op when not enabled, or where it would be slower)."""
-    if not enabled:  # the common case costs the training step nothing, not even a device query
-        return contextlib.nullcontext()
+def compute_dtype(device, amp):
+    """What a run computes its forward passes in: None (fp32), torch.bfloat16 or torch.float16.
+
+    amp 'auto' (the default): bf16 where the device computes it natively (GPUs from Ampere on,
+    CPUs with bf16 instructions), fp32 elsewhere, never fp16. True: amp_dtype(), fp16 with loss
+    scaling included. False: fp32.
+    """
+    mode = str(amp).lower()
+    if mode == 'false':
+        return None
+    if mode == 'auto':
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == 'cuda' else \
+            cpu_has_bf16() if device.type == 'cpu' else False
+        return torch.bfloat16 if native else None
     dtype = amp_dtype(device)
     if dtype is None:
         _warn_once('warning: --amp: this CPU has no bf16 instructions (AVX512-BF16 or AMX), and '
                    'bf16 would be slower than fp32 here: computing in fp32')
+    return dtype
+
+
+def precision(device, amp):
+    """How a run computes, in words for its first lines."""
+    dtype = compute_dtype(device, amp)
+    return 'fp32' if dtype is None else \
+        f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} mixed precision (--amp={amp})"
+
+
+def autocast(device, amp):
+    """Mixed precision for the forward pass; a no-op where the run computes in fp32."""
+    if str(amp).lower() == 'false':  # costs the training step nothing, not even a device query
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    dtype = compute_dtype(device, amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,4 +172,4 @@ def _warn_once(message):
 
 def grad_scaler(device, amp):
     """Scales the loss so that fp16 gradients do not underflow; disabled (a no-op) otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
+    return torch.amp.GradScaler(device.type, enabled=compute_dtype(device, amp) == torch.float16)
