@@ -48,6 +48,19 @@ def fast_options(tmp_path, data, **more):
     return options
 
 
+def imagenet_weights_in_cache(torch_home, monkeypatch, build, weights, seed):
+    """A 1000-class state dict of `build`, where torchvision's cache (TORCH_HOME) keeps the file
+    of `weights`: ImageNet weights without the network."""
+    import torch
+    monkeypatch.setenv('TORCH_HOME', str(torch_home))
+    torch.manual_seed(seed)
+    state = build(num_classes=1000).state_dict()
+    cache = torch_home / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(state, cache / weights.url.rsplit('/', 1)[1])
+    return state
+
+
 def run_main(*args, cwd=ROOT, timeout=300):
     """`python main.py ARGS` in a subprocess, as a user would type it."""
     return subprocess.run([sys.executable, str(ROOT / 'main.py'), *args], cwd=cwd, capture_output=True,

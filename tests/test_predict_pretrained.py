@@ -5,10 +5,10 @@ import urllib.error
 
 import pytest
 import torch
-from torchvision.models import squeezenet1_1
+from torchvision.models import SqueezeNet1_1_Weights, squeezenet1_1
 
 import main
-from conftest import as_flags, fast_options, newest_run, run_main
+from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from models import SqueezeNet, build_model
 from utils import UserError
 
@@ -65,13 +65,7 @@ def test_predict_errors_are_one_line(tmp_path, trained):
 
 def imagenet_squeezenet_in_cache(torch_home, monkeypatch):
     """A 1000-class SqueezeNet state dict where torchvision's cache keeps it."""
-    monkeypatch.setenv('TORCH_HOME', str(torch_home))
-    torch.manual_seed(123)
-    state = squeezenet1_1(num_classes=1000).state_dict()
-    cache = torch_home / 'hub' / 'checkpoints'
-    cache.mkdir(parents=True)
-    torch.save(state, cache / 'squeezenet1_1-b8a52dc0.pth')
-    return state
+    return imagenet_weights_in_cache(torch_home, monkeypatch, squeezenet1_1, SqueezeNet1_1_Weights.IMAGENET1K_V1, 123)
 
 
 def test_pretrained_backbone_equals_the_cached_imagenet_weights(tmp_path, monkeypatch):

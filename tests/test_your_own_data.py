@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import main
-from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from conftest import as_flags, assert_one_line_error, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from data import DogCat
 from data.decode import load_pixels
 from data.demo import make_demo_data
@@ -199,12 +199,7 @@ def test_an_unknown_model_name_lists_the_closest():
 
 def test_pretrained_torchvision_model_gets_a_head_for_n_classes(tmp_path, monkeypatch):
     from torchvision.models import ResNet18_Weights, resnet18
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
-    torch.manual_seed(5)
-    imagenet = resnet18(num_classes=1000).state_dict()
-    cache = tmp_path / 'hub' / 'checkpoints'
-    cache.mkdir(parents=True)
-    torch.save(imagenet, cache / ResNet18_Weights.DEFAULT.url.rsplit('/', 1)[1])
+    imagenet = imagenet_weights_in_cache(tmp_path, monkeypatch, resnet18, ResNet18_Weights.DEFAULT, 5)
     model = build_model('resnet18', 5, pretrained=True)
     assert torch.equal(model.net.conv1.weight, imagenet['conv1.weight'])
     assert model.head() is model.net.fc and model.net.fc.out_features == 5
