@@ -5,6 +5,7 @@ at the last step of their epoch, so a resumed run (which purges what an interrup
 after its last checkpoint) goes on where the curves stop, with no point twice.
 """
 import sys
+import warnings
 
 
 class Board:
@@ -52,7 +53,9 @@ class Board:
         if not self.writer:
             return
         try:
-            self.writer.add_graph(model, example)
+            with warnings.catch_warnings():  # torch.jit.trace, which add_graph uses, says it is deprecated
+                warnings.simplefilter('ignore', FutureWarning)
+                self.writer.add_graph(model, example)
         except Exception as e:  # tracing fails on some control flow: the graph is a nicety
             print(f'warning: TensorBoard gets no graph of this model ({type(e).__name__})', file=sys.stderr)
 
