@@ -102,25 +102,27 @@ def fit(cfg, root, resume, resume_file, rt):
             raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     on_device(model, cfg, rt)
-    # the wrapper averages gradients across processes; `model` stays the plain one to save
-    trained = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
-        if rt.distributed else model
+    # `model` is what trains: under torchrun the wrapper that averages the gradients of all
+    # processes, compiled with --compile; `model_without_ddp` is the plain one that is saved
+    model_without_ddp = model
+    if rt.distributed:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
     if cfg.compile:
-        trained = torch.compile(trained)  # the same parameters: `model` still saves them
-    print(f'{cfg.model}: {model.num_parameters():,} parameters on {device}'
+        model = torch.compile(model)  # the same parameters
+    print(f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {device}'
           + (f' in each of {rt.world_size} processes' if rt.distributed else '')
           + f', computing in {precision(device, cfg.amp)}')
 
     # step 3: objective, optimizer, and the decay of the learning rate
     criterion = nn.CrossEntropyLoss()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model_without_ddp.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
     scheduler = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
     scaler = grad_scaler(device, cfg.amp)
     start_epoch, best_accuracy = 0, 0.0
     if resume is not None:
-        model.load_state(resume, resume_file)
+        model_without_ddp.load_state(resume, resume_file)
         optimizer.load_state_dict(resume['optimizer'])
         scheduler.load_state_dict(resume['scheduler'])
         if resume['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
@@ -138,7 +140,7 @@ def fit(cfg, root, resume, resume_file, rt):
     board = Board(run_dir, purge_step=start_epoch * steps + 1 if resume else None,
                   enabled=cfg.tensorboard and rt.is_main)
     if resume is None:
-        board.graph(model, model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8),
+        board.graph(model_without_ddp, model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8),
                                        device, memory_format(cfg)))
     metrics_file = run_dir / 'metrics.jsonl'  # one JSON line per epoch; --resume adds to it
     save = atomic_save if rt.is_main else lambda state, path: None
@@ -151,17 +153,17 @@ def fit(cfg, root, resume, resume_file, rt):
             train_loader.sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]['lr']
             started = time.perf_counter()
-            model.train()
-            train_loss, seen, skipped = train_one_epoch(trained, train_loader, criterion, optimizer,
+            model_without_ddp.train()
+            train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer,
                                                         scaler, rt, cfg, epoch, (vis, board))
             seconds = time.perf_counter() - started
-            model.eval()
-            rt.share_buffers(model)
-            metrics = evaluate(model, val_loader, rt, cfg.amp, memory_format(cfg))
+            model_without_ddp.eval()
+            rt.share_buffers(model_without_ddp)
+            metrics = evaluate(model_without_ddp, val_loader, rt, cfg.amp, memory_format(cfg))
             scheduler.step(metrics['loss'])
 
             best_accuracy = max(best_accuracy, metrics['accuracy'])
-            state = training_state(model, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy)
+            state = training_state(model_without_ddp, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy)
             save(state, run_dir / 'last.pth')
             if metrics['accuracy'] == best_accuracy and rt.is_main:
                 atomic_link(run_dir / 'last.pth', run_dir / 'best.pth')  # the same bytes: written once
@@ -187,7 +189,7 @@ def fit(cfg, root, resume, resume_file, rt):
                 board.images('most wrong (validation)', wrong, (epoch + 1) * steps)
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
-        state = training_state(model, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
+        state = training_state(model_without_ddp, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
                                interrupted=True)
         save(state, run_dir / 'last.pth')
         print(f'\nstopped during epoch {finished + 2}; saved {run_dir / "last.pth"}; '
@@ -433,8 +435,7 @@ def val(**kwargs):
     else:
         data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed,
                       classes=classes)
-    with runtime(cfg.use_gpu) as rt:
-        m = evaluate(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt, cfg.amp, memory_format(cfg))
+    m, _ = inference(cfg, model, data, evaluate)
     print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
           f"Kaggle log loss {m['log_loss']:.4f}")
     print(confusion_table(m['confusion'], classes))
@@ -465,9 +466,7 @@ def test(**kwargs):
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
     result_file = cfg.path('result_file') if cfg.result_file else unused_name(checkpoint.parent / 'result.csv')
     writable_folder(result_file.parent, 'result_file')
-    with runtime(cfg.use_gpu) as rt:
-        log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
-                                               cfg.amp, memory_format(cfg))
+    (log_probs, _, indices, skipped), rt = inference(cfg, model, data)
     if not rt.is_main:
         return
     probs = clipped_probabilities(log_probs)
@@ -497,9 +496,7 @@ def predict(*paths, out='', **kwargs):
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
     if out:
         writable_folder(Path(out).parent, 'out')
-    with runtime(cfg.use_gpu) as rt:
-        log_probs, _, indices, skipped = infer(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt,
-                                               cfg.amp, memory_format(cfg))
+    (log_probs, _, indices, skipped), rt = inference(cfg, model, data)
     # each file's class, and the probability printed beside it: with two classes that of the
     # second (P(dog)), as in the submission; with more, that of the class named
     two = len(classes) == 2
@@ -536,6 +533,13 @@ def find_images(paths):
     if not files:
         raise UserError(f"no .jpg, .jpeg or .png files in {', '.join(map(str, paths))}")
     return [str(f) for f in files]
+
+
+def inference(cfg, model, data, how=infer):
+    """`how` (infer or evaluate) of `model` over `data` on the options' device, layout and
+    precision, and under torchrun by all processes; returns its result and the Runtime."""
+    with runtime(cfg.use_gpu) as rt:
+        return how(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt, cfg.amp, memory_format(cfg)), rt
 
 
 def load_trained(cfg, data_options=()):
