@@ -30,7 +30,7 @@ from data.decode import IMAGE_SUFFIXES, load_rgb
 from data.demo import make_demo_data
 from data.transforms import eval_transform, model_input
 from models import build_model
-from utils import UserError
+from utils import UserError, interrupts_deferred
 from utils.cli import print_help, run
 from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, writable_folder
 from utils.runs import (check_name_free, find_checkpoint, latest_run, list_runs, new_run_dir, point_latest,
@@ -66,6 +66,11 @@ def train(**kwargs):
             raise UserError(f'{resume_file} holds weights only, not a training state; '
                             f'start from it with --load_model_path instead')
         cfg.inherit(resume['config'], RESUME_KEYS, resume_file)
+        # the run's data and batch size unless given (the data may have moved)
+        cfg.inherit(resume['config'], ('train_data_root', 'val_data_root', 'batch_size'), resume_file, strict=False)
+        if resume['epoch'] + 1 >= cfg.max_epoch and not resume.get('interrupted'):
+            raise UserError(f"{resume_file} has trained its {resume['epoch'] + 1} epochs; raise --max_epoch "
+                            f"to train more")
     root = cfg.require_dir('train_data_root')
     writable_folder(checkpoint_dir, 'checkpoint_dir')
     with runtime(cfg.use_gpu) as rt:
@@ -164,10 +169,11 @@ def fit(cfg, root, resume, resume_file, rt):
 
             best_accuracy = max(best_accuracy, metrics['accuracy'])
             state = training_state(model_without_ddp, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy)
-            save(state, run_dir / 'last.pth')
-            if metrics['accuracy'] == best_accuracy and rt.is_main:
-                atomic_link(run_dir / 'last.pth', run_dir / 'best.pth')  # the same bytes: written once
-            finished = epoch
+            with interrupts_deferred():  # Ctrl-C meanwhile: after the epoch is saved whole
+                save(state, run_dir / 'last.pth')
+                if metrics['accuracy'] == best_accuracy and rt.is_main:
+                    atomic_link(run_dir / 'last.pth', run_dir / 'best.pth')  # the same bytes: written once
+                finished = epoch
 
             skipped_files = [train_data.paths[i] for i in skipped] + \
                             [val_data.paths[i] for i in metrics['skipped']]
@@ -327,8 +333,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
             if count:
                 window_loss = loss_sum / count
                 if not math.isfinite(window_loss):
+                    first = (step - 1) // cfg.print_freq * cfg.print_freq + 1
                     raise UserError(f'the loss became {window_loss} in epoch {epoch + 1} (steps '
-                                    f'{step - cfg.print_freq + 1}-{step}); try a lower --lr. '
+                                    f'{first}-{step}); try a lower --lr. '
                                     f"The run's last.pth holds the last good epoch")
                 loss_meter.add(loss_sum, int(count))
                 if step % cfg.print_freq == 0:
@@ -629,6 +636,10 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     """
     from config import ROOT
     from data.demo import CLASSES
+    for name, value in (('n_train', n_train), ('n_test', n_test), ('seed', seed), ('classes', classes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f'--{name}={value!r} is invalid; it takes a whole number >= 0')
+    root = str(root)  # fire reads --root=5 as a number
     if layout not in ('kaggle', 'folders'):
         raise UserError(f"--layout={layout!r} is invalid; it takes kaggle or folders")
     if classes not in range(2, len(CLASSES) + 1):

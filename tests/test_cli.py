@@ -75,6 +75,7 @@ def test_help_and_mistyped_words_answer_without_importing_torch():
     (['predict', 'a.jpg', '--outt=x.csv'], ['unknown option --outt; did you mean --out?']),
     (['demo_data', '--clases=3'], ['unknown option --clases; did you mean --classes?']),
     (['demo_data', '--lr=0.1'], ['unknown option --lr']),
+    (['demo_data', '--n_train=abc'], ["--n_train='abc' is invalid; it takes a whole number"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(run_main(*args), *fragments)

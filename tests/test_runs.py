@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import torch
 import main
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from models import SqueezeNet
+from utils import UserError
 from utils import runs
 
 
@@ -176,3 +178,30 @@ def test_a_checkpoint_folder_from_before_runs_is_still_usable_by_path(tmp_path, 
     assert (old / 'result.csv').read_text().startswith('id,label\n')
     main.test(**options, load_model_path=str(old / 'best.pth'))
     assert (old / 'result-2.csv').exists()
+
+
+def test_resuming_takes_the_runs_data_and_a_finished_run_says_to_raise_max_epoch(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data, name='done'))
+    options = fast_options(tmp_path, tiny_data, resume='done', max_epoch=2)
+    del options['train_data_root']  # the default, data/train, is not where the run's data is
+    main.train(**options)
+    assert f"train_data_root={tiny_data / 'train'}" in capsys.readouterr().out
+    with pytest.raises(UserError, match='has trained its 2 epochs; raise --max_epoch'):
+        main.train(**options)
+
+
+@pytest.mark.parametrize('name', ['a/b', '..', 'latest'])
+def test_a_run_name_is_a_plain_folder_name(tmp_path, tiny_data, name):
+    with pytest.raises(UserError, match=f'--name={re.escape(name)}'):
+        main.train(**fast_options(tmp_path, tiny_data, name=name))
+
+
+def test_runs_lists_the_readable_runs_and_names_a_broken_one(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data, name='good'))
+    main.train(**fast_options(tmp_path, tiny_data, name='cut'))
+    with open(tmp_path / 'checkpoints' / 'cut' / 'metrics.jsonl', 'a') as f:
+        f.write('{"epoch": 2, "val_acc')  # a line cut short by a kill
+    capsys.readouterr()
+    main.runs(checkpoint_dir=str(tmp_path / 'checkpoints'))
+    out, err = capsys.readouterr()
+    assert 'good  SqueezeNet' in out and 'cut: cannot be read (JSONDecodeError)' in err

@@ -43,6 +43,9 @@ def interrupts_deferred():
     interrupt could land inside torch.save and surface as a confusing write error.
     """
     global _held
+    if _held is not None:  # inside another such block: that one acts on the signal
+        yield
+        return
     _held = []
     try:
         yield

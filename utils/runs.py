@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from config import ROOT
 from utils import UserError
 from utils.files import atomic_open
 
@@ -30,13 +31,15 @@ def new_run_dir(checkpoint_dir, model, name=''):
     for candidate in candidates:
         try:
             (checkpoint_dir / candidate).mkdir()
-            return checkpoint_dir / candidate
+            return (checkpoint_dir / candidate).resolve()
         except FileExistsError:
             continue
     check_name_free(checkpoint_dir, name)  # taken meanwhile by another run
 
 
 def check_name_free(checkpoint_dir, name):
+    if name in ('.', '..') or Path(name).name != name or '/' in name or '\\' in name:
+        raise UserError(f'--name={name}: a run name is a folder name, without / or \\')
     if name == LATEST or (checkpoint_dir / name).exists():
         raise UserError(f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
                         f'continue that run with --resume={name}')
@@ -62,8 +65,8 @@ def find_checkpoint(checkpoint_dir, value, file, option):
         run = latest_run(checkpoint_dir)
         if run is None:
             raise UserError(f'--{option}=latest: there is no run in {checkpoint_dir} yet')
-        return run / file
-    path = Path(value)
+        return (run / file).resolve()
+    path = ROOT / Path(value).expanduser()  # relative: to the project folder, as every path option
     if not path.exists() and (checkpoint_dir / value).is_dir():
         path = checkpoint_dir / value
     path = path / file if path.is_dir() else path
@@ -115,13 +118,17 @@ def list_runs(checkpoint_dir):
         config = folder / 'config.json'
         if folder.is_symlink() or not config.is_file():
             continue
-        made = json.loads(config.read_text())
-        records = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()
-                   if line.strip()] if (folder / 'metrics.jsonl').is_file() else []
+        try:
+            made = json.loads(config.read_text())
+            records = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()
+                       if line.strip()] if (folder / 'metrics.jsonl').is_file() else []
+            last = folder / 'last.pth'
+            # mmap: only the few plain values are read, not the hundreds of MB of weights
+            state = torch.load(last, map_location='cpu', weights_only=True, mmap=True) if last.is_file() else {}
+        except Exception as e:  # a file cut short by a kill or a full disk: say so, list the others
+            print(f'{folder.name}: cannot be read ({type(e).__name__})', file=sys.stderr)
+            continue
         best = max(records, key=lambda r: r['val_accuracy'], default=None)
-        last = folder / 'last.pth'
-        # mmap: only the few plain values are read, not the hundreds of MB of weights
-        state = torch.load(last, map_location='cpu', weights_only=True, mmap=True) if last.is_file() else {}
         runs.append({'name': folder.name, 'model': made['options']['model'], 'classes': made['classes'],
                      'epochs': records[-1]['epoch'] if records else 0,
                      'max_epoch': made['options']['max_epoch'],
