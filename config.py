@@ -5,14 +5,28 @@ Relative paths are relative to the project folder (where this file is), not to t
 directory, so a run behaves the same wherever it is started from.
 """
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import UserError, unknown
-
 ROOT = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a bad option, a missing folder): shown as one line, no traceback.
+
+    It lives here because this file is the bottom of the project: it imports none of the others,
+    and they all may raise it."""
+
+
+def unknown(kind, word, valid, prefix=''):
+    """The UserError for a mistyped `word`, naming the closest of `valid`."""
+    close = difflib.get_close_matches(word, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else \
+        "; `python main.py help` lists them"
+    return UserError(f'unknown {kind} {prefix}{word}{hint}')
 
 
 @dataclass
@@ -72,9 +86,9 @@ class DefaultConfig:
         return self
 
     def check_values(self, kwargs):
-        """The checks of parse() that need no model, and so no torch: names, types, ranges."""
+        """The checks of parse(), without printing: names, types, ranges."""
         self._set(kwargs)
-        self._check(models=False)
+        self._check()
 
     def _set(self, kwargs):
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -85,18 +99,10 @@ class DefaultConfig:
             setattr(self, key, _coerce(key, value, fields[key].type))
             self._given.add(key)
 
-    def _check(self, models=True):
-        rules = []
-        if models:
-            from models import check_model_name, image_size_range  # here: `help` need not wait for torch
-
-            check_model_name(self.model)
-            min_size, max_size = image_size_range(self.model)
-            sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
-            rules.append(('image_size', min_size <= self.image_size <= (max_size or self.image_size),
-                          f'{sizes} for {self.model}'))
+    def _check(self):
+        """The values' ranges; --model and its image sizes are checked by models.check_options()."""
         self.amp = {'true': 'True', 'false': 'False', 'auto': 'auto'}.get(str(self.amp).lower(), self.amp)
-        rules += [
+        rules = [
             ('amp', self.amp in ('auto', 'True', 'False'), 'auto, True or False'),
             ('lr', self.lr > 0, 'a number > 0'),
             ('lr_decay', 0 < self.lr_decay <= 1, 'a number in (0, 1]'),

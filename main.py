@@ -8,11 +8,8 @@ if __name__ == '__main__':
     answer_early(__file__, sys.argv[1:])  # help and mistyped words answer before torch loads
 
 import csv  # noqa: E402 (the check above comes first: these imports take seconds)
-import functools
 import itertools
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -20,28 +17,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DataLoader, DistributedSampler
-from torchnet import meter
-from tqdm import tqdm
 
-from config import DefaultConfig
-from data import DogCat, ImageFiles, collate_fn
+from config import DefaultConfig, UserError
+from data import DogCat, ImageFiles
 from data.decode import IMAGE_SUFFIXES, load_rgb
 from data.demo import make_demo_data
 from data.transforms import eval_transform, model_input
-from models import build_model
-from utils import UserError, interrupts_deferred
+from engine import clipped_probabilities, evaluate, infer, make_loader, memory_format, on_device, train_one_epoch
+from models import build_model, check_options
+from utils import interrupts_deferred
 from utils.cli import print_help, run
 from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, writable_folder
 from utils.runs import (check_name_free, find_checkpoint, latest_run, list_runs, new_run_dir, point_latest,
                         write_config)
 from utils.board import Board
-from utils.runtime import autocast, grad_scaler, precision, runtime, seed_everything
+from utils.runtime import grad_scaler, precision, runtime, seed_everything
 from utils.visualize import Visualizer
 
-# Kaggle scores log loss, which punishes a confident mistake without bound: keep every
-# probability away from 0 and 1 so a few wrong answers cannot ruin the score.
-P_MIN, P_MAX = 0.005, 0.995
 # what --resume takes from the checkpoint: changing any of them would make another run
 RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay',
                'freeze_features', 'crop_scale', 'hflip')
@@ -51,7 +43,7 @@ DOGS_VS_CATS = ['cat', 'dog']
 
 def train(**kwargs):
     """Train a model on train_data_root, validating after every epoch, in a run folder of its own."""
-    cfg = DefaultConfig().parse(kwargs)
+    cfg = options(kwargs)
     checkpoint_dir = cfg.path('checkpoint_dir')
     resume_file = None
     if cfg.resume:
@@ -75,6 +67,13 @@ def train(**kwargs):
     writable_folder(checkpoint_dir, 'checkpoint_dir')
     with runtime(cfg.use_gpu) as rt:
         fit(cfg, root, resume, resume_file, rt)
+
+
+def options(kwargs):
+    """The defaults with the command line's overrides, each checked (--model against the models)."""
+    cfg = DefaultConfig().parse(kwargs)
+    check_options(cfg)
+    return cfg
 
 
 def fit(cfg, root, resume, resume_file, rt):
@@ -290,150 +289,9 @@ def most_wrong(dataset, metrics, classes, count=16):
     return items
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, dashboards):
-    """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices.
-
-    Under torchrun `model` is the DistributedDataParallel wrapper and the figures returned are
-    those of all processes together.
-    """
-    device = rt.device
-    loss_meter = meter.AverageValueMeter()
-    skipped = []
-    # loss and image count are summed on the device and read back every print_freq steps:
-    # reading them every step (.item()) would make the GPU wait for the CPU once per batch
-    window = torch.zeros(2, device=device)
-    debug_file = cfg.path('debug_file')
-    steps = len(loader)
-    progress = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
-                    disable=None if rt.is_main else True)  # None: no bar unless on a terminal
-    loss = None  # until a batch has loaded
-    for step, (images, targets, _, bad) in enumerate(progress, start=1):
-        skipped += bad
-        weight = 1.0
-        if images is None and rt.distributed:
-            # every image of this process's batch failed to load, but the other processes wait
-            # for its gradients: take part with one blank image whose loss counts zero
-            images = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
-            targets, weight = torch.zeros(1, dtype=torch.long), 0.0
-        if images is not None:  # None: every image of the batch failed to load
-            images = model_input(images, device, memory_format(cfg))
-            targets = targets.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                loss = criterion(model(images), targets) * weight
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            window[0] += loss.detach().float() * len(targets)
-            window[1] += len(targets) * weight
-
-        if step % cfg.print_freq == 0 or step == steps:
-            loss_sum, count = rt.sum(window).tolist()  # every process joins, whatever it holds
-            window.zero_()
-            if count:
-                window_loss = loss_sum / count
-                if not math.isfinite(window_loss):
-                    first = (step - 1) // cfg.print_freq * cfg.print_freq + 1
-                    raise UserError(f'the loss became {window_loss} in epoch {epoch + 1} (steps '
-                                    f'{first}-{step}); try a lower --lr. '
-                                    f"The run's last.pth holds the last good epoch")
-                loss_meter.add(loss_sum, int(count))
-                if step % cfg.print_freq == 0:
-                    progress.set_postfix(loss=f'{window_loss:.4f}')
-                    vis, board = dashboards
-                    vis.plot('train_loss', window_loss, x=epoch * steps + step)
-                    board.scalar('train/loss', window_loss, epoch * steps + step)
-            if rt.is_main and debug_file.exists():  # the other processes wait for this one
-                debug_prompt(unwrap(model), optimizer, cfg, images, targets, loss, epoch, step)
-    progress.close()
-    skipped = [i for part in rt.gather(skipped) for i in part]
-    return loss_meter.value()[0], loss_meter.n, skipped
-
-
-def debug_prompt(model, optimizer, cfg, images, targets, loss, epoch, step):
-    """Debug mode: stop in ipdb with this training step's objects at hand. `model` is the plain
-    model, also under torchrun and --compile, so model.save(PATH) works. `c` continues (remove
-    the debug file first), `q` quits."""
-    import ipdb
-    ipdb.set_trace()
-
-
-def unwrap(model):
-    """The plain model inside torch.compile's and DistributedDataParallel's wrappers."""
-    model = getattr(model, '_orig_mod', model)
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-@torch.inference_mode()
-def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
-    """Log-probabilities (N, classes) of the images that loaded, with their targets and indices,
-    ordered by index, and the indices of the images that could not be read.
-
-    Under torchrun each process reads its share and every process gets the whole result.
-    """
-    # the results go straight into tensors sized for all of this process's images: kept as
-    # they came, each batch's tensors held two file descriptors of the workers' shared memory
-    # (a large validation set could use up the usual limit of 1,024) and grew the process with
-    # every batch (docs/performance.md)
-    count = len(loader.sampler)
-    log_probs = None  # (count, classes) once the first batch tells the number of classes
-    targets, indices = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=torch.long)
-    filled, skipped = 0, []
-    for images, batch_targets, batch_indices, bad in loader:
-        skipped += bad
-        if images is None:
-            continue
-        with autocast(rt.device, amp):
-            logits = model(model_input(images, rt.device, layout))
-        rows = slice(filled, filled + len(batch_indices))
-        if log_probs is None:
-            log_probs = torch.empty(count, logits.shape[1])
-        log_probs[rows] = logits.float().log_softmax(dim=1)
-        targets[rows], indices[rows] = batch_targets, batch_indices
-        filled = rows.stop
-    parts = rt.gather((log_probs[:filled] if filled else None, targets[:filled], indices[:filled], skipped))
-    skipped = sorted(i for part in parts for i in part[3])
-    loaded = [part for part in parts if part[0] is not None]
-    if not loaded:
-        folder = Path(loader.dataset.paths[0]).parent
-        raise UserError(f'none of the {len(skipped)} images in {folder} could be read')
-    log_probs, targets, indices = (torch.cat([part[k] for part in loaded]) for k in range(3))
-    order = indices.argsort()
-    return log_probs[order], targets[order], indices[order], skipped
-
-
-def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format):
-    """Loss, accuracy, confusion matrix (rows: the true class, columns: the predicted one),
-    recall per class and Kaggle's log loss over `loader`."""
-    log_probs, labels, indices, skipped = infer(model, loader, rt, amp, layout)
-    confusion = meter.ConfusionMeter(log_probs.shape[1])
-    confusion.add(log_probs, labels)
-    matrix = confusion.value()
-    probs = clipped_probabilities(log_probs)
-    log_loss = -probs[torch.arange(len(labels)), labels].log().mean().item()
-    return {
-        'loss': nn.functional.nll_loss(log_probs, labels).item(),
-        'accuracy': float(matrix.trace() / matrix.sum()),
-        'log_loss': log_loss,
-        'confusion': matrix.tolist(),
-        'recall': [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(matrix)],
-        'probs': probs, 'labels': labels, 'indices': indices, 'skipped': skipped,
-    }
-
-
-def clipped_probabilities(log_probs):
-    """Probabilities kept within [P_MIN, P_MAX], rows summing to 1 (Kaggle's clipping); with two
-    classes P(second) is clipped and P(first) = 1 - P(second), as before."""
-    if log_probs.shape[1] == 2:
-        p = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
-        return torch.stack([1 - p, p], dim=1)
-    probs = log_probs.exp().clamp(P_MIN, P_MAX)
-    return probs / probs.sum(dim=1, keepdim=True)
-
-
 def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
-    cfg = DefaultConfig().parse(kwargs)
+    cfg = options(kwargs)
     given_data = {'train_data_root', 'val_data_root'} & cfg.given
     model, classes, _ = load_trained(cfg, () if given_data else ('train_data_root', 'val_data_root',
                                                                  'val_ratio', 'seed'))
@@ -468,7 +326,7 @@ def test(**kwargs):
     Two classes give Kaggle's id,label with the probability of the second; more give
     id,<class 1>,...,<class N>, a probability each. By default it goes into the run's folder.
     """
-    cfg = DefaultConfig().parse(kwargs)
+    cfg = options(kwargs)
     model, classes, checkpoint = load_trained(cfg, ('test_data_root',))
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
     result_file = cfg.path('result_file') if cfg.result_file else unused_name(checkpoint.parent / 'result.csv')
@@ -497,7 +355,7 @@ def predict(*paths, out='', **kwargs):
 
     --out: a CSV file to write the predictions to (besides printing them)
     """
-    cfg = DefaultConfig().parse(kwargs)
+    cfg = options(kwargs)
     files = find_images(paths)
     model, classes, _ = load_trained(cfg)
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
@@ -578,52 +436,6 @@ def unused_name(path):
     return next(p for p in candidates if not p.exists())
 
 
-def memory_format(cfg):
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-
-def on_device(model, cfg, rt):
-    return model.to(rt.device, memory_format=memory_format(cfg))
-
-
-def eval_batch_size(cfg):
-    return 2 * cfg.batch_size  # no activations kept for a backward pass: twice the images fit
-
-
-def make_loader(dataset, cfg, rt, shuffle=False):
-    """Batches of this process's share of `dataset` (all of it without torchrun).
-
-    Training shuffles by (seed, epoch): call loader.sampler.set_epoch(epoch). Evaluation gives
-    each process every world_size-th image, so none is seen twice and none is left out.
-    """
-    if shuffle:
-        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                     seed=cfg.seed)
-    else:
-        sampler = range(rt.rank, len(dataset), rt.world_size)
-    # prefetch_factor stays at torch's 2 batches ahead per worker: enough to absorb the jitter
-    # of decoding when the workers keep up at all, and more would only hold more memory
-    return DataLoader(dataset, batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
-                      sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
-                      worker_init_fn=functools.partial(
-                          _start_worker, nice=cfg.nice_workers and rt.device.type == 'cpu'),
-                      persistent_workers=cfg.num_workers > 0, pin_memory=rt.device.type == 'cuda')
-
-
-def _start_worker(worker_id, nice):
-    if nice and hasattr(os, 'nice'):
-        # On the CPU the workers and the training threads share the cores. A worker that takes
-        # a core mid-step stalls both training threads (each step waits for its slowest
-        # thread), so it costs twice its own time; at the lowest priority it decodes in the
-        # gaps instead, or while the loop waits for a batch (docs/performance.md has the
-        # figures). Not on a GPU, whose feeding must never wait.
-        os.nice(19)
-    # A worker's errors in __getitem__ reach the main process, which reports them. What else
-    # a worker could print is multiprocessing's fd-sharing thread failing when the main process
-    # stops mid-transfer (Ctrl-C): a traceback about a run that is already over.
-    sys.excepthook = lambda *args: None
-
-
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle'):
     """Write a small synthetic dataset: ROOT/train and ROOT/test1, Kaggle's layout or folders.
 
@@ -652,16 +464,16 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
 
 def runs(**kwargs):
     """List the training runs, newest first: epochs, best validation accuracy and log loss, when."""
-    cfg = DefaultConfig().parse(kwargs)
+    cfg = options(kwargs)
     found = list_runs(cfg.path('checkpoint_dir'))
     if not found:
         print(f"no runs in {cfg.path('checkpoint_dir')} yet: python main.py train makes one")
-    for run in found:
-        best = 'not validated yet' if run['best_accuracy'] is None else \
-            f"best acc {run['best_accuracy']:.2%}  log loss {run['log_loss']:.4f}"
-        print(f"{run['name']}  {run['model']}  {','.join(run['classes'])}  "
-              f"{run['epochs']}/{run['max_epoch']} epochs  {best}  started {run['started']}"
-              + ('  interrupted' if run['interrupted'] else ''))
+    for entry in found:
+        best = 'not validated yet' if entry['best_accuracy'] is None else \
+            f"best acc {entry['best_accuracy']:.2%}  log loss {entry['log_loss']:.4f}"
+        print(f"{entry['name']}  {entry['model']}  {','.join(entry['classes'])}  "
+              f"{entry['epochs']}/{entry['max_epoch']} epochs  {best}  started {entry['started']}"
+              + ('  interrupted' if entry['interrupted'] else ''))
 
 
 def help():

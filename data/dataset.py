@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset, default_collate
 
-from utils import UserError
+from config import UserError
 
 from .decode import IMAGE_SUFFIXES, UNREADABLE, load_pixels
 from .transforms import eval_transform, train_transform

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError
+from config import UserError
 from utils.files import load_checkpoint
 
 from .alexnet import AlexNet
@@ -18,21 +18,21 @@ from .torchvision_model import TorchvisionModel, image_size_rule, torchvision_na
 MODELS = {cls.__name__: cls for cls in (ResNet34, SqueezeNet, AlexNet)}
 
 
-def check_model_name(name):
-    """Raise a UserError naming the closest valid names unless `name` is a model here."""
-    if name in MODELS or name in torchvision_names():
-        return
-    names = list(MODELS) + torchvision_names()
-    by_lower = {n.lower(): n for n in names}
-    close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
-    hint = f"; did you mean {' or '.join(close)}?" if close else ''
-    raise UserError(f"--model={name!r} is invalid; it takes one of {', '.join(MODELS)} or a torchvision "
-                    f"classification model by its name (resnet50, efficientnet_b0, ...){hint}")
-
-
-def image_size_range(name):
-    """(smallest, largest or None) image side the model takes."""
-    return (MODELS[name].min_image_size, None) if name in MODELS else image_size_rule(name)
+def check_options(cfg):
+    """Raise a UserError unless cfg.model is a model here and cfg.image_size a side it takes;
+    the close names of a mistyped model are named."""
+    name = cfg.model
+    if name not in MODELS and name not in torchvision_names():
+        names = list(MODELS) + torchvision_names()
+        by_lower = {n.lower(): n for n in names}
+        close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
+        hint = f"; did you mean {' or '.join(close)}?" if close else ''
+        raise UserError(f"--model={name!r} is invalid; it takes one of {', '.join(MODELS)} or a torchvision "
+                        f"classification model by its name (resnet50, efficientnet_b0, ...){hint}")
+    min_size, max_size = (MODELS[name].min_image_size, None) if name in MODELS else image_size_rule(name)
+    if not min_size <= cfg.image_size <= (max_size or cfg.image_size):
+        sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
+        raise UserError(f'--image_size={cfg.image_size!r} is invalid; it takes {sizes} for {name}')
 
 
 def build_model(name, num_classes=2, pretrained=False, pretrained_path=''):
@@ -70,4 +70,4 @@ def imagenet_state(weights):
 
 
 __all__ = ['AlexNet', 'BasicModule', 'MODELS', 'ResNet34', 'SqueezeNet', 'TorchvisionModel', 'build_model',
-           'check_model_name', 'image_size_range']
+           'check_options']

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from torch import nn
 
-from utils import UserError
+from config import UserError
 from utils.files import atomic_save, load_checkpoint
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / 'checkpoints'

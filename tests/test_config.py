@@ -1,9 +1,10 @@
+import ast
 import re
 
 import pytest
 
-from config import DefaultConfig, option_help
-from utils import UserError
+import main
+from config import ROOT, DefaultConfig, UserError, option_help
 
 
 def test_overrides_are_applied_with_their_types():
@@ -43,12 +44,31 @@ def test_unknown_option_far_from_any_points_to_help():
 ])
 def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):
     with pytest.raises(UserError, match=message):
-        DefaultConfig().parse({key: value})
+        main.options({key: value})  # what every verb does with its options
 
 
 def test_image_size_too_small_for_the_model():
     with pytest.raises(UserError, match='>= 63 for AlexNet'):
-        DefaultConfig().parse({'model': 'AlexNet', 'image_size': 32})
+        main.options({'model': 'AlexNet', 'image_size': 32})
+
+
+def project_imports(path):
+    """The modules of the project that the file at `path` imports, at any depth of its code."""
+    ours = {p.stem for p in ROOT.iterdir() if p.suffix == '.py' or (p / '__init__.py').exists()}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split('.')[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split('.')[0])
+    return names & ours
+
+
+def test_imports_run_one_way():
+    """main.py on top, imported by nothing; config.py at the bottom, importing nothing of ours."""
+    assert project_imports(ROOT / 'config.py') == set()
+    sources = [p for p in ROOT.rglob('*.py') if not {'tests', '.venv'} & set(p.relative_to(ROOT).parts)]
+    assert [p.relative_to(ROOT) for p in sources if 'main' in project_imports(p) and p.name != 'main.py'] == []
 
 
 def test_missing_folder_is_named(tmp_path):

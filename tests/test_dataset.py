@@ -6,7 +6,7 @@ from PIL import Image
 from data import DogCat, collate_fn, decode
 from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
-from utils import UserError
+from config import UserError
 
 
 def write_images(folder, names, size=(40, 30)):

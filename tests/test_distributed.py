@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 from models import ResNet34

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models import MODELS, AlexNet, ResNet34, SqueezeNet
-from utils import UserError
+from config import UserError
 
 
 @pytest.mark.parametrize('name, size', [('ResNet34', 32), ('SqueezeNet', 32), ('AlexNet', 64)])

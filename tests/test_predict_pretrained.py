@@ -10,7 +10,7 @@ from torchvision.models import SqueezeNet1_1_Weights, squeezenet1_1
 import main
 from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from models import SqueezeNet, build_model
-from utils import UserError
+from config import UserError
 
 
 @pytest.fixture(scope='module')

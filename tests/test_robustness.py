@@ -19,7 +19,7 @@ import main
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
-from utils import UserError
+from config import UserError
 from utils.files import atomic_open, atomic_save, load_checkpoint
 
 

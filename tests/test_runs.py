@@ -13,7 +13,7 @@ import torch
 import main
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from models import SqueezeNet
-from utils import UserError
+from config import UserError
 from utils import runs
 
 

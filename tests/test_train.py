@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import main
 from conftest import fast_options, newest_run
 from models import SqueezeNet
-from utils import UserError
+from config import UserError
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
 
@@ -172,7 +173,7 @@ def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
     data = DogCat(tiny_data / 'train', 'val', 32, cfg.val_ratio, cfg.seed)
     model = SqueezeNet().eval()
     rt = Runtime(torch.device('cpu'))
-    metrics = main.evaluate(model, main.make_loader(data, cfg, rt), rt)
+    metrics = engine.evaluate(model, engine.make_loader(data, cfg, rt), rt)
     assert sum(map(sum, metrics['confusion'])) == len(data) == 12
     assert sorted(metrics['indices'].tolist()) == list(range(12))
     assert metrics['accuracy'] == pytest.approx((metrics['confusion'][0][0] + metrics['confusion'][1][1]) / 12)
@@ -310,7 +311,7 @@ def test_loader_workers_yield_the_cores_to_training_on_the_cpu_only(tmp_path, ti
     from data import ImageFiles
     cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, num_workers=2, nice_workers=nice_workers))
     images = sorted((tiny_data / 'train').glob('*.jpg'))[:4]
-    loader = main.make_loader(ImageFiles(images, [0] * 4, Niceness()), cfg, Runtime(torch.device(device)))
+    loader = engine.make_loader(ImageFiles(images, [0] * 4, Niceness()), cfg, Runtime(torch.device(device)))
     ours = os.nice(0)
     workers = torch.cat([batch.images for batch in loader]).tolist()
     assert workers == [min(19, ours + raised)] * 4
@@ -337,9 +338,9 @@ def test_evaluation_holds_no_file_per_batch_from_the_workers(tmp_path, tiny_data
     cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, num_workers=2, batch_size=1))
     images = sorted(map(str, (tiny_data / 'train').glob('*.jpg')))
     rt = Runtime(torch.device('cpu'))
-    loader = main.make_loader(ImageFiles(images, list(range(40)), CenterSquare(16)), cfg, rt)
+    loader = engine.make_loader(ImageFiles(images, list(range(40)), CenterSquare(16)), cfg, rt)
     model = OpenFiles()
-    log_probs, targets, indices, skipped = main.infer(model, loader, rt)
+    log_probs, targets, indices, skipped = engine.infer(model, loader, rt)
     assert len(model.counts) == 20 and sorted(indices.tolist()) == list(range(40)) and not skipped
     # kept as they came, the batches' tensors held 2 more files open with every batch: +34 by the last
     assert max(model.counts) - min(model.counts) <= 10  # the batches in flight

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 
 import main
 import utils.visualize
-from conftest import ROOT, as_flags, fast_options, newest_run, run_main
+from conftest import as_flags, fast_options, newest_run, run_main
 from tools.visdom_server import start
 from utils.visualize import Visualizer
 

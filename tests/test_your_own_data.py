@@ -14,7 +14,7 @@ from data.decode import load_pixels
 from data.demo import make_demo_data
 from data.transforms import eval_transform
 from models import SqueezeNet, build_model
-from utils import UserError
+from config import UserError
 from utils.files import load_checkpoint
 
 CLASSES = ['cat', 'dog', 'fox']

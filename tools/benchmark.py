@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torchvision import transforms as classic
 
-import main
-from config import DefaultConfig
+import engine
+from config import ROOT, DefaultConfig
 from data import DogCat, ImageFiles
 from data.decode import load_pixels, load_rgb
 from data.transforms import MEAN, STD
@@ -34,6 +34,8 @@ from models import build_model
 from utils.runtime import Runtime, autocast, cpu_has_bf16, grad_scaler
 from utils.board import Board
 from utils.visualize import Visualizer
+
+MAIN = ROOT / 'main.py'  # run as a user runs it, never imported: it is the top of the project
 
 
 def ratio(title, ours, reference, unit='images/s', value=None):
@@ -75,12 +77,12 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
                   num_workers=args.num_workers, nice_workers=args.nice_workers, vis_port=vis_port)
     rt = Runtime(torch.device(args.device))
-    model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg))
+    model = build_model(model_name).to(rt.device, memory_format=engine.memory_format(cfg))
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = grad_scaler(rt.device, cfg.amp)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=main.memory_format(cfg))
+        .contiguous(memory_format=engine.memory_format(cfg))
     targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
     model.train()
 
@@ -103,13 +105,13 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     train = ImageFiles([train.paths[i] for i in chosen], [train.targets[i] for i in chosen], train.transform)
     # the default print_freq where an epoch is long enough, so that every epoch plots to visdom
     cfg.print_freq = max(1, min(cfg.print_freq, steps // 2))
-    loader = main.make_loader(train, cfg, rt, shuffle=True)
+    loader = engine.make_loader(train, cfg, rt, shuffle=True)
     vis = Visualizer('benchmark', cfg.vis_server, cfg.vis_port)
     board = Board(root / 'board', enabled=cfg.tensorboard)  # as train writes them by default
 
     def real_epoch(epoch):
         started = time.perf_counter()
-        _, seen, _ = main.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, (vis, board))
+        _, seen, _ = engine.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, (vis, board))
         return seen / (time.perf_counter() - started)
 
     epochs = iter(range(args.rounds + 1))
@@ -155,16 +157,16 @@ def inference(root, args, model_name, out):
     cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
                   num_workers=args.num_workers, nice_workers=args.nice_workers)
     rt = Runtime(torch.device(args.device))
-    model = build_model(model_name).to(rt.device, memory_format=main.memory_format(cfg)).eval()
+    model = build_model(model_name).to(rt.device, memory_format=engine.memory_format(cfg)).eval()
     data = DogCat(root / 'test1', 'test', cfg.image_size)
-    loader = main.make_loader(data, cfg, rt)
-    batch = torch.randn(main.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=main.memory_format(cfg))
+    loader = engine.make_loader(data, cfg, rt)
+    batch = torch.randn(engine.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device) \
+        .contiguous(memory_format=engine.memory_format(cfg))
     steps = math.ceil(len(data) / len(batch))
 
     def real():
         started = time.perf_counter()
-        main.infer(model, loader, rt, cfg.amp, main.memory_format(cfg))
+        engine.infer(model, loader, rt, cfg.amp, engine.memory_format(cfg))
         return len(data) / (time.perf_counter() - started)
 
     @torch.inference_mode()
@@ -193,7 +195,7 @@ def peak_rss_of_training(folder, files, scratch):
               "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
               "finally:\n    print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')),"
               " file=sys.stderr)")
-    command = [sys.executable, '-c', report, str(Path(main.__file__)), 'train', f'--train_data_root={images}',
+    command = [sys.executable, '-c', report, str(MAIN), 'train', f'--train_data_root={images}',
                '--model=SqueezeNet', '--image_size=32', '--batch_size=64', '--max_epoch=1',
                '--use_gpu=False', '--vis=False', f'--checkpoint_dir={scratch / str(files)}']
     child = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -1,19 +1,6 @@
-"""Helpers shared by the verbs in main.py: the errors a user can cause, and interruptions."""
+"""Helpers of main.py's verbs; this file: how Ctrl-C and SIGTERM stop a run without losing work."""
 import contextlib
-import difflib
 import signal
-
-
-class UserError(Exception):
-    """A mistake the user can fix (a bad option, a missing folder): shown as one line, no traceback."""
-
-
-def unknown(kind, word, valid, prefix=''):
-    """The UserError for a mistyped `word`, naming the closest of `valid`."""
-    close = difflib.get_close_matches(word, valid, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else \
-        "; `python main.py help` lists them"
-    return UserError(f'unknown {kind} {prefix}{word}{hint}')
 
 
 class Interrupted(KeyboardInterrupt):

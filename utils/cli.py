@@ -9,7 +9,8 @@ from pathlib import Path
 
 import fire
 
-from utils import UserError, raise_interrupt, unknown
+from config import UserError, unknown
+from utils import raise_interrupt
 
 
 def run(verbs, main_file, argv=None):

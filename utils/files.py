@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, interrupts_deferred
+from config import UserError
+from utils import interrupts_deferred
 
 
 @contextlib.contextmanager

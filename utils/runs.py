@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from config import ROOT
-from utils import UserError
+from config import UserError
 from utils.files import atomic_open
 
 LATEST = 'latest'
