@@ -120,7 +120,10 @@ def fit(cfg, root, resume, resume_file, rt):
     # step 3: objective, optimizer, and the decay of the learning rate
     criterion = nn.CrossEntropyLoss()
     trainable = [p for p in model_without_ddp.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel updates every parameter, the same step in a fraction of the time of a loop
+    # over them; torch has it for CPUs and CUDA GPUs
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type in ('cpu', 'cuda'))
     # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
     scheduler = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
     scaler = grad_scaler(device, cfg.amp)

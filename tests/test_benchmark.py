@@ -21,7 +21,7 @@ def test_benchmark_smoke_prints_every_ratio_with_its_figures():
     assert re.search(r"data: JPEGs of \d+\.\d KB on average \(blur 1\.5; Kaggle's: about 22 KB\)", result.stdout)
     for label in ('1. loop efficiency, SqueezeNet', '2a. train transform / decode only',
                   '2b. train transform / classic recipe', '3. test / bare inference, SqueezeNet',
-                  '4. peak RSS, 2000 files / 100 files'):
+                  '4. peak RSS, 2000 files / 100 files', '5. whole `train` run / classic pipeline, SqueezeNet'):
         line = next(line for line in result.stdout.splitlines() if label in line)
-        assert re.search(r'\d+\.\d\d +\( *\d+\.\d vs +\d+\.\d (images/s|MB)\)', line), line
-    assert '5 ratios measured' in result.stdout
+        assert re.search(r'\d+\.\d\d +\( *\d+\.\d vs +\d+\.\d (images/s|MB|s)\)', line), line
+    assert '6 ratios measured' in result.stdout

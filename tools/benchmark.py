@@ -44,10 +44,10 @@ def ratio(title, ours, reference, unit='images/s', value=None):
     return value
 
 
-def alternating(title, rounds, ours, reference):
-    """Measure `ours` and `reference` (each returns images/s) in turns, in the order ABBA..., so
-    that a machine that speeds up or slows down meanwhile (a shared host) moves both alike.
-    The ratio printed is the median of the rounds' ratios, beside the median figures."""
+def alternating(title, rounds, ours, reference, unit='images/s'):
+    """Measure `ours` and `reference` (each returns a figure in `unit`) in turns, in the order
+    ABBA..., so that a machine that speeds up or slows down meanwhile (a shared host) moves both
+    alike. The ratio printed is the median of the rounds' ratios, beside the median figures."""
     pairs = []
     for i in range(rounds):
         if i % 2 == 0:
@@ -56,7 +56,7 @@ def alternating(title, rounds, ours, reference):
             b, a = reference(), ours()
         pairs.append((a, b))
     return ratio(title, statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-                 value=statistics.median(a / b for a, b in pairs))
+                 unit, value=statistics.median(a / b for a, b in pairs))
 
 
 def options(root, args, **more):
@@ -79,7 +79,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     rt = Runtime(torch.device(args.device))
     model = build_model(model_name).to(rt.device, memory_format=engine.memory_format(cfg))
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=rt.device.type in ('cpu', 'cuda'))  # as train
     scaler = grad_scaler(rt.device, cfg.amp)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
         .contiguous(memory_format=engine.memory_format(cfg))
@@ -219,6 +219,38 @@ def memory(root, args, out):
           f'{max(peaks[small]):.0f} MB)')
 
 
+def whole_run(root, args, model_name, vis_port, out):
+    """A whole `python main.py train` process for one epoch, with its validation, checkpoints,
+    visdom curves and TensorBoard events, against the classic pipeline of 2017 on the same
+    images and model (tools/classic_train.py), each timed from start to exit as a user meets it.
+
+    The epoch is --whole_images long: a Kaggle epoch (17,500 training images) is far longer, and
+    in a short one the start-up and exit that both pay (seconds of importing torch) weigh more.
+    """
+    sizes = [f'--image_size={args.image_size}', f'--batch_size={args.batch_size}', f'--num_workers={args.num_workers}']
+    images = root / 'whole'
+    make_demo_data(images, n_train=args.whole_images, n_test=0, sizes=(300, 500), blur=args.blur)
+    with tempfile.TemporaryDirectory() as scratch:
+        ours = [sys.executable, str(MAIN), 'train', f'--train_data_root={images / "train"}', f'--model={model_name}',
+                '--max_epoch=1', *sizes, f'--amp={args.amp}', f'--channels_last={args.channels_last}',
+                f'--nice_workers={args.nice_workers}', f'--use_gpu={args.device == "cuda"}',
+                f'--vis_port={vis_port}', f'--checkpoint_dir={scratch}/checkpoints']
+        classic = [sys.executable, '-m', 'tools.classic_train', f'--train_data_root={images / "train"}',
+                   f'--model={model_name}', *sizes, f'--device={args.device}', f'--out={scratch}/classic.pth']
+
+        def seconds(command):
+            started = time.perf_counter()
+            child = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if child.returncode != 0:
+                raise RuntimeError(f'{" ".join(command[1:3])} failed: {child.stderr[-1000:]}')
+            return time.perf_counter() - started
+
+        out['whole run'] = alternating(f'5. whole `train` run / classic pipeline, {model_name}',
+                                       args.whole_rounds, lambda: seconds(ours), lambda: seconds(classic), 's')
+    print(f'     (lower is faster: seconds from start to exit of one epoch over {args.whole_images} images, '
+          f'validation and checkpoints included)')
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -245,10 +277,13 @@ def main_():
     parser.add_argument('--nice_workers', type=lambda v: v.lower() == 'true', default=DefaultConfig.nice_workers,
                         help='True/False: workers at low priority on the CPU')
     parser.add_argument('--rounds', type=int, default=5, help='alternating measurements of loop and bare steps')
+    parser.add_argument('--whole_images', type=int, default=1600, help='images of the whole runs (line 5), 70%% trained on')
+    parser.add_argument('--whole_rounds', type=int, default=2, help='alternating whole runs of each (line 5)')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: a check that it all runs')
     args = parser.parse_args()
     if args.smoke:
         args.model, args.image_size, args.batch_size, args.images, args.rounds, args.epoch_seconds = 'SqueezeNet', 64, 8, 24, 2, 0.5
+        args.whole_images, args.whole_rounds = 40, 1
     if args.channels_last is None:
         args.channels_last = DefaultConfig.channels_last
     torch.set_num_threads(args.threads)
@@ -277,12 +312,13 @@ def main_():
         try:
             for name in args.model.split(','):
                 loop_efficiency(root, args, name, port, out)
+            loader_headroom(root, args, out)
+            inference(root, args, args.model.split(',')[0], out)
+            memory(root, args, out)
+            whole_run(root, args, args.model.split(',')[0], port, out)
         finally:
             if server is not None:
                 server.terminate()
-        loader_headroom(root, args, out)
-        inference(root, args, args.model.split(',')[0], out)
-        memory(root, args, out)
     print(f'\n{len(out)} ratios measured')
 
 
