@@ -20,7 +20,7 @@ def train_transform(size, crop_scale=0.08, hflip=True):
     to size x size, mirrored left-right half the time when hflip."""
     return v2.Compose([
         RandomResizedCrop(size, scale=(crop_scale, 1.0)) if crop_scale < 1 else CenterSquare(size),
-        *([v2.RandomHorizontalFlip()] if hflip else []),
+        *([RandomHorizontalFlip()] if hflip else []),
         # yours here, e.g. v2.ColorJitter(0.2, 0.2, 0.2), v2.TrivialAugmentWide(), v2.RandomErasing()
     ])
 
@@ -29,15 +29,16 @@ def eval_transform(size):
     return CenterSquare(size)
 
 
-class RandomResizedCrop:
-    """v2.RandomResizedCrop(size, scale, antialias=True) for one (3, H, W) uint8 image: the same
-    crops from the same random numbers and the same pixels, without v2's per-call dispatch.
+# The two random steps below are v2's, written out for one (3, H, W) uint8 image: the same
+# results from the same random numbers, without v2's per-call dispatch. They pay where the
+# loader is the bottleneck (a CPU with few cores): v2's own take a DataLoader worker measurably
+# longer per image (docs/performance.md). Any other v2 transform fits in the list as it is.
 
-    Written out because it pays where the loader is the bottleneck (a CPU with few cores): it
-    takes a DataLoader worker measurably less time per image than v2's (docs/performance.md).
-    The classic recipe, Resize(256) then RandomResizedCrop(224), resamples twice; this crops a
-    view of the decoded pixels and resamples that region once.
-    """
+
+class RandomResizedCrop:
+    """v2.RandomResizedCrop(size, scale, antialias=True). The classic recipe, Resize(256) then
+    RandomResizedCrop(224), resamples twice; this crops a view of the decoded pixels and
+    resamples that region once."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
@@ -45,6 +46,13 @@ class RandomResizedCrop:
     def __call__(self, pixels):
         top, left, h, w = v2.RandomResizedCrop.get_params(pixels, self.scale, self.ratio)  # torch's RNG
         return resize_region(pixels, top, left, h, w, self.size)
+
+
+class RandomHorizontalFlip:
+    """v2.RandomHorizontalFlip(): the image mirrored left-right half the time."""
+
+    def __call__(self, image):
+        return image.flip(-1) if torch.rand(1).item() < 0.5 else image  # torch's RNG, as v2's
 
 
 class CenterSquare:

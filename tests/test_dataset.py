@@ -179,3 +179,20 @@ def test_blurred_demo_images_are_the_same_pictures_in_fewer_bytes(tmp_path):
         assert load_rgb(a).size == load_rgb(b).size
         assert b.stat().st_size < 0.7 * a.stat().st_size
         assert 15_000 < b.stat().st_size < 40_000
+
+
+@pytest.mark.parametrize('crop_scale, hflip', [(0.08, True), (0.5, False)])
+def test_train_transform_gives_the_crops_and_flips_of_torchvisions_v2(crop_scale, hflip):
+    from torchvision.transforms import v2
+
+    from data.transforms import train_transform
+    generator = torch.Generator().manual_seed(0)
+    for seed in range(20):
+        h, w = torch.randint(60, 300, (2,), generator=generator).tolist()
+        pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
+        reference = v2.Compose([v2.RandomResizedCrop(48, scale=(crop_scale, 1.0), antialias=True),
+                                *([v2.RandomHorizontalFlip()] if hflip else [])])
+        torch.manual_seed(seed)
+        ours = train_transform(48, crop_scale, hflip)(pixels)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, reference(pixels)), seed
