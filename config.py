@@ -62,9 +62,22 @@ class DefaultConfig:
     debug_file: str = 'tmp/debug'  # while this file exists, training stops in ipdb
 
     max_epoch: int = 10  # epochs to train
-    lr: float = 0.001  # initial learning rate (Adam)
-    lr_decay: float = 0.5  # multiply lr by this when validation loss stops improving
-    weight_decay: float = 1e-4  # L2 penalty (Adam's weight_decay)
+    optimizer: str = 'adam'  # adam, adamw (decoupled weight decay), or sgd (momentum 0.9, Nesterov)
+    lr: float = 0.001  # initial learning rate
+    lr_scheduler: str = 'plateau'  # plateau (decay when val loss stalls), cosine (to 0 at the end), step
+    lr_decay: float = 0.5  # plateau and step: multiply lr by this
+    lr_step_size: int = 3  # step: epochs between two decays
+    warmup_epochs: int = 0  # epochs of linear warm-up from lr/100, stepped every batch
+    weight_decay: float = 1e-4  # L2 penalty (decoupled with adamw)
+    no_decay_norm: bool = False  # no weight decay on biases and normalisation weights
+    label_smoothing: float = 0.0  # share of each target spread evenly over all classes
+    mixup_alpha: float = 0.0  # mix pairs of training images and their labels (MixUp); 0: off
+    cutmix_alpha: float = 0.0  # paste a patch of one training image into another (CutMix); 0: off
+    grad_accum_steps: int = 1  # batches per optimizer step: the batch is batch_size x this x processes
+    clip_grad_norm: float = 0.0  # clip the gradients' total norm to this; 0: off
+    ema_decay: float = 0.0  # also keep an exponential moving average of the weights (0.999, say); 0: off
+    early_stop: int = 0  # stop after this many epochs without a better validation loss; 0: off
+    tta: bool = False  # val, test, predict: average the predictions of each image and its mirror image
     image_size: int = 224  # side of the square the network sees
     crop_scale: float = 0.08  # smallest share of the image area a random training crop keeps (1: no crop)
     hflip: bool = True  # mirror training images left-right half the time
@@ -105,7 +118,18 @@ class DefaultConfig:
         rules = [
             ('amp', self.amp in ('auto', 'True', 'False'), 'auto, True or False'),
             ('lr', self.lr > 0, 'a number > 0'),
+            ('optimizer', self.optimizer in ('adam', 'adamw', 'sgd'), 'adam, adamw or sgd'),
+            ('lr_scheduler', self.lr_scheduler in ('plateau', 'cosine', 'step'), 'plateau, cosine or step'),
             ('lr_decay', 0 < self.lr_decay <= 1, 'a number in (0, 1]'),
+            ('lr_step_size', self.lr_step_size >= 1, 'a whole number >= 1'),
+            ('warmup_epochs', 0 <= self.warmup_epochs < self.max_epoch, 'a whole number from 0 to max_epoch - 1'),
+            ('label_smoothing', 0 <= self.label_smoothing < 1, 'a number in [0, 1)'),
+            ('mixup_alpha', self.mixup_alpha >= 0, 'a number >= 0'),
+            ('cutmix_alpha', self.cutmix_alpha >= 0, 'a number >= 0'),
+            ('grad_accum_steps', self.grad_accum_steps >= 1, 'a whole number >= 1'),
+            ('clip_grad_norm', self.clip_grad_norm >= 0, 'a number >= 0'),
+            ('ema_decay', 0 <= self.ema_decay < 1, 'a number in [0, 1)'),
+            ('early_stop', self.early_stop >= 0, 'a whole number >= 0'),
             ('weight_decay', self.weight_decay >= 0, 'a number >= 0'),
             ('batch_size', self.batch_size >= 1, 'a whole number >= 1'),
             ('max_epoch', self.max_epoch >= 1, 'a whole number >= 1'),

@@ -1,6 +1,7 @@
 """The loops under the verbs of main.py: a training epoch, inference over a loader with the
 metrics of an evaluation, and the DataLoader that feeds them. main.py's fit() is the recipe that
 calls them; tools/benchmark.py times them."""
+import contextlib
 import functools
 import math
 import os
@@ -24,11 +25,13 @@ from utils.runtime import autocast
 P_MIN, P_MAX = 0.005, 0.995
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, dashboards):
+def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, dashboards,
+                    schedule=None, mix=None, ema=None):
     """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices.
 
     Under torchrun `model` is the DistributedDataParallel wrapper and the figures returned are
-    those of all processes together.
+    those of all processes together. After every optimizer step (every cfg.grad_accum_steps
+    batches) `schedule` steps and `ema` takes in the new weights; `mix` mixes each batch.
     """
     device = rt.device
     loss_meter = meter.AverageValueMeter()
@@ -38,12 +41,19 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
     window = torch.zeros(2, device=device)
     debug_file = cfg.path('debug_file')
     steps = len(loader)
+    accumulate = cfg.grad_accum_steps
+    ddp = getattr(model, '_orig_mod', model)  # DistributedDataParallel under torchrun (no_sync)
     progress = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
                     disable=None if rt.is_main else True)  # None: no bar unless on a terminal
     loss = None  # until a batch has loaded
+    pending = False  # gradients computed since the last optimizer step
     for step, (images, targets, _, bad) in enumerate(progress, start=1):
         skipped += bad
         weight = 1.0
+        # the batches of one optimizer step: accumulate of them, fewer at the end of the epoch
+        group_start = (step - 1) // accumulate * accumulate
+        group_size = min(accumulate, steps - group_start)
+        last_of_group = step == group_start + group_size
         if images is None and rt.distributed:
             # every image of this process's batch failed to load, but the other processes wait
             # for its gradients: take part with one blank image whose loss counts zero
@@ -52,14 +62,31 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
         if images is not None:  # None: every image of the batch failed to load
             images = model_input(images, device, memory_format(cfg))
             targets = targets.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                loss = criterion(model(images), targets) * weight
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if mix is not None:
+                images, targets = mix(images, targets)  # targets become probabilities
+            # between optimizer steps the processes need not average their gradients yet
+            in_step = contextlib.nullcontext() if last_of_group or not rt.distributed else ddp.no_sync()
+            with in_step:
+                with autocast(device, cfg.amp):
+                    loss = criterion(model(images), targets) * weight
+                # the mean over the step's batches, as if they were one
+                scaler.scale(loss / group_size if group_size > 1 else loss).backward()
+            pending = True
             window[0] += loss.detach().float() * len(targets)
             window[1] += len(targets) * weight
+        if last_of_group and pending:
+            if cfg.clip_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+                nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group['params']],
+                                         cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pending = False
+            if schedule is not None:
+                schedule.step()
+            if ema is not None:
+                ema.update_parameters(unwrap(model))
 
         if step % cfg.print_freq == 0 or step == steps:
             loss_sum, count = rt.sum(window).tolist()  # every process joins, whatever it holds
@@ -99,10 +126,11 @@ def unwrap(model):
 
 
 @torch.inference_mode()
-def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
+def infer(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=False):
     """Log-probabilities (N, classes) of the images that loaded, with their targets and indices,
     ordered by index, and the indices of the images that could not be read.
 
+    tta: the probabilities are the mean of those of each image and of its mirror image.
     Under torchrun each process reads its share and every process gets the whole result.
     """
     # the results go straight into tensors sized for all of this process's images: kept as
@@ -117,12 +145,17 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
         skipped += bad
         if images is None:
             continue
+        images = model_input(images, rt.device, layout)
         with autocast(rt.device, amp):
-            logits = model(model_input(images, rt.device, layout))
+            logits = model(images)
+            mirrored = model(images.flip(-1)) if tta else None
         rows = slice(filled, filled + len(batch_indices))
         if log_probs is None:
             log_probs = torch.empty(count, logits.shape[1])
-        log_probs[rows] = logits.float().log_softmax(dim=1)
+        if tta:
+            log_probs[rows] = ((logits.float().softmax(dim=1) + mirrored.float().softmax(dim=1)) / 2).log()
+        else:
+            log_probs[rows] = logits.float().log_softmax(dim=1)
         targets[rows], indices[rows] = batch_targets, batch_indices
         filled = rows.stop
     parts = rt.gather((log_probs[:filled] if filled else None, targets[:filled], indices[:filled], skipped))
@@ -136,10 +169,10 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format):
     return log_probs[order], targets[order], indices[order], skipped
 
 
-def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format):
+def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=False):
     """Loss, accuracy, confusion matrix (rows: the true class, columns: the predicted one),
     recall per class and Kaggle's log loss over `loader`."""
-    log_probs, labels, indices, skipped = infer(model, loader, rt, amp, layout)
+    log_probs, labels, indices, skipped = infer(model, loader, rt, amp, layout, tta)
     confusion = meter.ConfusionMeter(log_probs.shape[1])
     confusion.add(log_probs, labels)
     matrix = confusion.value()

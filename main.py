@@ -10,13 +10,13 @@ if __name__ == '__main__':
 import csv  # noqa: E402 (the check above comes first: these imports take seconds)
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from config import DefaultConfig, UserError
 from data import DogCat, ImageFiles
@@ -25,6 +25,7 @@ from data.demo import make_demo_data
 from data.transforms import eval_transform, model_input
 from engine import clipped_probabilities, evaluate, infer, make_loader, memory_format, on_device, train_one_epoch
 from models import build_model, check_options
+from recipe import batch_mixing, make_ema, make_optimizer, make_schedulers
 from utils import interrupts_deferred
 from utils.cli import print_help, run
 from utils.files import atomic_link, atomic_open, atomic_save, load_checkpoint, writable_folder
@@ -36,9 +37,16 @@ from utils.visualize import Visualizer
 
 # what --resume takes from the checkpoint: changing any of them would make another run
 RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay',
-               'freeze_features', 'crop_scale', 'hflip')
+               'freeze_features', 'crop_scale', 'hflip', 'optimizer', 'lr_scheduler', 'lr_step_size',
+               'warmup_epochs', 'no_decay_norm', 'label_smoothing', 'mixup_alpha', 'cutmix_alpha',
+               'grad_accum_steps', 'clip_grad_norm', 'ema_decay', 'early_stop')
 # the classes of a checkpoint that does not name them: those written before classes were stored
 DOGS_VS_CATS = ['cat', 'dog']
+# where a run stands, kept in its checkpoints: the best validation accuracy and loss so far, the
+# epochs since the loss last improved (--early_stop), which weights validate better ('model', or
+# 'ema' for the moving average of --ema_decay), and whether it stopped early
+NO_PROGRESS = {'best_accuracy': 0.0, 'best_loss': math.inf, 'stale_epochs': 0, 'weights': 'model',
+               'stopped_early': False}
 
 
 def train(**kwargs):
@@ -63,6 +71,10 @@ def train(**kwargs):
         if resume['epoch'] + 1 >= cfg.max_epoch and not resume.get('interrupted'):
             raise UserError(f"{resume_file} has trained its {resume['epoch'] + 1} epochs; raise --max_epoch "
                             f"to train more")
+        if resume.get('stopped_early') and cfg.max_epoch <= resume['config']['max_epoch']:
+            raise UserError(f"{resume_file} stopped early after epoch {resume['epoch'] + 1}: its validation "
+                            f"loss had not improved for {resume['config']['early_stop']} epochs; raise "
+                            f"--max_epoch above {resume['config']['max_epoch']} to train on")
     root = cfg.require_dir('train_data_root')
     writable_folder(checkpoint_dir, 'checkpoint_dir')
     with runtime(cfg.use_gpu) as rt:
@@ -117,27 +129,18 @@ def fit(cfg, root, resume, resume_file, rt):
           + (f' in each of {rt.world_size} processes' if rt.distributed else '')
           + f', computing in {precision(device, cfg.amp)}')
 
-    # step 3: objective, optimizer, and the decay of the learning rate
-    criterion = nn.CrossEntropyLoss()
-    trainable = [p for p in model_without_ddp.parameters() if p.requires_grad]
-    # fused: one kernel updates every parameter, the same step in a fraction of the time of a loop
-    # over them; torch has it for CPUs and CUDA GPUs
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=device.type in ('cpu', 'cuda'))
-    # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
-    scheduler = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
+    # step 3: objective, optimizer, learning-rate schedule, and what else the options add
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer = make_optimizer(model_without_ddp, cfg, device)
+    optimizer_steps = math.ceil(len(train_loader) / cfg.grad_accum_steps)  # per epoch
+    step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, optimizer_steps)
+    mix = batch_mixing(cfg, len(classes))  # None unless --mixup_alpha or --cutmix_alpha
+    ema = make_ema(model_without_ddp, cfg)  # None unless --ema_decay
     scaler = grad_scaler(device, cfg.amp)
-    start_epoch, best_accuracy = 0, 0.0
+    schedulers = (epoch_scheduler, step_scheduler)
+    start_epoch, progress = 0, dict(NO_PROGRESS)
     if resume is not None:
-        model_without_ddp.load_state(resume, resume_file)
-        optimizer.load_state_dict(resume['optimizer'])
-        scheduler.load_state_dict(resume['scheduler'])
-        if resume['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
-            scaler.load_state_dict(resume['scaler'])
-        start_epoch, best_accuracy = resume['epoch'] + 1, resume['best_accuracy']
-        again = ' again, from its start' if resume.get('interrupted') else ''
-        print(f'resuming {resume_file}: epoch {start_epoch + 1}{again} (best accuracy so far '
-              f'{best_accuracy:.2%})')
+        start_epoch, progress = restore(resume, resume_file, model_without_ddp, optimizer, schedulers, scaler, ema)
 
     # step 4: train, validate, log and keep the checkpoints, epoch by epoch, in the run's folder
     run_dir = rt.broadcast(start_run(cfg, resume_file, classes, rt) if rt.is_main else None)
@@ -161,53 +164,93 @@ def fit(cfg, root, resume, resume_file, rt):
             lr = optimizer.param_groups[0]['lr']
             started = time.perf_counter()
             model_without_ddp.train()
-            train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer,
-                                                        scaler, rt, cfg, epoch, (vis, board))
+            train_loss, seen, skipped = train_one_epoch(model, train_loader, criterion, optimizer, scaler, rt, cfg,
+                                                        epoch, (vis, board), step_scheduler, mix, ema)
             seconds = time.perf_counter() - started
-            model_without_ddp.eval()
-            rt.share_buffers(model_without_ddp)
-            metrics = evaluate(model_without_ddp, val_loader, rt, cfg.amp, memory_format(cfg))
-            scheduler.step(metrics['loss'])
+            metrics = validate(model_without_ddp, ema, val_loader, rt, cfg)
+            if epoch_scheduler is not None and epoch >= cfg.warmup_epochs:
+                epoch_scheduler.step(metrics['loss'])
+            progress = advance(progress, metrics, cfg)
 
-            best_accuracy = max(best_accuracy, metrics['accuracy'])
-            state = training_state(model_without_ddp, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy)
+            state = training_state(cfg, classes, epoch, model_without_ddp, optimizer, schedulers, scaler, ema,
+                                   progress)
             with interrupts_deferred():  # Ctrl-C meanwhile: after the epoch is saved whole
                 save(state, run_dir / 'last.pth')
-                if metrics['accuracy'] == best_accuracy and rt.is_main:
+                if metrics['accuracy'] == progress['best_accuracy'] and rt.is_main:
                     atomic_link(run_dir / 'last.pth', run_dir / 'best.pth')  # the same bytes: written once
                 finished = epoch
 
-            skipped_files = [train_data.paths[i] for i in skipped] + \
-                            [val_data.paths[i] for i in metrics['skipped']]
-            record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
-                      'val_loss': metrics['loss'], 'val_accuracy': metrics['accuracy'],
-                      'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
-                      'recall': metrics['recall'], 'classes': classes,
-                      'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
-                      'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
-            if rt.is_main:
-                with open(metrics_file, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-            report_epoch(record, cfg.max_epoch, vis)
-            board.epoch(record, (epoch + 1) * steps)
+            record = epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen,
+                                  [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']])
+            log_epoch(record, cfg, rt, metrics_file, vis, board, (epoch + 1) * steps)
             if vis.enabled or board.enabled:
                 wrong = most_wrong(val_data, metrics, classes)
                 vis.captioned_images('most wrong (validation)', wrong,
                                      summary='validation images wrong with the most confidence')
                 board.images('most wrong (validation)', wrong, (epoch + 1) * steps)
+            if progress['stopped_early']:
+                print(f"stopped early: the validation loss has not improved for {cfg.early_stop} epochs "
+                      f"(best {progress['best_loss']:.4f}); --resume with a higher --max_epoch trains on")
+                break
     except KeyboardInterrupt:
         # keep what was learnt since the last checkpoint; --resume runs the cut epoch again
-        state = training_state(model_without_ddp, optimizer, scheduler, scaler, cfg, classes, finished, best_accuracy,
-                               interrupted=True)
+        state = training_state(cfg, classes, finished, model_without_ddp, optimizer, schedulers, scaler, ema,
+                               progress, interrupted=True)
         save(state, run_dir / 'last.pth')
         print(f'\nstopped during epoch {finished + 2}; saved {run_dir / "last.pth"}; '
               f'--resume={run_dir} continues')
         raise
     finally:
         vis.close()  # the last points and pictures reach the server before the run ends
-        board.hparams(cfg.to_dict(), {'hparam/best_accuracy': best_accuracy})
+        board.hparams(cfg.to_dict(), {'hparam/best_accuracy': progress['best_accuracy']})
         board.close()
-    print(f'best validation accuracy {best_accuracy:.2%}; checkpoints in {run_dir}')
+    print(f"best validation accuracy {progress['best_accuracy']:.2%}; checkpoints in {run_dir}")
+
+
+def restore(resume, resume_file, model, optimizer, schedulers, scaler, ema):
+    """Put the checkpoint `resume` back into the run's objects; (first epoch to run, progress)."""
+    model.load_state(resume, resume_file)
+    optimizer.load_state_dict(resume['optimizer'])
+    for scheduler, key in zip(schedulers, ('scheduler', 'step_scheduler')):
+        if scheduler is not None and resume.get(key):
+            scheduler.load_state_dict(resume[key])
+    if resume['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
+        scaler.load_state_dict(resume['scaler'])
+    if ema is not None:
+        ema.module.load_state_dict(resume['ema'])
+        ema.n_averaged.fill_(resume['ema_updates'])
+    progress = {key: resume.get(key, value) for key, value in NO_PROGRESS.items()}
+    if progress['stopped_early']:  # resumed with a higher --max_epoch: a fresh patience
+        progress.update(stale_epochs=0, stopped_early=False)
+    again = ' again, from its start' if resume.get('interrupted') else ''
+    print(f"resuming {resume_file}: epoch {resume['epoch'] + 2}{again} (best accuracy so far "
+          f"{progress['best_accuracy']:.2%})")
+    return resume['epoch'] + 1, progress
+
+
+def validate(model, ema, loader, rt, cfg):
+    """evaluate() of the model and, with --ema_decay, of its moving average: the metrics of the
+    better of the two (by accuracy, then loss), 'weights' naming it ('model' or 'ema')."""
+    model.eval()
+    rt.share_buffers(model)
+    metrics = {**evaluate(model, loader, rt, cfg.amp, memory_format(cfg)), 'weights': 'model'}
+    if ema is not None:
+        rt.share_buffers(ema.module)
+        averaged = {**evaluate(ema.module.eval(), loader, rt, cfg.amp, memory_format(cfg)), 'weights': 'ema'}
+        if (averaged['accuracy'], -averaged['loss']) > (metrics['accuracy'], -metrics['loss']):
+            averaged, metrics = metrics, averaged
+        metrics['other_accuracy'] = averaged['accuracy']  # of the weights not chosen
+    return metrics
+
+
+def advance(progress, metrics, cfg):
+    """The run's progress (see NO_PROGRESS) after an epoch validated with `metrics`."""
+    better_loss = metrics['loss'] < progress['best_loss']
+    stale = 0 if better_loss else progress['stale_epochs'] + 1
+    return {'best_accuracy': max(progress['best_accuracy'], metrics['accuracy']),
+            'best_loss': min(progress['best_loss'], metrics['loss']),
+            'stale_epochs': stale, 'weights': metrics['weights'],
+            'stopped_early': bool(cfg.early_stop) and stale >= cfg.early_stop}
 
 
 def start_run(cfg, resume_file, classes, rt):
@@ -241,19 +284,45 @@ def checkpoint_classes(state):
     return list(state.get('classes') or DOGS_VS_CATS)
 
 
-def training_state(model, optimizer, scheduler, scaler, cfg, classes, epoch, best_accuracy, interrupted=False):
+def training_state(cfg, classes, epoch, model, optimizer, schedulers, scaler, ema, progress, interrupted=False):
     """What last.pth and best.pth hold: all a run needs to continue, in weights_only-safe types."""
+    epoch_scheduler, step_scheduler = schedulers
     return {
         'model': model.state_dict(),
         'classes': list(classes),  # index i of the model's output is classes[i]
         'optimizer': optimizer.state_dict(),
-        'scheduler': scheduler.state_dict(),
+        'scheduler': epoch_scheduler.state_dict() if epoch_scheduler else {},  # plateau
+        'step_scheduler': step_scheduler.state_dict() if step_scheduler else {},  # warm-up, cosine, step
         'scaler': scaler.state_dict(),
+        'ema': ema.module.state_dict() if ema else None,  # the moving average of the weights
+        'ema_updates': int(ema.n_averaged) if ema else 0,
         'epoch': epoch,  # the last finished epoch, counted from 0: resume starts at epoch + 1
         'interrupted': interrupted,  # True: the weights are from the middle of epoch + 1
-        'best_accuracy': best_accuracy,
+        **progress,  # best_accuracy, ..., weights: which of model and ema val/test/predict use
         'config': cfg.to_dict(),
     }
+
+
+def epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen, skipped_files):
+    """The line metrics.jsonl gets for an epoch (lr: the rate it started with)."""
+    record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
+              'val_loss': metrics['loss'], 'val_accuracy': metrics['accuracy'],
+              'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
+              'recall': metrics['recall'], 'classes': classes,
+              'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
+              'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
+    if 'other_accuracy' in metrics:  # --ema_decay: which weights these are, and the other's accuracy
+        record.update(weights=metrics['weights'], other_accuracy=metrics['other_accuracy'])
+    return record
+
+
+def log_epoch(record, cfg, rt, metrics_file, vis, board, step):
+    """The epoch's record into metrics.jsonl, the terminal, visdom and TensorBoard."""
+    if rt.is_main:
+        with open(metrics_file, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    report_epoch(record, cfg.max_epoch, vis)
+    board.epoch(record, step)
 
 
 def report_epoch(record, max_epoch, vis):
@@ -262,6 +331,9 @@ def report_epoch(record, max_epoch, vis):
                f"train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
                f"val acc {record['val_accuracy']:.2%}  {record['seconds']:.1f}s  "
                f"{record['images_per_second']:g} img/s")
+    if 'weights' in record:
+        summary += f"  ({'moving average' if record['weights'] == 'ema' else 'weights'}; the other " \
+                   f"{record['other_accuracy']:.2%})"
     if record['skipped']:
         summary += f"  skipped {record['skipped']} unreadable: {', '.join(record['skipped_files'][:3])}"
     print(summary)
@@ -407,7 +479,7 @@ def inference(cfg, model, data, how=infer):
     """`how` (infer or evaluate) of `model` over `data` on the options' device, layout and
     precision, and under torchrun by all processes; returns its result and the Runtime."""
     with runtime(cfg.use_gpu) as rt:
-        return how(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt, cfg.amp, memory_format(cfg)), rt
+        return how(on_device(model, cfg, rt), make_loader(data, cfg, rt), rt, cfg.amp, memory_format(cfg), cfg.tta), rt
 
 
 def load_trained(cfg, data_options=()):
@@ -430,6 +502,9 @@ def load_trained(cfg, data_options=()):
     cfg.inherit(stored, ('model', 'image_size'), path)
     cfg.inherit(stored, data_options, path, strict=False)
     classes = checkpoint_classes(state)
+    if state.get('weights') == 'ema':  # --ema_decay, and the moving average validated better
+        print(f'using the moving average of the weights in {path}: it validated better')
+        state = {**state, 'model': state['ema']}
     return build_model(cfg.model, len(classes)).load_state(state, path).eval(), classes, path
 
 

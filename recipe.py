@@ -1,0 +1,78 @@
+"""The parts of the training recipe that options choose: the optimizer, the learning-rate
+schedule, mixing of the batch (MixUp, CutMix) and the moving average of the weights.
+
+main.py's fit() builds them; engine.train_one_epoch() uses them at every step. Each is at
+today's behaviour by default: Adam, decay on a plateau, no mixing, no average.
+"""
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LinearLR, ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms import v2
+
+WARMUP_START = 0.01  # the warm-up's first steps run at this share of --lr
+
+
+def make_optimizer(model, cfg, device):
+    """cfg.optimizer over the trainable parameters of `model`. With no_decay_norm, biases and the
+    weights of normalisation layers (the 1-dimensional parameters) are not decayed: shrinking
+    them towards 0 regularises nothing and only fights the normalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': params}]
+    if cfg.no_decay_norm:
+        groups = [{'params': [p for p in params if p.ndim > 1]},
+                  {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
+    # fused: one kernel updates every parameter, the same step in a fraction of the time of a loop
+    # over them; torch has it for CPUs and CUDA GPUs
+    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ('cpu', 'cuda'))
+    if cfg.optimizer == 'sgd':
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, **common)
+    return (torch.optim.AdamW if cfg.optimizer == 'adamw' else torch.optim.Adam)(groups, **common)
+
+
+def make_schedulers(optimizer, cfg, steps_per_epoch):
+    """(per_step, per_epoch) learning-rate schedulers, either may be None.
+
+    per_step runs after every optimizer step, so the rate changes smoothly within an epoch: the
+    warm-up, then cosine or step decay. per_epoch runs after each validation: the plateau decay,
+    which needs the validation loss (and waits for the warm-up to end).
+    """
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.lr_scheduler == 'plateau':
+        # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
+        plateau = ReduceLROnPlateau(optimizer, mode='min', factor=cfg.lr_decay, patience=0)
+        # LinearLR leaves the rate alone after its last step, so the plateau's decays stay
+        return (LinearLR(optimizer, start_factor=WARMUP_START, total_iters=warmup) if warmup else None), plateau
+    decay_steps = (cfg.max_epoch - cfg.warmup_epochs) * steps_per_epoch
+
+    def factor(step):
+        """The rate after `step` optimizer steps, as a share of --lr. Read from the options at
+        every step, so a run resumed with a higher --max_epoch stretches its decay to the new end."""
+        if step < warmup:
+            return WARMUP_START + (1 - WARMUP_START) * step / warmup
+        done = min(step - warmup, decay_steps)
+        if cfg.lr_scheduler == 'cosine':
+            return 0.5 * (1 + math.cos(math.pi * done / decay_steps))  # from 1 down to 0 at the end
+        return cfg.lr_decay ** (done // (cfg.lr_step_size * steps_per_epoch))
+
+    return LambdaLR(optimizer, factor), None
+
+
+def batch_mixing(cfg, num_classes):
+    """MixUp and/or CutMix of a normalised batch and its labels (one of them, at random, per
+    batch, when both are on); the labels come out as probabilities. None when both are off."""
+    mixes = []
+    if cfg.mixup_alpha:
+        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    return v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
+
+
+def make_ema(model, cfg):
+    """An exponential moving average of `model`'s weights and BatchNorm statistics, updated after
+    every optimizer step; None when --ema_decay is 0."""
+    if not cfg.ema_decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

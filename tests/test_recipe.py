@@ -1,0 +1,243 @@
+"""The recipe's options: optimizers, warm-up and schedules, label smoothing, MixUp and CutMix,
+gradient accumulation and clipping, the moving average of the weights, early stopping, and
+test-time flips; each one resumed exactly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import engine
+import main
+from config import DefaultConfig, UserError
+from conftest import as_flags, fast_options, newest_run, torchrun
+from data import ImageFiles
+from data.transforms import eval_transform
+from recipe import WARMUP_START, batch_mixing
+from utils.board import Board
+from utils.files import load_checkpoint
+from utils.runtime import Runtime
+from utils.visualize import Visualizer
+
+
+def run_records(folder):
+    return [json.loads(line) for line in (newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
+
+
+def last_state(folder):
+    return load_checkpoint(newest_run(folder / 'checkpoints') / 'last.pth')
+
+
+def test_warmup_starts_at_a_small_rate_and_reaches_lr_after_it(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=3, warmup_epochs=1, lr=0.002))
+    lrs = [r['lr'] for r in run_records(tmp_path)]  # the rate each epoch's first step used
+    assert lrs[0] == pytest.approx(0.002 * WARMUP_START)
+    assert lrs[1] == pytest.approx(0.002)  # the plateau schedule takes over from --lr
+
+
+def test_cosine_decays_every_epoch_and_ends_near_zero(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=3, warmup_epochs=1, lr_scheduler='cosine'))
+    lrs = [r['lr'] for r in run_records(tmp_path)]
+    assert lrs[0] == pytest.approx(0.001 * WARMUP_START) and lrs[1] == pytest.approx(0.001)
+    assert 0 < lrs[2] < lrs[1]
+    assert last_state(tmp_path)['optimizer']['param_groups'][0]['lr'] < 1e-9  # after the last step
+
+
+def test_step_schedule_decays_by_lr_decay_every_lr_step_size_epochs(tmp_path, tiny_data):
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=4, lr_scheduler='step', lr_step_size=2, lr_decay=0.1))
+    assert [r['lr'] for r in run_records(tmp_path)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+
+
+@pytest.mark.parametrize('name, kind', [('adam', torch.optim.Adam), ('adamw', torch.optim.AdamW),
+                                        ('sgd', torch.optim.SGD)])
+def test_optimizer_choice_and_no_decay_for_biases_and_norms(name, kind):
+    from recipe import make_optimizer
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    cfg = DefaultConfig()
+    cfg.optimizer, cfg.no_decay_norm = name, True
+    optimizer = make_optimizer(model, cfg, torch.device('cpu'))
+    assert type(optimizer) is kind
+    decayed, not_decayed = optimizer.param_groups
+    assert [p.ndim for p in decayed['params']] == [4, 2] and decayed['weight_decay'] == cfg.weight_decay
+    assert [p.ndim for p in not_decayed['params']] == [1, 1, 1, 1] and not_decayed['weight_decay'] == 0
+    if name == 'sgd':
+        assert decayed['momentum'] == 0.9 and decayed['nesterov']
+
+
+def small_model():
+    """No BatchNorm: the gradients of a batch do not depend on how it is split."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def one_epoch(batches, tmp_path, scaler=None, **options):
+    """The weights of small_model() after train_one_epoch over `batches` with plain SGD at lr 1:
+    each optimizer step subtracts the gradient."""
+    model = small_model()
+    cfg = DefaultConfig().parse(fast_options(tmp_path, tmp_path, channels_last=False, print_freq=1, **options))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = [(images, targets, list(range(len(targets))), []) for images, targets in batches]
+    engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer,
+                           scaler or torch.amp.GradScaler('cpu', enabled=False),
+                           Runtime(torch.device('cpu')), cfg, 0,
+                           (Visualizer(enabled=False), Board(tmp_path, enabled=False)))
+    return model.state_dict()
+
+
+def test_accumulating_two_batches_of_8_gives_the_step_of_one_batch_of_16(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    targets = torch.randint(0, 2, (16,), generator=generator)
+    whole = one_epoch([(images, targets)], tmp_path)
+    halves = one_epoch([(images[:8], targets[:8]), (images[8:], targets[8:])], tmp_path, grad_accum_steps=2)
+    apart = one_epoch([(images[:8], targets[:8]), (images[8:], targets[8:])], tmp_path)
+    for name in whole:
+        torch.testing.assert_close(halves[name], whole[name], rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(apart[name], whole[name]) for name in whole)  # two steps differ
+
+
+@pytest.mark.parametrize('scaled', [False, True], ids=['plain', 'fp16 loss scaling'])
+def test_clipping_bounds_the_step(tmp_path, scaled):
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=generator),
+             torch.randint(0, 2, (8,), generator=generator))
+    before = small_model().state_dict()
+    # with loss scaling the gradients are 1024 times too large until unscaled: clipping must come after
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0) if scaled else None
+    after = one_epoch([batch], tmp_path, scaler, clip_grad_norm=0.01)
+    step = torch.cat([(after[name] - before[name]).flatten() for name in before])
+    assert step.norm() == pytest.approx(0.01, rel=1e-4)  # lr 1: the step is the clipped gradient
+
+
+def test_mixup_and_cutmix_give_soft_targets_and_train(tmp_path, tiny_data):
+    cfg = DefaultConfig()
+    cfg.mixup_alpha, cfg.cutmix_alpha = 1.0, 1.0
+    mix = batch_mixing(cfg, 3)
+    torch.manual_seed(0)
+    soft = [mix(torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))[1] for _ in range(6)]
+    for targets in soft:
+        assert targets.shape == (8, 3) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+    assert any(((t > 0) & (t < 1)).any() for t in soft)  # mixed, not one-hot
+
+    main.train(**fast_options(tmp_path / 'mixed', tiny_data, max_epoch=2, mixup_alpha=0.2, cutmix_alpha=1.0))
+    main.train(**fast_options(tmp_path / 'plain', tiny_data, max_epoch=2))
+    mixed, plain = run_records(tmp_path / 'mixed'), run_records(tmp_path / 'plain')
+    assert len(mixed) == 2 and all(np.isfinite(r['train_loss']) for r in mixed)
+    assert [r['train_loss'] for r in mixed] != [r['train_loss'] for r in plain]  # it trained on mixed batches
+
+
+def test_moving_average_is_validated_kept_and_used_when_it_validates_better(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, ema_decay=0.5))
+    state = last_state(tmp_path)
+    assert state['ema'].keys() == state['model'].keys()
+    assert not all(torch.equal(state['ema'][k], state['model'][k]) for k in state['model'])
+    record = run_records(tmp_path)[-1]
+    assert record['weights'] == state['weights'] and record['val_accuracy'] >= record['other_accuracy']
+
+    # whichever the checkpoint names is what val, test and predict load
+    for chosen in ('ema', 'model'):
+        path = tmp_path / f'{chosen}.pth'
+        torch.save({**state, 'weights': chosen}, path)
+        cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, load_model_path=str(path)))
+        model, _, _ = main.load_trained(cfg)
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, state[chosen][name]), name
+    assert 'using the moving average of the weights' in capsys.readouterr().out
+
+
+def test_early_stop_ends_a_run_whose_validation_loss_cannot_improve(tmp_path, tiny_data, capsys):
+    # a rate far too small to move float32 weights: the validation loss stays where it was
+    options = fast_options(tmp_path, tiny_data, max_epoch=6, lr=1e-12, early_stop=2)
+    main.train(**options)
+    assert len(run_records(tmp_path)) == 3  # the first epoch sets the loss, two more do not beat it
+    assert 'stopped early: the validation loss has not improved for 2 epochs' in capsys.readouterr().out
+    state = last_state(tmp_path)
+    assert state['stopped_early'] and state['stale_epochs'] == 2
+
+    with pytest.raises(UserError, match=r'stopped early after epoch 3.*raise --max_epoch above 6'):
+        main.train(**{**options, 'resume': 'latest'})
+    main.train(**{**options, 'resume': 'latest', 'max_epoch': 8})  # a fresh patience of 2
+    assert [r['epoch'] for r in run_records(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def tta_probabilities(folder, model, tta):
+    files = sorted(str(p) for p in folder.iterdir())
+    loader = engine.make_loader(ImageFiles(files, [0] * len(files), eval_transform(32)),
+                                DefaultConfig().parse(dict(num_workers=0, batch_size=4)), Runtime(torch.device('cpu')))
+    return engine.infer(model, loader, Runtime(torch.device('cpu')), tta=tta)[0].exp()
+
+
+def test_tta_averages_an_image_and_its_mirror_image(tmp_path):
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (32, 16, 3), dtype=np.uint8)
+    Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)).save(tmp_path / 'symmetric.png')
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'noise.png')
+    model = small_model().eval()  # its answer changes when the image is mirrored
+
+    plain, flipped = tta_probabilities(tmp_path, model, False), tta_probabilities(tmp_path, model, True)
+    torch.testing.assert_close(flipped[1], plain[1])  # symmetric.png (sorted after noise.png)
+    image = engine.model_input(eval_transform(32)(torch.from_numpy(np.asarray(Image.open(tmp_path / 'noise.png')))
+                                                  .permute(2, 0, 1)).unsqueeze(0), torch.device('cpu'))
+    with torch.no_grad():
+        by_hand = (model(image).softmax(1) + model(image.flip(-1)).softmax(1)) / 2
+    torch.testing.assert_close(flipped[0], by_hand[0])
+    assert not torch.allclose(flipped[0], plain[0])
+
+
+RECIPES = {
+    'sgd, cosine after a warm-up, no decay of norms': dict(optimizer='sgd', lr_scheduler='cosine', warmup_epochs=1,
+                                                          no_decay_norm=True, lr=0.01),
+    'adamw, plateau after a warm-up': dict(optimizer='adamw', warmup_epochs=1),
+    'step decay': dict(lr_scheduler='step', lr_step_size=1),
+    'mixup, cutmix, label smoothing': dict(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1),
+    'accumulation and clipping': dict(grad_accum_steps=3, clip_grad_norm=0.5),
+    'moving average and early stopping': dict(ema_decay=0.5, early_stop=5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('recipe', RECIPES.values(), ids=RECIPES.keys())
+def test_each_option_resumes_exactly(tmp_path, tiny_data, recipe, monkeypatch):
+    whole, parts = tmp_path / 'whole', tmp_path / 'parts'
+    main.train(**fast_options(whole, tiny_data, max_epoch=3, **recipe))
+
+    def stopped_at_epoch_3(*args):  # a Ctrl-C as the third epoch starts
+        if args[7] == 2:
+            raise KeyboardInterrupt
+        return engine.train_one_epoch(*args)
+
+    monkeypatch.setattr(main, 'train_one_epoch', stopped_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        main.train(**fast_options(parts, tiny_data, max_epoch=3, **recipe))
+    monkeypatch.undo()
+    main.train(**fast_options(parts, tiny_data, max_epoch=3, resume='latest', **recipe))
+    assert run_records(parts) == [{**r, 'seconds': p['seconds'], 'images_per_second': p['images_per_second']}
+                                  for r, p in zip(run_records(whole), run_records(parts))]
+    a, b = last_state(whole), last_state(parts)
+    for key in ('model', 'ema'):
+        for name, tensor in (a[key] or {}).items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert a['step_scheduler'] == b['step_scheduler'] and a['scheduler'] == b['scheduler']
+    assert {k: a[k] for k in main.NO_PROGRESS} == {k: b[k] for k in main.NO_PROGRESS}
+
+
+@pytest.mark.slow
+def test_the_recipe_under_torchrun_resumes_exactly(tmp_path, tiny_data):
+    recipe = dict(optimizer='sgd', warmup_epochs=1, lr=0.01, no_decay_norm=True, mixup_alpha=0.2,
+                  cutmix_alpha=1.0, label_smoothing=0.1, grad_accum_steps=2, clip_grad_norm=1.0, ema_decay=0.5,
+                  early_stop=5, batch_size=4)
+    whole, parts = tmp_path / 'whole', tmp_path / 'parts'
+    for folder, more in ((whole, dict(max_epoch=3)), (parts, dict(max_epoch=2)),
+                         (parts, dict(max_epoch=3, resume='latest'))):
+        result = torchrun('train', *as_flags(fast_options(folder, tiny_data, **recipe, **more)))
+        assert result.returncode == 0, result.stderr
+    assert 'in each of 2 processes' in result.stdout
+    a, b = last_state(whole), last_state(parts)
+    for key in ('model', 'ema'):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert [r['val_loss'] for r in run_records(whole)] == [r['val_loss'] for r in run_records(parts)]
