@@ -182,12 +182,7 @@ def fit(cfg, root, resume, resume_file, rt):
 
             record = epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen,
                                   [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']])
-            log_epoch(record, cfg, rt, metrics_file, vis, board, (epoch + 1) * steps)
-            if vis.enabled or board.enabled:
-                wrong = most_wrong(val_data, metrics, classes)
-                vis.captioned_images('most wrong (validation)', wrong,
-                                     summary='validation images wrong with the most confidence')
-                board.images('most wrong (validation)', wrong, (epoch + 1) * steps)
+            log_epoch(record, metrics, val_data, cfg, rt, metrics_file, vis, board, (epoch + 1) * steps)
             if progress['stopped_early']:
                 print(f"stopped early: the validation loss has not improved for {cfg.early_stop} epochs "
                       f"(best {progress['best_loss']:.4f}); --resume with a higher --max_epoch trains on")
@@ -316,13 +311,18 @@ def epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen, skipped
     return record
 
 
-def log_epoch(record, cfg, rt, metrics_file, vis, board, step):
-    """The epoch's record into metrics.jsonl, the terminal, visdom and TensorBoard."""
+def log_epoch(record, metrics, val_data, cfg, rt, metrics_file, vis, board, step):
+    """The epoch's record into metrics.jsonl, the terminal, visdom and TensorBoard, and the
+    validation images it got wrong into the dashboards."""
     if rt.is_main:
         with open(metrics_file, 'a') as f:
             f.write(json.dumps(record) + '\n')
     report_epoch(record, cfg.max_epoch, vis)
     board.epoch(record, step)
+    if vis.enabled or board.enabled:
+        wrong = most_wrong(val_data, metrics, record['classes'])
+        vis.captioned_images('most wrong (validation)', wrong, summary='validation images wrong with the most confidence')
+        board.images('most wrong (validation)', wrong, step)
 
 
 def report_epoch(record, max_epoch, vis):

@@ -1,8 +1,8 @@
 """The data: labelled images listed from a folder, split, and read when asked for.
 
 This is the file to replace when your data is not images in folders (labels in a CSV, say):
-keep what DogCat gives (paths, targets, classes, ids) and the contract of ImageFiles (an
-unreadable image comes back as None) and the rest of the project works unchanged.
+keep what DogCat gives (paths, targets, classes, ids; reading and batching are ImageFiles' and
+collate_fn's, in images.py) and the rest of the project works unchanged.
 
 Two layouts are recognised from what a training folder holds:
 - Kaggle's, one folder of <class>.<N>.<ext> files: cat.0.jpg, dog.12.jpg, fox.3.png;
@@ -16,41 +16,17 @@ import os
 import random
 import re
 import sys
-from collections import namedtuple
 from pathlib import Path
-
-from torch.utils.data import Dataset, default_collate
 
 from config import UserError
 
-from .decode import IMAGE_SUFFIXES, UNREADABLE, load_pixels
+from .decode import IMAGE_SUFFIXES
+from .images import ImageFiles
 from .transforms import eval_transform, train_transform
 
 EXTENSIONS = r'\.(?:' + '|'.join(s[1:] for s in IMAGE_SUFFIXES) + ')'
 KAGGLE_NAME = re.compile(r'([a-z][\w-]*)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
 TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
-
-
-class ImageFiles(Dataset):
-    """Images read from `paths` when asked for, each with its target.
-
-    A sample is (image, target, index), index pointing into `self.paths`. An image that cannot
-    be decoded comes back as None, so that collate_fn can drop it instead of one bad file ending
-    the run. Only the paths are kept in memory, never decoded images.
-    """
-
-    def __init__(self, paths, targets, transform, draft=None):
-        self.paths, self.targets, self.transform, self.draft = paths, targets, transform, draft
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            img = load_pixels(self.paths[index], self.draft)
-        except UNREADABLE:
-            return None, self.targets[index], index
-        return self.transform(img), self.targets[index], index
 
 
 class DogCat(ImageFiles):
@@ -185,20 +161,3 @@ def _split(targets, n_classes, val_ratio, seed):
         parts['val'] += members[:n_val]
         parts['train'] += members[n_val:]
     return parts
-
-
-Batch = namedtuple('Batch', 'images targets indices skipped')
-
-
-def collate_fn(samples):
-    """Stack the samples that loaded; `skipped` lists the indices of those that did not.
-
-    When every sample of a batch failed, images, targets and indices are None and the training
-    loop skips the batch.
-    """
-    good = [s for s in samples if s[0] is not None]
-    skipped = [index for image, _, index in samples if image is None]
-    if not good:
-        return Batch(None, None, None, skipped)
-    images, targets, indices = default_collate(good)
-    return Batch(images, targets, indices, skipped)

@@ -209,7 +209,7 @@ def memory(root, args, out):
     largest too): glibc's heap may keep some freed memory after one run and not another, a noise
     that only adds, while memory that grew with the listing would show in every run."""
     small, large = (100, 2000) if args.smoke else (1000, 20000)
-    runs = 1 if args.smoke else 5  # about half the runs over 20,000 files land ~50 MB higher
+    runs = 1 if args.smoke else 5  # what glibc keeps of freed memory varies from run to run
     with tempfile.TemporaryDirectory() as scratch:
         peaks = {files: [peak_rss_of_training(root, files, Path(scratch) / str(run))
                          for run in range(runs)] for files in (small, large)}

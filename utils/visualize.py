@@ -19,9 +19,10 @@ class Visualizer:
     """Thin wrapper over visdom.Visdom: one window per name, points appended as they come.
 
     Training never waits for it: a background thread posts the points in the order given (a
-    post to a distant server takes longer, up to TIMEOUT_SECONDS to one that hangs). With no server answering it warns once, drops what it is given, and tries the
-    server again every RETRY_SECONDS, so plotting resumes when the server is back. close(),
-    also run at exit, waits a little for the points still queued.
+    post to a distant server takes longer, up to TIMEOUT_SECONDS to one that hangs). With no
+    server answering it warns once, drops what it is given, and tries the server again every
+    RETRY_SECONDS, so plotting resumes when the server is back. close(), also run at exit,
+    waits a little for the points still queued.
     """
 
     def __init__(self, env='dogcat', server='http://127.0.0.1', port=8097, enabled=True):
@@ -99,9 +100,6 @@ class Visualizer:
         """Append a line (with the time) to a text window."""
         self._call('text', f"[{time.strftime('%H:%M:%S')}] {text}<br>", win=win, append=True,
                    opts={'title': win})
-
-    def heatmap(self, name, matrix, **opts):
-        self._call('heatmap', np.array(matrix), win=name, opts={'title': name, **opts})
 
     def close(self, timeout=CLOSE_SECONDS):
         """Send what is queued, waiting at most `timeout` seconds, and stop the sender thread."""

@@ -1,0 +1,47 @@
+"""Images read from their files when a DataLoader worker asks, and batched: what every dataset
+of the project builds on. An unreadable image never ends a run: it comes back as None and
+collate_fn leaves it out of the batch, naming its index."""
+from collections import namedtuple
+
+from torch.utils.data import Dataset, default_collate
+
+from .decode import UNREADABLE, load_pixels
+
+
+class ImageFiles(Dataset):
+    """Images read from `paths` when asked for, each with its target.
+
+    A sample is (image, target, index), index pointing into `self.paths`. An image that cannot
+    be decoded comes back as None, so that collate_fn can drop it instead of one bad file ending
+    the run. Only the paths are kept in memory, never decoded images.
+    """
+
+    def __init__(self, paths, targets, transform, draft=None):
+        self.paths, self.targets, self.transform, self.draft = paths, targets, transform, draft
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            img = load_pixels(self.paths[index], self.draft)
+        except UNREADABLE:
+            return None, self.targets[index], index
+        return self.transform(img), self.targets[index], index
+
+
+Batch = namedtuple('Batch', 'images targets indices skipped')
+
+
+def collate_fn(samples):
+    """Stack the samples that loaded; `skipped` lists the indices of those that did not.
+
+    When every sample of a batch failed, images, targets and indices are None and the training
+    loop skips the batch.
+    """
+    good = [s for s in samples if s[0] is not None]
+    skipped = [index for image, _, index in samples if image is None]
+    if not good:
+        return Batch(None, None, None, skipped)
+    images, targets, indices = default_collate(good)
+    return Batch(images, targets, indices, skipped)
