@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from conftest import (ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main,
+                      scripted_validation)
 from models import SqueezeNet
 from config import UserError
 from utils import runs
@@ -151,12 +152,13 @@ def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_run
 
 
 @pytest.mark.slow
-def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_data):
+def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_data, monkeypatch):
     # a run that learns nothing: every epoch ties the best, and best.pth is last.pth's second name
     main.train(**fast_options(tmp_path / 'still', tiny_data, max_epoch=2, lr=1e-9))
     run = newest_run(tmp_path / 'still' / 'checkpoints')
     assert os.stat(run / 'best.pth').st_ino == os.stat(run / 'last.pth').st_ino
-    # ResNet34 on the tiny set is best in epoch 4 of 5: the last epoch's save leaves best.pth alone
+    # best in epoch 4 of 5: the last epoch's save leaves best.pth alone
+    scripted_validation(monkeypatch, main, [0.5, 0.6, 0.7, 0.9, 0.8], [0.9, 0.8, 0.7, 0.6, 0.65])
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=5, model='ResNet34'))
     run = newest_run(tmp_path / 'checkpoints')
     accuracies = [json.loads(line)['val_accuracy'] for line in (run / 'metrics.jsonl').read_text().splitlines()]

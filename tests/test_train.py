@@ -12,7 +12,7 @@ import torch
 
 import engine
 import main
-from conftest import fast_options, newest_run
+from conftest import fast_options, newest_run, scripted_validation
 from models import SqueezeNet
 from config import UserError
 from utils.files import load_checkpoint
@@ -58,16 +58,20 @@ def records(folder):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path, tiny_data, capsys):
-    # ResNet34 on the tiny set peaks in epoch 4 and decays its rate in epoch 7: a break after
-    # epoch 4 leaves both a best accuracy and a decay for the resumed run to get right
+def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path, tiny_data, capsys, monkeypatch):
+    # the best accuracy comes in epoch 4 and the loss stalls in epoch 5: a break after epoch 4
+    # leaves both a best accuracy and a plateau decay for the resumed run to get right
+    accuracies, losses = [0.5, 0.6, 0.7, 0.9, 0.8, 0.8, 0.85], [0.9, 0.8, 0.7, 0.6, 0.65, 0.55, 0.58]
     options = dict(max_epoch=7, model='ResNet34')
     whole = tmp_path / 'whole'
+    scripted_validation(monkeypatch, main, accuracies, losses)
     main.train(**fast_options(whole, tiny_data, **options))
     parts = tmp_path / 'parts'
+    scripted_validation(monkeypatch, main, accuracies[:4], losses[:4])
     main.train(**fast_options(parts, tiny_data, **{**options, 'max_epoch': 4}))
     best_before = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')['best_accuracy']
     capsys.readouterr()
+    scripted_validation(monkeypatch, main, accuracies[4:], losses[4:])
     main.train(**fast_options(parts, tiny_data, **options, resume=str(newest_run(parts / 'checkpoints') / 'last.pth')))
     assert f'best accuracy so far {best_before:.2%}' in capsys.readouterr().out
 
