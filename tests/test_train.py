@@ -63,15 +63,14 @@ def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path,
     # leaves both a best accuracy and a plateau decay for the resumed run to get right
     accuracies, losses = [0.5, 0.6, 0.7, 0.9, 0.8, 0.8, 0.85], [0.9, 0.8, 0.7, 0.6, 0.65, 0.55, 0.58]
     options = dict(max_epoch=7, model='ResNet34')
+    # the whole run's 7 epochs, then the same 7 again: 4 before the break, 3 resumed
+    scripted_validation(monkeypatch, main, accuracies * 2, losses * 2)
     whole = tmp_path / 'whole'
-    scripted_validation(monkeypatch, main, accuracies, losses)
     main.train(**fast_options(whole, tiny_data, **options))
     parts = tmp_path / 'parts'
-    scripted_validation(monkeypatch, main, accuracies[:4], losses[:4])
     main.train(**fast_options(parts, tiny_data, **{**options, 'max_epoch': 4}))
     best_before = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')['best_accuracy']
     capsys.readouterr()
-    scripted_validation(monkeypatch, main, accuracies[4:], losses[4:])
     main.train(**fast_options(parts, tiny_data, **options, resume=str(newest_run(parts / 'checkpoints') / 'last.pth')))
     assert f'best accuracy so far {best_before:.2%}' in capsys.readouterr().out
 
