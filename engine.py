@@ -1,16 +1,16 @@
-"""The loops under the verbs of main.py: a training epoch, inference over a loader with the
-metrics of an evaluation, and the DataLoader that feeds them. main.py's fit() is the recipe that
-calls them; tools/benchmark.py times them."""
+"""The loops under the verbs of main.py: a training epoch, inference over a loader (infer), its
+metrics (score), the epoch's validation, and the DataLoader that feeds them. main.py's fit() is
+the recipe that calls them; tools/benchmark.py times them."""
 import contextlib
 import functools
 import math
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchnet import meter
 from tqdm import tqdm
@@ -18,21 +18,22 @@ from tqdm import tqdm
 from config import UserError
 from data import collate_fn
 from data.transforms import model_input
-from utils.runtime import autocast
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep every
 # probability away from 0 and 1 so a few wrong answers cannot ruin the score.
 P_MIN, P_MAX = 0.005, 0.995
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, dashboards,
-                    schedule=None, mix=None, ema=None):
+def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
     """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices.
 
-    Under torchrun `model` is the DistributedDataParallel wrapper and the figures returned are
-    those of all processes together. After every optimizer step (every cfg.grad_accum_steps
-    batches) `schedule` steps and `ema` takes in the new weights; `mix` mixes each batch.
+    `training` (recipe.Training) holds the model and what changes with it. Under torchrun its
+    model is the DistributedDataParallel wrapper and the figures returned are those of all
+    processes together. After every optimizer step (every cfg.grad_accum_steps batches) the
+    per-step schedule steps and the moving average takes in the new weights. `reporter` gets a
+    training-loss point every cfg.print_freq batches.
     """
+    model, optimizer, scaler = training.model, training.optimizer, training.scaler
     device = rt.device
     loss_meter = meter.AverageValueMeter()
     skipped = []
@@ -43,11 +44,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
     steps = len(loader)
     accumulate = cfg.grad_accum_steps
     ddp = getattr(model, '_orig_mod', model)  # DistributedDataParallel under torchrun (no_sync)
-    progress = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
-                    disable=None if rt.is_main else True)  # None: no bar unless on a terminal
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
+               disable=None if rt.is_main else True)  # None: no bar unless on a terminal
     loss = None  # until a batch has loaded
     pending = False  # gradients computed since the last optimizer step
-    for step, (images, targets, _, bad) in enumerate(progress, start=1):
+    for step, (images, targets, _, bad) in enumerate(bar, start=1):
         skipped += bad
         weight = 1.0
         # the batches of one optimizer step: accumulate of them, fewer at the end of the epoch
@@ -60,15 +61,15 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
             images = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
             targets, weight = torch.zeros(1, dtype=torch.long), 0.0
         if images is not None:  # None: every image of the batch failed to load
-            images = model_input(images, device, memory_format(cfg))
+            images = model_input(images, device, rt.layout)
             targets = targets.to(device, non_blocking=True)
-            if mix is not None:
-                images, targets = mix(images, targets)  # targets become probabilities
+            if training.mix is not None:
+                images, targets = training.mix(images, targets)  # targets become probabilities
             # between optimizer steps the processes need not average their gradients yet
             in_step = contextlib.nullcontext() if last_of_group or not rt.distributed else ddp.no_sync()
             with in_step:
-                with autocast(device, cfg.amp):
-                    loss = criterion(model(images), targets) * weight
+                with rt.autocast():
+                    loss = training.criterion(model(images), targets) * weight
                 # the mean over the step's batches, as if they were one
                 scaler.scale(loss / group_size if group_size > 1 else loss).backward()
             pending = True
@@ -83,10 +84,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             pending = False
-            if schedule is not None:
-                schedule.step()
-            if ema is not None:
-                ema.update_parameters(unwrap(model))
+            if training.step_scheduler is not None:
+                training.step_scheduler.step()
+            if training.ema is not None:
+                training.ema.update_parameters(training.model_without_ddp)
 
         if step % cfg.print_freq == 0 or step == steps:
             loss_sum, count = rt.sum(window).tolist()  # every process joins, whatever it holds
@@ -100,13 +101,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch,
                                     f"The run's last.pth holds the last good epoch")
                 loss_meter.add(loss_sum, int(count))
                 if step % cfg.print_freq == 0:
-                    progress.set_postfix(loss=f'{window_loss:.4f}')
-                    vis, board = dashboards
-                    vis.plot('train_loss', window_loss, x=epoch * steps + step)
-                    board.scalar('train/loss', window_loss, epoch * steps + step)
+                    bar.set_postfix(loss=f'{window_loss:.4f}')
+                    reporter.train_loss(window_loss, epoch * steps + step)
             if rt.is_main and debug_file.exists():  # the other processes wait for this one
-                debug_prompt(unwrap(model), optimizer, cfg, images, targets, loss, epoch, step)
-    progress.close()
+                debug_prompt(training.model_without_ddp, optimizer, cfg, images, targets, loss, epoch, step)
+    bar.close()
     skipped = [i for part in rt.gather(skipped) for i in part]
     return loss_meter.value()[0], loss_meter.n, skipped
 
@@ -119,16 +118,17 @@ def debug_prompt(model, optimizer, cfg, images, targets, loss, epoch, step):
     ipdb.set_trace()
 
 
-def unwrap(model):
-    """The plain model inside torch.compile's and DistributedDataParallel's wrappers."""
-    model = getattr(model, '_orig_mod', model)
-    return model.module if isinstance(model, DistributedDataParallel) else model
+class Predictions(NamedTuple):
+    """What infer() returns: rows ordered by the images' indices in the dataset."""
+    log_probs: torch.Tensor  # (images that loaded, classes)
+    targets: torch.Tensor  # the dataset's labels of those images
+    indices: torch.Tensor  # their indices in the dataset
+    skipped: list  # indices of the images that could not be read
 
 
 @torch.inference_mode()
-def infer(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=False):
-    """Log-probabilities (N, classes) of the images that loaded, with their targets and indices,
-    ordered by index, and the indices of the images that could not be read.
+def infer(model, loader, rt, tta=False):
+    """The model's Predictions over `loader`, computed as `rt` says (device, layout, precision).
 
     tta: the probabilities are the mean of those of each image and of its mirror image.
     Under torchrun each process reads its share and every process gets the whole result.
@@ -145,8 +145,8 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=Fals
         skipped += bad
         if images is None:
             continue
-        images = model_input(images, rt.device, layout)
-        with autocast(rt.device, amp):
+        images = model_input(images, rt.device, rt.layout)
+        with rt.autocast():
             logits = model(images)
             mirrored = model(images.flip(-1)) if tta else None
         rows = slice(filled, filled + len(batch_indices))
@@ -166,13 +166,13 @@ def infer(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=Fals
         raise UserError(f'none of the {len(skipped)} images in {folder} could be read')
     log_probs, targets, indices = (torch.cat([part[k] for part in loaded]) for k in range(3))
     order = indices.argsort()
-    return log_probs[order], targets[order], indices[order], skipped
+    return Predictions(log_probs[order], targets[order], indices[order], skipped)
 
 
-def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=False):
-    """Loss, accuracy, confusion matrix (rows: the true class, columns: the predicted one),
-    recall per class and Kaggle's log loss over `loader`."""
-    log_probs, labels, indices, skipped = infer(model, loader, rt, amp, layout, tta)
+def score(predictions):
+    """The metrics of Predictions against their targets: loss, accuracy, confusion matrix (rows:
+    the true class, columns: the predicted one), recall per class and Kaggle's log loss."""
+    log_probs, labels = predictions.log_probs, predictions.targets
     confusion = meter.ConfusionMeter(log_probs.shape[1])
     confusion.add(log_probs, labels)
     matrix = confusion.value()
@@ -184,13 +184,29 @@ def evaluate(model, loader, rt, amp=False, layout=torch.contiguous_format, tta=F
         'log_loss': log_loss,
         'confusion': matrix.tolist(),
         'recall': [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(matrix)],
-        'probs': probs, 'labels': labels, 'indices': indices, 'skipped': skipped,
+        'probs': probs, 'labels': labels, 'indices': predictions.indices, 'skipped': predictions.skipped,
     }
+
+
+def validate(training, loader, rt):
+    """The epoch's validation: score() of the model and, with --ema_decay, of its moving average;
+    the metrics of the better of the two (by accuracy, then loss), 'weights' naming it ('model'
+    or 'ema') and 'other_accuracy' the accuracy of the other."""
+    model = training.model_without_ddp.eval()
+    rt.share_buffers(model)
+    metrics = {**score(infer(model, loader, rt)), 'weights': 'model'}
+    if training.ema is not None:
+        rt.share_buffers(training.ema.module)
+        averaged = {**score(infer(training.ema.module.eval(), loader, rt)), 'weights': 'ema'}
+        if (averaged['accuracy'], -averaged['loss']) > (metrics['accuracy'], -metrics['loss']):
+            averaged, metrics = metrics, averaged
+        metrics['other_accuracy'] = averaged['accuracy']
+    return metrics
 
 
 def clipped_probabilities(log_probs):
     """Probabilities kept within [P_MIN, P_MAX], rows summing to 1 (Kaggle's clipping); with two
-    classes P(second) is clipped and P(first) = 1 - P(second), as before."""
+    classes P(second) is clipped and P(first) = 1 - P(second)."""
     if log_probs.shape[1] == 2:
         p = log_probs[:, 1].exp().clamp(P_MIN, P_MAX)
         return torch.stack([1 - p, p], dim=1)
@@ -198,12 +214,8 @@ def clipped_probabilities(log_probs):
     return probs / probs.sum(dim=1, keepdim=True)
 
 
-def memory_format(cfg):
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-
-def on_device(model, cfg, rt):
-    return model.to(rt.device, memory_format=memory_format(cfg))
+def on_device(model, rt):
+    return model.to(rt.device, memory_format=rt.layout)
 
 
 def eval_batch_size(cfg):

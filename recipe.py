@@ -1,10 +1,12 @@
 """The parts of the training recipe that options choose: the optimizer, the learning-rate
-schedule, mixing of the batch (MixUp, CutMix) and the moving average of the weights.
+schedule, mixing of the batch (MixUp, CutMix) and the moving average of the weights, held
+together in a Training.
 
-main.py's fit() builds them; engine.train_one_epoch() uses them at every step. Each is at
-today's behaviour by default: Adam, decay on a plateau, no mixing, no average.
+main.py's fit() builds it; engine.train_one_epoch() uses it at every step; checkpoint.py saves
+and restores it. By default: Adam, decay on a plateau, no mixing, no average.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LinearLR, ReduceLROnPlateau
@@ -12,6 +14,29 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
 WARMUP_START = 0.01  # the warm-up's first steps run at this share of --lr
+
+
+@dataclass
+class Training:
+    """The objects that train together and change as they do: what a checkpoint saves."""
+    model: torch.nn.Module  # what trains: under torchrun the DDP wrapper, compiled with --compile
+    model_without_ddp: torch.nn.Module  # the plain model inside it: what is saved and validated
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step_scheduler: object  # after every optimizer step: warm-up, cosine, step; or None
+    epoch_scheduler: object  # after every validation: the plateau decay; or None
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled otherwise
+    ema: AveragedModel | None  # the moving average of the weights (--ema_decay)
+    mix: object  # MixUp / CutMix of each batch, or None
+
+
+def make_training(model, model_without_ddp, cfg, rt, steps_per_epoch, num_classes):
+    """The Training of `model` as the options say; steps_per_epoch: batches in an epoch."""
+    optimizer = make_optimizer(model_without_ddp, cfg, rt.device)
+    step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, math.ceil(steps_per_epoch / cfg.grad_accum_steps))
+    return Training(model, model_without_ddp, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                    optimizer, step_scheduler, epoch_scheduler, rt.grad_scaler(), make_ema(model_without_ddp, cfg),
+                    batch_mixing(cfg, num_classes))
 
 
 def make_optimizer(model, cfg, device):

@@ -147,6 +147,10 @@ def list_unlabelled(root):
         found = f"only {len(ignored)} other entries such as {', '.join(sorted(ignored)[:3])}" \
             if ignored else 'nothing'
         raise UserError(f'{root} holds no N.jpg images ({found})')
+    for (id_, first), (next_id, second) in zip(samples, samples[1:]):
+        if id_ == next_id:  # x.jpg and x.png: two rows of one id in the submission
+            raise UserError(f'{root / first} and {second} would have the same id {id_} in the submission; '
+                            f'rename one')
     return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
 
 

@@ -48,17 +48,18 @@ def fast_options(tmp_path, data, **more):
     return options
 
 
-def scripted_validation(monkeypatch, main, accuracies, losses):
+def scripted_validation(monkeypatch, accuracies, losses):
     """Each epoch's validation runs for real, but reports the next of `accuracies` and `losses`:
     a test about what a run does with its best epoch then holds on every CPU, where a real
     trajectory on a tiny set changes with the machine's kernels. Runs one after the other (a
     resume, say) take their epochs from the same script in turn."""
-    real, script = main.validate, iter(zip(accuracies, losses))
+    import engine
+    real, script = engine.validate, iter(zip(accuracies, losses))
 
     def validate(*args, **kwargs):
         accuracy, loss = next(script)
         return {**real(*args, **kwargs), 'accuracy': accuracy, 'loss': loss}
-    monkeypatch.setattr(main, 'validate', validate)
+    monkeypatch.setattr(engine, 'validate', validate)
 
 
 def imagenet_weights_in_cache(torch_home, monkeypatch, build, weights, seed):

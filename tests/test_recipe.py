@@ -15,11 +15,11 @@ from config import DefaultConfig, UserError
 from conftest import as_flags, fast_options, newest_run, torchrun
 from data import ImageFiles
 from data.transforms import eval_transform
-from recipe import WARMUP_START, batch_mixing
-from utils.board import Board
+from checkpoint import NO_PROGRESS, load_trained
+from recipe import WARMUP_START, Training, batch_mixing
+from report import Reporter
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
-from utils.visualize import Visualizer
 
 
 def run_records(folder):
@@ -80,10 +80,10 @@ def one_epoch(batches, tmp_path, scaler=None, **options):
     cfg = DefaultConfig().parse(fast_options(tmp_path, tmp_path, channels_last=False, print_freq=1, **options))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = [(images, targets, list(range(len(targets))), []) for images, targets in batches]
-    engine.train_one_epoch(model, loader, nn.CrossEntropyLoss(), optimizer,
-                           scaler or torch.amp.GradScaler('cpu', enabled=False),
-                           Runtime(torch.device('cpu')), cfg, 0,
-                           (Visualizer(enabled=False), Board(tmp_path, enabled=False)))
+    training = Training(model, model, nn.CrossEntropyLoss(), optimizer, None, None,
+                        scaler or torch.amp.GradScaler('cpu', enabled=False), None, None)
+    cpu = Runtime(torch.device('cpu'))
+    engine.train_one_epoch(training, loader, cpu, cfg, 0, Reporter(cfg, cpu, tmp_path, len(loader), 0))
     return model.state_dict()
 
 
@@ -143,7 +143,7 @@ def test_moving_average_is_validated_kept_and_used_when_it_validates_better(tmp_
         path = tmp_path / f'{chosen}.pth'
         torch.save({**state, 'weights': chosen}, path)
         cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, load_model_path=str(path)))
-        model, _, _ = main.load_trained(cfg)
+        model = load_trained(cfg).model
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, state[chosen][name]), name
     assert 'using the moving average of the weights' in capsys.readouterr().out
@@ -205,12 +205,14 @@ def test_each_option_resumes_exactly(tmp_path, tiny_data, recipe, monkeypatch):
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
     main.train(**fast_options(whole, tiny_data, max_epoch=3, **recipe))
 
-    def stopped_at_epoch_3(*args):  # a Ctrl-C as the third epoch starts
-        if args[7] == 2:
-            raise KeyboardInterrupt
-        return engine.train_one_epoch(*args)
+    real = engine.train_one_epoch
 
-    monkeypatch.setattr(main, 'train_one_epoch', stopped_at_epoch_3)
+    def stopped_at_epoch_3(training, loader, rt, cfg, epoch, reporter):  # a Ctrl-C as the third epoch starts
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(training, loader, rt, cfg, epoch, reporter)
+
+    monkeypatch.setattr(engine, 'train_one_epoch', stopped_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         main.train(**fast_options(parts, tiny_data, max_epoch=3, **recipe))
     monkeypatch.undo()
@@ -222,7 +224,7 @@ def test_each_option_resumes_exactly(tmp_path, tiny_data, recipe, monkeypatch):
         for name, tensor in (a[key] or {}).items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     assert a['step_scheduler'] == b['step_scheduler'] and a['scheduler'] == b['scheduler']
-    assert {k: a[k] for k in main.NO_PROGRESS} == {k: b[k] for k in main.NO_PROGRESS}
+    assert {k: a[k] for k in NO_PROGRESS} == {k: b[k] for k in NO_PROGRESS}
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from conftest import (ROOT, as_flags, assert_one_line_error, fast_options, newes
                       scripted_validation)
 from models import SqueezeNet
 from config import UserError
-from utils import runs
+from utils.run_folders import new_run_dir
+import utils.run_folders
 
 
 def digest(path):
@@ -99,12 +100,12 @@ def test_a_name_that_is_taken_is_an_error(tmp_path, tiny_data):
 
 
 def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs.time, 'strftime', lambda pattern: '20261202-141503')  # the same second
+    monkeypatch.setattr(utils.run_folders.time, 'strftime', lambda pattern: '20261202-141503')  # the same second
     made, start = [], threading.Barrier(8)
 
     def make():
         start.wait()
-        made.append(runs.new_run_dir(tmp_path, 'ResNet34'))
+        made.append(new_run_dir(tmp_path, 'ResNet34'))
     threads = [threading.Thread(target=make) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -158,7 +159,7 @@ def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_d
     run = newest_run(tmp_path / 'still' / 'checkpoints')
     assert os.stat(run / 'best.pth').st_ino == os.stat(run / 'last.pth').st_ino
     # best in epoch 4 of 5: the last epoch's save leaves best.pth alone
-    scripted_validation(monkeypatch, main, [0.5, 0.6, 0.7, 0.9, 0.8], [0.9, 0.8, 0.7, 0.6, 0.65])
+    scripted_validation(monkeypatch, [0.5, 0.6, 0.7, 0.9, 0.8], [0.9, 0.8, 0.7, 0.6, 0.65])
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=5, model='ResNet34'))
     run = newest_run(tmp_path / 'checkpoints')
     accuracies = [json.loads(line)['val_accuracy'] for line in (run / 'metrics.jsonl').read_text().splitlines()]

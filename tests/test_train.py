@@ -64,7 +64,7 @@ def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path,
     accuracies, losses = [0.5, 0.6, 0.7, 0.9, 0.8, 0.8, 0.85], [0.9, 0.8, 0.7, 0.6, 0.65, 0.55, 0.58]
     options = dict(max_epoch=7, model='ResNet34')
     # the whole run's 7 epochs, then the same 7 again: 4 before the break, 3 resumed
-    scripted_validation(monkeypatch, main, accuracies * 2, losses * 2)
+    scripted_validation(monkeypatch, accuracies * 2, losses * 2)
     whole = tmp_path / 'whole'
     main.train(**fast_options(whole, tiny_data, **options))
     parts = tmp_path / 'parts'
@@ -176,7 +176,7 @@ def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
     data = DogCat(tiny_data / 'train', 'val', 32, cfg.val_ratio, cfg.seed)
     model = SqueezeNet().eval()
     rt = Runtime(torch.device('cpu'))
-    metrics = engine.evaluate(model, engine.make_loader(data, cfg, rt), rt)
+    metrics = engine.score(engine.infer(model, engine.make_loader(data, cfg, rt), rt))
     assert sum(map(sum, metrics['confusion'])) == len(data) == 12
     assert sorted(metrics['indices'].tolist()) == list(range(12))
     assert metrics['accuracy'] == pytest.approx((metrics['confusion'][0][0] + metrics['confusion'][1][1]) / 12)

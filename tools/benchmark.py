@@ -31,9 +31,9 @@ from data.decode import load_pixels, load_rgb
 from data.transforms import MEAN, STD
 from data.demo import make_demo_data
 from models import build_model
-from utils.runtime import Runtime, autocast, cpu_has_bf16, grad_scaler
-from utils.board import Board
-from utils.visualize import Visualizer
+from utils.runtime import Runtime, compute_dtype, cpu_has_bf16
+from recipe import Training
+from report import Reporter
 
 MAIN = ROOT / 'main.py'  # run as a user runs it, never imported: it is the top of the project
 
@@ -67,6 +67,13 @@ def options(root, args, **more):
                  checkpoint_dir=str(root / 'checkpoints')), **more))
 
 
+def runtime_of(cfg, args):
+    """The Runtime train would use for these options (a single process)."""
+    device = torch.device(args.device)
+    return Runtime(device, dtype=compute_dtype(device, cfg.amp),
+                   layout=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
 def loop_efficiency(root, args, model_name, vis_port, out):
     """The real training loop (disk, decode, meters, progress bar, visdom) against bare steps.
 
@@ -76,20 +83,20 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     """
     cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
                   num_workers=args.num_workers, nice_workers=args.nice_workers, vis_port=vis_port)
-    rt = Runtime(torch.device(args.device))
-    model = build_model(model_name).to(rt.device, memory_format=engine.memory_format(cfg))
+    rt = runtime_of(cfg, args)
+    model = engine.on_device(build_model(model_name), rt)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=rt.device.type in ('cpu', 'cuda'))  # as train
-    scaler = grad_scaler(rt.device, cfg.amp)
+    scaler = rt.grad_scaler()
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=engine.memory_format(cfg))
+        .contiguous(memory_format=rt.layout)
     targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
     model.train()
 
     def bare_steps(steps):
         started = time.perf_counter()
         for _ in range(steps):
-            with autocast(rt.device, cfg.amp):
+            with rt.autocast():
                 loss = criterion(model(images), targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -106,12 +113,13 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     # the default print_freq where an epoch is long enough, so that every epoch plots to visdom
     cfg.print_freq = max(1, min(cfg.print_freq, steps // 2))
     loader = engine.make_loader(train, cfg, rt, shuffle=True)
-    vis = Visualizer('benchmark', cfg.vis_server, cfg.vis_port)
-    board = Board(root / 'board', enabled=cfg.tensorboard)  # as train writes them by default
+    cfg.env = 'benchmark'
+    reporter = Reporter(cfg, rt, root / 'board', steps, 0)  # visdom and TensorBoard, as train reports by default
+    training = Training(model, model, criterion, optimizer, None, None, scaler, None, None)
 
     def real_epoch(epoch):
         started = time.perf_counter()
-        _, seen, _ = engine.train_one_epoch(model, loader, criterion, optimizer, scaler, rt, cfg, epoch, (vis, board))
+        _, seen, _ = engine.train_one_epoch(training, loader, rt, cfg, epoch, reporter)
         return seen / (time.perf_counter() - started)
 
     epochs = iter(range(args.rounds + 1))
@@ -119,8 +127,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     out[f'loop {model_name}'] = alternating(f'1. loop efficiency, {model_name}, {len(train)}-image epochs',
                                             args.rounds, lambda: real_epoch(next(epochs)),
                                             lambda: bare_steps(steps))
-    vis.close()
-    board.close()
+    reporter.close(cfg.to_dict(), 0.0)
 
 
 def loader_headroom(root, args, out):
@@ -156,23 +163,23 @@ def inference(root, args, model_name, out):
     1% (over Kaggle's 12,500 it weighs nothing)."""
     cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
                   num_workers=args.num_workers, nice_workers=args.nice_workers)
-    rt = Runtime(torch.device(args.device))
-    model = build_model(model_name).to(rt.device, memory_format=engine.memory_format(cfg)).eval()
+    rt = runtime_of(cfg, args)
+    model = engine.on_device(build_model(model_name), rt).eval()
     data = DogCat(root / 'test1', 'test', cfg.image_size)
     loader = engine.make_loader(data, cfg, rt)
     batch = torch.randn(engine.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=engine.memory_format(cfg))
+        .contiguous(memory_format=rt.layout)
     steps = math.ceil(len(data) / len(batch))
 
     def real():
         started = time.perf_counter()
-        engine.infer(model, loader, rt, cfg.amp, engine.memory_format(cfg))
+        engine.infer(model, loader, rt)
         return len(data) / (time.perf_counter() - started)
 
     @torch.inference_mode()
     def bare():
         started = time.perf_counter()
-        with autocast(rt.device, cfg.amp):
+        with rt.autocast():
             for _ in range(steps):
                 model(batch).float().cpu()
         return steps * len(batch) / (time.perf_counter() - started)

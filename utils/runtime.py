@@ -16,6 +16,21 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    dtype: torch.dtype | None = None  # what forward passes compute in: None (fp32), bf16 or fp16
+    layout: torch.memory_format = torch.contiguous_format  # of the model and its input batches
+
+    def autocast(self):
+        """Mixed precision in self.dtype for a forward pass; a no-op in fp32."""
+        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        """Scales the loss so that fp16 gradients do not underflow; disabled (a no-op) otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    @property
+    def precision(self):
+        """How this process computes, in words for a run's first lines."""
+        return {None: 'fp32', torch.bfloat16: 'bf16 mixed precision', torch.float16: 'fp16 mixed precision'}[self.dtype]
 
     @property
     def is_main(self):
@@ -57,15 +72,18 @@ class Runtime:
 
 
 @contextlib.contextmanager
-def runtime(use_gpu):
+def runtime(use_gpu, amp='False', channels_last=False):
     """The Runtime of this process; under torchrun, a process group for the length of the block.
 
     torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process.
     On CUDA each process takes the GPU of its local rank and talks over NCCL; otherwise gloo.
+    The precision (--amp) and the memory layout (--channels_last) are decided here, once.
     """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if world_size == 1:
-        yield Runtime(pick_device(use_gpu))
+        device = pick_device(use_gpu)
+        yield Runtime(device, dtype=compute_dtype(device, amp), layout=layout)
         return
     rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
     if use_gpu and torch.cuda.is_available():
@@ -80,7 +98,7 @@ def runtime(use_gpu):
         device = torch.device('cpu')
         dist.init_process_group('gloo')
     try:
-        yield Runtime(device, rank, world_size)
+        yield Runtime(device, rank, world_size, compute_dtype(device, amp), layout)
     finally:
         dist.destroy_process_group()
 
@@ -152,17 +170,13 @@ def compute_dtype(device, amp):
 
 def precision(device, amp):
     """How a run computes, in words for its first lines."""
-    dtype = compute_dtype(device, amp)
-    return 'fp32' if dtype is None else \
-        f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} mixed precision (--amp={amp})"
+    words = Runtime(device, dtype=compute_dtype(device, amp)).precision
+    return words if words == 'fp32' else f'{words} (--amp={amp})'
 
 
 def autocast(device, amp):
-    """Mixed precision for the forward pass; a no-op where the run computes in fp32."""
-    if str(amp).lower() == 'false':  # costs the training step nothing, not even a device query
-        return contextlib.nullcontext()
-    dtype = compute_dtype(device, amp)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    """Mixed precision for a forward pass as --amp=amp decides it on `device`."""
+    return Runtime(device, dtype=compute_dtype(device, amp)).autocast()
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,5 +185,5 @@ def _warn_once(message):
 
 
 def grad_scaler(device, amp):
-    """Scales the loss so that fp16 gradients do not underflow; disabled (a no-op) otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=compute_dtype(device, amp) == torch.float16)
+    """Runtime.grad_scaler() as --amp=amp decides it on `device`."""
+    return Runtime(device, dtype=compute_dtype(device, amp)).grad_scaler()

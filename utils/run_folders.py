@@ -1,7 +1,8 @@
 """One folder per training run under checkpoint_dir, and `latest`, which names the newest.
 
 A run folder holds config.json (how the run was made), last.pth, best.pth and metrics.jsonl.
-A new run never writes into another run's folder; --resume continues a run in its own.
+A new run never writes into another run's folder; --resume continues a run in its own. A run is
+removed by deleting its folder; `latest` then falls back to the newest run left.
 """
 import itertools
 import json
@@ -55,7 +56,21 @@ def point_latest(checkpoint_dir, run_dir):
 def latest_run(checkpoint_dir):
     """The newest run's folder, or None when there is none."""
     pointer = checkpoint_dir / LATEST
-    return checkpoint_dir / pointer.read_text().strip() if pointer.is_file() else None
+    named = checkpoint_dir / pointer.read_text().strip() if pointer.is_file() else None
+    if named is None or named.is_dir():
+        return named
+    left = [folder for folder in checkpoint_dir.iterdir() if (folder / 'config.json').is_file()]
+    return max(left, key=lambda folder: (folder / 'config.json').stat().st_mtime, default=None)
+
+
+def note_interrupted(run_dir, epoch):
+    """Say in the run's config.json that it stopped during `epoch` (counted from 1); a resume
+    rewrites config.json without it."""
+    record = json.loads((run_dir / 'config.json').read_text())
+    record['interrupted'] = f'during epoch {epoch}'
+    with atomic_open(run_dir / 'config.json', 'w') as f:
+        json.dump(record, f, indent=2)
+        f.write('\n')
 
 
 def find_checkpoint(checkpoint_dir, value, file, option):
@@ -106,32 +121,3 @@ def _git_commit(folder):
     except (OSError, subprocess.TimeoutExpired):
         return None
     return found.stdout.strip() or None
-
-
-def list_runs(checkpoint_dir):
-    """[{name, model, classes, epochs, max_epoch, best_accuracy, log_loss, started, interrupted}]
-    of the runs under checkpoint_dir, newest first."""
-    import torch
-
-    runs = []
-    for folder in sorted(checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else []:
-        config = folder / 'config.json'
-        if folder.is_symlink() or not config.is_file():
-            continue
-        try:
-            made = json.loads(config.read_text())
-            records = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()
-                       if line.strip()] if (folder / 'metrics.jsonl').is_file() else []
-            last = folder / 'last.pth'
-            # mmap: only the few plain values are read, not the hundreds of MB of weights
-            state = torch.load(last, map_location='cpu', weights_only=True, mmap=True) if last.is_file() else {}
-        except Exception as e:  # a file cut short by a kill or a full disk: say so, list the others
-            print(f'{folder.name}: cannot be read ({type(e).__name__})', file=sys.stderr)
-            continue
-        best = max(records, key=lambda r: r['val_accuracy'], default=None)
-        runs.append({'name': folder.name, 'model': made['options']['model'], 'classes': made['classes'],
-                     'epochs': records[-1]['epoch'] if records else 0,
-                     'max_epoch': made['options']['max_epoch'],
-                     'best_accuracy': best and best['val_accuracy'], 'log_loss': best and best['val_log_loss'],
-                     'started': made['started'], 'interrupted': bool(state.get('interrupted'))})
-    return sorted(runs, key=lambda r: (r['started'], r['name']), reverse=True)

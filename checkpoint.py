@@ -1,0 +1,194 @@
+"""What a run's checkpoint holds, writing it, reading it back, and resuming from it.
+
+last.pth, written after every epoch, holds all a run needs to continue; best.pth, the epoch with
+the best validation accuracy, holds its weights. Both are dicts of tensors and plain values, so
+they load with weights_only=True:
+
+    model, ema            the weights, and their moving average (--ema_decay) or None
+    classes               index i of the model's output is classes[i]
+    epoch                 the last finished epoch, counted from 0: a resume starts at epoch + 1
+    best_accuracy, ...    where the run stands (NO_PROGRESS); `weights` names the better weights
+    config                the options the run was made with
+    optimizer, scheduler, step_scheduler, scaler, ema_updates
+                          the rest of the training state: last.pth only (TRAINING_ONLY)
+"""
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.optim.lr_scheduler import LambdaLR
+
+from config import UserError
+from models import build_model
+from utils.files import atomic_link, atomic_save, load_checkpoint
+from utils.run_folders import check_name_free, find_checkpoint, latest_run
+
+# the options that define a run: --resume takes them from its checkpoint, a different value is an error
+RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay',
+               'freeze_features', 'crop_scale', 'hflip', 'optimizer', 'lr_scheduler', 'lr_step_size',
+               'warmup_epochs', 'no_decay_norm', 'label_smoothing', 'mixup_alpha', 'cutmix_alpha',
+               'grad_accum_steps', 'clip_grad_norm', 'ema_decay', 'early_stop')
+# ...and those it takes unless given: the plan and the data, which may have moved
+RESUME_DEFAULTS = ('max_epoch', 'train_data_root', 'val_data_root', 'batch_size')
+# what only continuing a run needs: best.pth keeps none of it once it parts from last.pth
+TRAINING_ONLY = ('optimizer', 'scheduler', 'step_scheduler', 'scaler', 'ema_updates')
+# the classes of a checkpoint that names none: Dogs vs. Cats, the only task before classes were stored
+DOGS_VS_CATS = ['cat', 'dog']
+# where a run stands: the best validation accuracy and loss so far, the epochs since the loss
+# last improved (--early_stop), which weights validate better ('model', or 'ema' for the moving
+# average of --ema_decay), and whether it stopped early
+NO_PROGRESS = {'best_accuracy': 0.0, 'best_loss': math.inf, 'stale_epochs': 0, 'weights': 'model',
+               'stopped_early': False}
+
+
+def classes_of(state):
+    return list(state.get('classes') or DOGS_VS_CATS)
+
+
+def training_state(cfg, classes, epoch, training, progress):
+    """What last.pth holds after `epoch` (see the top of this file)."""
+    ema = training.ema
+    return {
+        'model': training.model_without_ddp.state_dict(),
+        'ema': ema.module.state_dict() if ema else None,
+        'classes': list(classes),
+        'epoch': epoch,
+        **progress,
+        'config': cfg.to_dict(),
+        'optimizer': training.optimizer.state_dict(),
+        'scheduler': training.epoch_scheduler.state_dict() if training.epoch_scheduler else {},
+        'step_scheduler': training.step_scheduler.state_dict() if training.step_scheduler else {},
+        'scaler': training.scaler.state_dict(),
+        'ema_updates': int(ema.n_averaged) if ema else 0,
+    }
+
+
+def save_epoch(state, run_dir, best):
+    """Write last.pth, and best.pth when the epoch is the best so far, atomically both.
+
+    While the newest epoch is the best, best.pth is a second name of last.pth (written once).
+    When a later epoch is not, the two part, and best.pth keeps the weights only: a second
+    optimizer state would double what a run takes on disk for nothing a val or test uses.
+    """
+    last, best_file = run_dir / 'last.pth', run_dir / 'best.pth'
+    if not best and best_file.exists() and last.exists() and os.path.samefile(best_file, last):
+        kept = load_checkpoint(best_file)
+        atomic_save({k: v for k, v in kept.items() if k not in TRAINING_ONLY}, best_file)
+    atomic_save(state, last)
+    if best:
+        atomic_link(last, best_file)
+
+
+@dataclass
+class Resume:
+    """Where a run starts: afresh (file None), or from the checkpoint `state` read from `file`."""
+    file: Path | None = None
+    state: dict | None = None
+
+    @property
+    def start_epoch(self):
+        return 0 if self.state is None else self.state['epoch'] + 1
+
+    @property
+    def progress(self):
+        """Where the run stands (see NO_PROGRESS); a run that stopped early and is resumed with a
+        higher --max_epoch gets a fresh patience."""
+        if self.state is None:
+            return dict(NO_PROGRESS)
+        progress = {key: self.state.get(key, value) for key, value in NO_PROGRESS.items()}
+        if progress['stopped_early']:
+            progress.update(stale_epochs=0, stopped_early=False)
+        return progress
+
+
+def resume_point(cfg):
+    """The Resume that --resume (and --name) ask for, checked; the resumed run's options are
+    taken into cfg (RESUME_KEYS, and RESUME_DEFAULTS unless given)."""
+    checkpoint_dir = cfg.path('checkpoint_dir')
+    if not cfg.resume:
+        if cfg.name:
+            check_name_free(checkpoint_dir, cfg.name)
+        return Resume()
+    file = find_checkpoint(checkpoint_dir, cfg.resume, 'last.pth', 'resume')
+    if cfg.name and file.parent != (checkpoint_dir / cfg.name).resolve():
+        raise UserError(f'--name={cfg.name} and --resume={cfg.resume} name two runs; drop --name')
+    state = load_checkpoint(file)
+    if 'optimizer' not in state:
+        raise UserError(f'{file} holds weights only, not a training state; start from it with --load_model_path '
+                        f'instead')
+    made = state['config']
+    cfg.inherit(made, RESUME_KEYS, file)
+    cfg.inherit(made, RESUME_DEFAULTS, file, strict=False)
+    if state.get('stopped_early') and cfg.max_epoch <= made['max_epoch']:
+        raise UserError(f"{file} stopped early after epoch {state['epoch'] + 1}: its validation loss had not "
+                        f"improved for {made['early_stop']} epochs; raise --max_epoch above {made['max_epoch']} "
+                        f"to train on")
+    if state['epoch'] + 1 >= cfg.max_epoch:
+        raise UserError(f"{file} has trained its {state['epoch'] + 1} epochs; raise --max_epoch to train more")
+    return Resume(file, state)
+
+
+def restore(resume, training, classes):
+    """Put the checkpoint of `resume` back into `training` (a recipe.Training)."""
+    state, file = resume.state, resume.file
+    if classes_of(state) != classes:
+        raise UserError(f'{file} was trained on the classes {", ".join(classes_of(state))}, the data holds '
+                        f'{", ".join(classes)}')
+    training.model_without_ddp.load_state(state, file)
+    training.optimizer.load_state_dict(state['optimizer'])
+    for scheduler, key in ((training.epoch_scheduler, 'scheduler'), (training.step_scheduler, 'step_scheduler')):
+        if scheduler is not None and state.get(key):
+            scheduler.load_state_dict(state[key])
+    schedule = training.step_scheduler
+    if isinstance(schedule, LambdaLR):
+        # cosine and step decay: the rate at the step the run stands at, from the schedule as the
+        # options draw it now; resumed with a higher --max_epoch, the decay stretches to the new end
+        for group, base, factor in zip(training.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group['lr'] = base * factor(schedule.last_epoch)
+    if state['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
+        training.scaler.load_state_dict(state['scaler'])
+    if training.ema is not None:
+        training.ema.module.load_state_dict(state['ema'])
+        training.ema.n_averaged.fill_(state['ema_updates'])
+    print(f"resuming {file}: epoch {resume.start_epoch + 1} (best accuracy so far "
+          f"{resume.progress['best_accuracy']:.2%})")
+
+
+@dataclass
+class Trained:
+    """A trained model read back from a checkpoint, for val, test, predict and what ships it."""
+    model: object  # on the CPU, in eval mode: the better of the weights and their moving average
+    classes: list
+    path: Path  # the checkpoint file
+    config: dict  # the options it was trained with
+
+
+def load_trained(cfg, data_options=()):
+    """The Trained of the checkpoint at --load_model_path, by default the newest run's best.pth.
+
+    The model name and image size come from the checkpoint unless given on the command line,
+    and so do `data_options` (the folders it was trained on, say). --tta mirrors images only for
+    a run that was trained on mirror images (--hflip).
+    """
+    checkpoint_dir = cfg.path('checkpoint_dir')
+    if cfg.load_model_path:
+        path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
+    else:
+        run = latest_run(checkpoint_dir)
+        path = run / 'best.pth' if run else checkpoint_dir / 'best.pth'  # a folder from before run folders
+        print(f'using {path}' + (' (the newest run)' if run else ''))
+    state = load_checkpoint(path)
+    made = state.get('config', {})
+    cfg.inherit(made, ('model', 'image_size'), path)
+    cfg.inherit(made, data_options, path, strict=False)
+    if cfg.tta and not made.get('hflip', True):
+        print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added: '
+              f'the predictions are those without --tta')
+        cfg.tta = False
+    classes = classes_of(state)
+    if state.get('weights') == 'ema':
+        print(f'using the moving average of the weights in {path}: it validated better')
+        state = {**state, 'model': state['ema']}
+    model = build_model(cfg.model, len(classes)).load_state(state, path).eval()
+    return Trained(model, classes, path, made)

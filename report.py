@@ -1,0 +1,130 @@
+"""How a run reports: each epoch's line on the terminal and in metrics.jsonl, its curves and
+pictures in visdom and TensorBoard (rank 0 only), and the text tables of `val`."""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from data.decode import load_rgb
+from utils.board import Board
+from utils.visualize import Visualizer
+
+
+class Reporter:
+    """The dashboards of one run: metrics.jsonl, visdom and TensorBoard, in the run's folder."""
+
+    def __init__(self, cfg, rt, run_dir, steps_per_epoch, start_epoch):
+        self.max_epoch = cfg.max_epoch
+        self.steps = steps_per_epoch  # the x of every TensorBoard point is the number of batches trained
+        self.metrics_file = run_dir / 'metrics.jsonl' if rt.is_main else None  # one JSON line per epoch
+        env = cfg.env or run_dir.name
+        self.vis = Visualizer(env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
+        # a resumed run's points go on after the last checkpointed step; an interrupted epoch's are dropped
+        self.board = Board(run_dir, purge_step=start_epoch * steps_per_epoch + 1 if start_epoch else None,
+                           enabled=cfg.tensorboard and rt.is_main)
+        if self.vis.enabled:
+            print(f'curves: visdom {cfg.vis_server}:{cfg.vis_port}/env/{env}')
+        if self.board.enabled:
+            print(f'curves: tensorboard --logdir {run_dir.parent}  (this run: {run_dir.name})')
+
+    def graph(self, model, example):
+        self.board.graph(model, example)
+
+    def train_loss(self, value, step):
+        self.vis.plot('train_loss', value, x=step)
+        self.board.scalar('train/loss', value, step)
+
+    def epoch(self, record, metrics, val_data):
+        """The epoch's record into metrics.jsonl, the terminal, visdom and TensorBoard, and the
+        validation images it got wrong into the dashboards."""
+        if self.metrics_file is not None:
+            with open(self.metrics_file, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        summary = epoch_line(record, self.max_epoch)
+        print(summary)
+        warn_if_stuck(record)
+        epoch, vis = record['epoch'], self.vis
+        vis.lines('loss', {'train': record['train_loss'], 'val': record['val_loss']}, x=epoch)
+        vis.plot('val_accuracy', record['val_accuracy'], x=epoch)
+        vis.plot('lr', record['lr'], x=epoch, ytype='log')  # decays by factors: even steps on a log axis
+        vis.confusion('confusion', record['confusion'], record['classes'])
+        vis.log(summary)
+        step = epoch * self.steps
+        self.board.epoch(record, step)
+        if vis.enabled or self.board.enabled:
+            wrong = most_wrong(val_data, metrics, record['classes'])
+            vis.captioned_images('most wrong (validation)', wrong,
+                                 summary='validation images wrong with the most confidence')
+            self.board.images('most wrong (validation)', wrong, step)
+
+    def close(self, options, best_accuracy):
+        self.vis.close()  # the last points and pictures reach the server before the run ends
+        self.board.hparams(options, {'hparam/best_accuracy': best_accuracy})
+        self.board.close()
+
+
+def epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen, skipped_files):
+    """The line metrics.jsonl gets for an epoch (lr: the rate it started with)."""
+    record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
+              'val_loss': metrics['loss'], 'val_accuracy': metrics['accuracy'],
+              'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
+              'recall': metrics['recall'], 'classes': classes,
+              'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
+              'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
+    if 'other_accuracy' in metrics:  # --ema_decay: which weights these are, and the other's accuracy
+        record.update(weights=metrics['weights'], other_accuracy=metrics['other_accuracy'])
+    return record
+
+
+def epoch_line(record, max_epoch):
+    """The one-line summary of an epoch."""
+    line = (f"epoch {record['epoch']}/{max_epoch}  lr {record['lr']:.3g}  "
+            f"train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
+            f"val acc {record['val_accuracy']:.2%}  {record['seconds']:.1f}s  "
+            f"{record['images_per_second']:g} img/s")
+    if 'weights' in record:
+        chosen, other = ('moving average', 'weights') if record['weights'] == 'ema' else ('weights', 'moving average')
+        line += f"  (figures of the {chosen}; the {other}: {record['other_accuracy']:.2%})"
+    if record['skipped']:
+        line += f"  skipped {record['skipped']} unreadable: {', '.join(record['skipped_files'][:3])}"
+    return line
+
+
+def warn_if_stuck(record):
+    """A training loss at ln(classes) is what a network that answers every image alike scores:
+    it has learnt nothing, and more epochs at this rate seldom change that."""
+    if abs(record['train_loss'] - math.log(len(record['classes']))) < 1e-3:
+        print(f"warning: the training loss is ln({len(record['classes'])}) = {record['train_loss']:.4f}: the model "
+              f"answers every image alike and is not learning; try a lower --lr (a tenth), --warmup_epochs=1, "
+              f"or --pretrained=True")
+
+
+def most_wrong(dataset, metrics, classes, count=16):
+    """(image, caption) of the misclassified validation images, the most confident first: with
+    two classes 'name P(second class)', with more 'name true->predicted P'."""
+    probs, labels = metrics['probs'], metrics['labels']
+    error = 1 - probs[torch.arange(len(labels)), labels]
+    predicted = probs.argmax(dim=1)  # a tie goes to the first class
+    wrong = predicted != labels
+    worst = [i for i in error.argsort(descending=True, stable=True).tolist() if wrong[i]][:count]
+    items = []
+    for i in worst:
+        path = dataset.paths[metrics['indices'][i]]
+        if len(classes) == 2:
+            caption = f'{Path(path).name} P({classes[1]})={probs[i, 1]:.2f}'
+        else:
+            caption = f'{Path(path).name} {classes[labels[i]]}->{classes[predicted[i]]} {probs[i, predicted[i]]:.2f}'
+        items.append((load_rgb(path), caption))
+    return items
+
+
+def confusion_table(matrix, classes):
+    """The confusion matrix as text: a row per true class, a column per predicted one."""
+    columns = [f'predicted {c}' for c in classes]
+    width = max(map(len, columns))
+    label = max(19, max(len(f'  true {c} ') for c in classes))
+    lines = ['confusion'.ljust(label) + '  '.join(c.rjust(width) for c in columns)]
+    for name, row in zip(classes, matrix):
+        lines.append(f'  true {name}'.ljust(label) + '  '.join(f'{n:{width}d}' for n in row))
+    return '\n'.join(lines)
