@@ -14,11 +14,6 @@ from data.demo import make_demo_data  # noqa: E402  (needs the path above)
 IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: starts processes, servers or long trainings '
-                                       '(`pytest -m "not slow"` runs the rest in about a minute)')
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skipped test is a failed one: CI installs what every test needs, so a

@@ -276,9 +276,9 @@ def test_sigkill_mid_save_or_mid_epoch_leaves_a_loadable_last_checkpoint(tmp_pat
             stale = set(writing())
             assert not stale or resume, stale
             if where == 'mid-save':
-                wait_for(lambda: last.exists() and set(writing()) - stale, process)
+                wait_for(lambda: last.exists() and set(writing()) - stale, process)  # noqa: B023 (called at once)
             else:
-                wait_for(lambda: identity(last) not in (None, before) and not set(writing()) - stale, process)
+                wait_for(lambda: identity(last) not in (None, before) and not set(writing()) - stale, process)  # noqa: B023
                 time.sleep(0.2)
         finally:
             process.kill()
