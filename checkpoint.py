@@ -12,6 +12,7 @@ they load with weights_only=True:
     optimizer, scheduler, step_scheduler, scaler, ema_updates
                           the rest of the training state: last.pth only (TRAINING_ONLY)
 """
+
 import math
 import os
 from dataclasses import dataclass
@@ -25,10 +26,30 @@ from utils.files import atomic_link, atomic_save, load_checkpoint
 from utils.run_folders import check_name_free, find_checkpoint, latest_run
 
 # the options that define a run: --resume takes them from its checkpoint, a different value is an error
-RESUME_KEYS = ('model', 'image_size', 'val_ratio', 'seed', 'lr', 'lr_decay', 'weight_decay',
-               'freeze_features', 'crop_scale', 'hflip', 'optimizer', 'lr_scheduler', 'lr_step_size',
-               'warmup_epochs', 'no_decay_norm', 'label_smoothing', 'mixup_alpha', 'cutmix_alpha',
-               'grad_accum_steps', 'clip_grad_norm', 'ema_decay', 'early_stop')
+RESUME_KEYS = (
+    'model',
+    'image_size',
+    'val_ratio',
+    'seed',
+    'lr',
+    'lr_decay',
+    'weight_decay',
+    'freeze_features',
+    'crop_scale',
+    'hflip',
+    'optimizer',
+    'lr_scheduler',
+    'lr_step_size',
+    'warmup_epochs',
+    'no_decay_norm',
+    'label_smoothing',
+    'mixup_alpha',
+    'cutmix_alpha',
+    'grad_accum_steps',
+    'clip_grad_norm',
+    'ema_decay',
+    'early_stop',
+)
 # ...and those it takes unless given: the plan and the data, which may have moved
 RESUME_DEFAULTS = ('max_epoch', 'train_data_root', 'val_data_root', 'batch_size')
 # what only continuing a run needs: best.pth keeps none of it once it parts from last.pth
@@ -38,8 +59,13 @@ DOGS_VS_CATS = ['cat', 'dog']
 # where a run stands: the best validation accuracy and loss so far, the epochs since the loss
 # last improved (--early_stop), which weights validate better ('model', or 'ema' for the moving
 # average of --ema_decay), and whether it stopped early
-NO_PROGRESS = {'best_accuracy': 0.0, 'best_loss': math.inf, 'stale_epochs': 0, 'weights': 'model',
-               'stopped_early': False}
+NO_PROGRESS = {
+    'best_accuracy': 0.0,
+    'best_loss': math.inf,
+    'stale_epochs': 0,
+    'weights': 'model',
+    'stopped_early': False,
+}
 
 
 def classes_of(state):
@@ -83,6 +109,7 @@ def save_epoch(state, run_dir, best):
 @dataclass
 class Resume:
     """Where a run starts: afresh (file None), or from the checkpoint `state` read from `file`."""
+
     file: Path | None = None
     state: dict | None = None
 
@@ -115,17 +142,20 @@ def resume_point(cfg):
         raise UserError(f'--name={cfg.name} and --resume={cfg.resume} name two runs; drop --name')
     state = load_checkpoint(file)
     if 'optimizer' not in state:
-        raise UserError(f'{file} holds weights only, not a training state; start from it with --load_model_path '
-                        f'instead')
+        raise UserError(
+            f'{file} holds weights only, not a training state; start from it with --load_model_path instead'
+        )
     made = state['config']
     cfg.inherit(made, RESUME_KEYS, file)
     cfg.inherit(made, RESUME_DEFAULTS, file, strict=False)
     if state.get('stopped_early') and cfg.max_epoch <= made['max_epoch']:
-        raise UserError(f"{file} stopped early after epoch {state['epoch'] + 1}: its validation loss had not "
-                        f"improved for {made['early_stop']} epochs; raise --max_epoch above {made['max_epoch']} "
-                        f"to train on")
+        raise UserError(
+            f'{file} stopped early after epoch {state["epoch"] + 1}: its validation loss had not '
+            f'improved for {made["early_stop"]} epochs; raise --max_epoch above {made["max_epoch"]} '
+            f'to train on'
+        )
     if state['epoch'] + 1 >= cfg.max_epoch:
-        raise UserError(f"{file} has trained its {state['epoch'] + 1} epochs; raise --max_epoch to train more")
+        raise UserError(f'{file} has trained its {state["epoch"] + 1} epochs; raise --max_epoch to train more')
     return Resume(file, state)
 
 
@@ -133,8 +163,9 @@ def restore(resume, training, classes):
     """Put the checkpoint of `resume` back into `training` (a recipe.Training)."""
     state, file = resume.state, resume.file
     if classes_of(state) != classes:
-        raise UserError(f'{file} was trained on the classes {", ".join(classes_of(state))}, the data holds '
-                        f'{", ".join(classes)}')
+        raise UserError(
+            f'{file} was trained on the classes {", ".join(classes_of(state))}, the data holds {", ".join(classes)}'
+        )
     training.model_without_ddp.load_state(state, file)
     training.optimizer.load_state_dict(state['optimizer'])
     for scheduler, key in ((training.epoch_scheduler, 'scheduler'), (training.step_scheduler, 'step_scheduler')):
@@ -151,13 +182,15 @@ def restore(resume, training, classes):
     if training.ema is not None:
         training.ema.module.load_state_dict(state['ema'])
         training.ema.n_averaged.fill_(state['ema_updates'])
-    print(f"resuming {file}: epoch {resume.start_epoch + 1} (best accuracy so far "
-          f"{resume.progress['best_accuracy']:.2%})")
+    print(
+        f'resuming {file}: epoch {resume.start_epoch + 1} (best accuracy so far {resume.progress["best_accuracy"]:.2%})'
+    )
 
 
 @dataclass
 class Trained:
     """A trained model read back from a checkpoint, for val, test, predict and what ships it."""
+
     model: object  # on the CPU, in eval mode: the better of the weights and their moving average
     classes: list
     path: Path  # the checkpoint file
@@ -183,8 +216,10 @@ def load_trained(cfg, data_options=()):
     cfg.inherit(made, ('model', 'image_size'), path)
     cfg.inherit(made, data_options, path, strict=False)
     if cfg.tta and not made.get('hflip', True):
-        print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added: '
-              f'the predictions are those without --tta')
+        print(
+            f'--tta: {path} was trained without mirror images (--hflip=False), so none are added: '
+            f'the predictions are those without --tta'
+        )
         cfg.tta = False
     classes = classes_of(state)
     if state.get('weights') == 'ema':

@@ -4,6 +4,7 @@ Each field of DefaultConfig is an option: `python main.py train --lr=0.01 --use-
 Relative paths are relative to the project folder (where this file is), not to the current
 directory, so a run behaves the same wherever it is started from.
 """
+
 import dataclasses
 import difflib
 import os
@@ -24,8 +25,9 @@ class UserError(Exception):
 def unknown(kind, word, valid, prefix=''):
     """The UserError for a mistyped `word`, naming the closest of `valid`."""
     close = difflib.get_close_matches(word, valid, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else \
-        "; `python main.py help` lists them"
+    hint = (
+        f'; did you mean {" or ".join(prefix + c for c in close)}?' if close else '; `python main.py help` lists them'
+    )
     return UserError(f'unknown {kind} {prefix}{word}{hint}')
 
 
@@ -155,8 +157,10 @@ class DefaultConfig:
             if key not in stored or stored[key] == getattr(self, key) or (key in self._given and not strict):
                 continue
             if key in self._given:
-                raise UserError(f'--{key}={getattr(self, key)!r} conflicts with {source}, which was '
-                                f'made with {key}={stored[key]!r}; drop --{key} or use another checkpoint')
+                raise UserError(
+                    f'--{key}={getattr(self, key)!r} conflicts with {source}, which was '
+                    f'made with {key}={stored[key]!r}; drop --{key} or use another checkpoint'
+                )
             taken[key] = stored[key]
             setattr(self, key, stored[key])
         if taken:
@@ -212,5 +216,6 @@ def option_help():
     """{option: (default, comment)} read from the comments beside the fields above."""
     source = Path(__file__).read_text(encoding='utf-8')
     comments = dict(re.findall(r'^    (\w+): \w+ = .*?  # (.*)$', source, flags=re.M))
-    return {f.name: (getattr(DefaultConfig(), f.name), comments.get(f.name, ''))
-            for f in dataclasses.fields(DefaultConfig)}
+    return {
+        f.name: (getattr(DefaultConfig(), f.name), comments.get(f.name, '')) for f in dataclasses.fields(DefaultConfig)
+    }

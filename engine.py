@@ -1,6 +1,7 @@
 """The loops under the verbs of main.py: a training epoch, inference over a loader (infer), its
 metrics (score), the epoch's validation, and the DataLoader that feeds them. main.py's fit() is
 the recipe that calls them; tools/benchmark.py times them."""
+
 import contextlib
 import functools
 import math
@@ -44,8 +45,13 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
     steps = len(loader)
     accumulate = cfg.grad_accum_steps
     ddp = getattr(model, '_orig_mod', model)  # DistributedDataParallel under torchrun (no_sync)
-    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
-               disable=None if rt.is_main else True)  # None: no bar unless on a terminal
+    bar = tqdm(
+        loader,
+        desc=f'epoch {epoch + 1}/{cfg.max_epoch}',
+        unit='batch',
+        leave=False,
+        disable=None if rt.is_main else True,
+    )  # None: no bar unless on a terminal
     loss = None  # until a batch has loaded
     pending = False  # gradients computed since the last optimizer step
     for step, (images, targets, _, bad) in enumerate(bar, start=1):
@@ -78,8 +84,9 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
         if last_of_group and pending:
             if cfg.clip_grad_norm:
                 scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-                nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group['params']],
-                                         cfg.clip_grad_norm)
+                nn.utils.clip_grad_norm_(
+                    [p for group in optimizer.param_groups for p in group['params']], cfg.clip_grad_norm
+                )
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -96,9 +103,11 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
                 window_loss = loss_sum / count
                 if not math.isfinite(window_loss):
                     first = (step - 1) // cfg.print_freq * cfg.print_freq + 1
-                    raise UserError(f'the loss became {window_loss} in epoch {epoch + 1} (steps '
-                                    f'{first}-{step}); try a lower --lr. '
-                                    f"The run's last.pth holds the last good epoch")
+                    raise UserError(
+                        f'the loss became {window_loss} in epoch {epoch + 1} (steps '
+                        f'{first}-{step}); try a lower --lr. '
+                        f"The run's last.pth holds the last good epoch"
+                    )
                 loss_meter.add(loss_sum, int(count))
                 if step % cfg.print_freq == 0:
                     bar.set_postfix(loss=f'{window_loss:.4f}')
@@ -115,11 +124,13 @@ def debug_prompt(model, optimizer, cfg, images, targets, loss, epoch, step):
     model, also under torchrun and --compile, so model.save(PATH) works. `c` continues (remove
     the debug file first), `q` quits."""
     import ipdb
+
     ipdb.set_trace()
 
 
 class Predictions(NamedTuple):
     """What infer() returns: rows ordered by the images' indices in the dataset."""
+
     log_probs: torch.Tensor  # (images that loaded, classes)
     targets: torch.Tensor  # the dataset's labels of those images
     indices: torch.Tensor  # their indices in the dataset
@@ -184,7 +195,10 @@ def score(predictions):
         'log_loss': log_loss,
         'confusion': matrix.tolist(),
         'recall': [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(matrix)],
-        'probs': probs, 'labels': labels, 'indices': predictions.indices, 'skipped': predictions.skipped,
+        'probs': probs,
+        'labels': labels,
+        'indices': predictions.indices,
+        'skipped': predictions.skipped,
     }
 
 
@@ -229,17 +243,21 @@ def make_loader(dataset, cfg, rt, shuffle=False):
     each process every world_size-th image, so none is seen twice and none is left out.
     """
     if shuffle:
-        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                     seed=cfg.seed)
+        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
     else:
         sampler = range(rt.rank, len(dataset), rt.world_size)
     # prefetch_factor stays at torch's 2 batches ahead per worker: enough to absorb the jitter
     # of decoding when the workers keep up at all, and more would only hold more memory
-    return DataLoader(dataset, batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
-                      sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
-                      worker_init_fn=functools.partial(
-                          _start_worker, nice=cfg.nice_workers and rt.device.type == 'cpu'),
-                      persistent_workers=cfg.num_workers > 0, pin_memory=rt.device.type == 'cuda')
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size if shuffle else eval_batch_size(cfg),
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=cfg.num_workers,
+        worker_init_fn=functools.partial(_start_worker, nice=cfg.nice_workers and rt.device.type == 'cpu'),
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=rt.device.type == 'cuda',
+    )
 
 
 def _start_worker(worker_id, nice):

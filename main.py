@@ -1,5 +1,6 @@
 """dogcat: train, validate and test an image classifier (cats vs. dogs, or your own classes).
 `python main.py help` lists the verbs and options."""
+
 import sys
 
 from utils.cli import answer_early
@@ -20,14 +21,14 @@ from data import DogCat
 from data.demo import make_demo_data
 from data.transforms import model_input
 from models import build_model, check_options
+from predict import find_images, infer_dataset, predict_files, write_submission
 from recipe import make_training
 from report import Reporter, confusion_table, epoch_record
+from runs import print_runs
 from utils import interrupts_deferred
 from utils.cli import print_help, run
 from utils.files import writable_folder
 from utils.run_folders import new_run_dir, note_interrupted, point_latest, write_config
-from predict import find_images, infer_dataset, predict_files, write_submission
-from runs import print_runs
 from utils.runtime import precision, runtime, seed_everything
 
 
@@ -59,9 +60,11 @@ def fit(cfg, root, resume, rt):
     train_loader = engine.make_loader(train_data, cfg, rt, shuffle=True)
     val_loader = engine.make_loader(val_data, cfg, rt)
     ignored = train_data.ignored + (val_data.ignored if cfg.val_data_root else [])
-    print(f'{len(train_data)} training and {len(val_data)} validation images in {root} '
-          f'({train_data.layout}; {len(classes)} classes: {", ".join(classes)})'
-          + (f' ({len(ignored)} other entries ignored)' if ignored else ''))
+    print(
+        f'{len(train_data)} training and {len(val_data)} validation images in {root} '
+        f'({train_data.layout}; {len(classes)} classes: {", ".join(classes)})'
+        + (f' ({len(ignored)} other entries ignored)' if ignored else '')
+    )
 
     # step 2: model
     fresh = resume.state is None  # a resumed run gets its weights from the checkpoint
@@ -82,9 +85,11 @@ def fit(cfg, root, resume, rt):
         model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
     if cfg.compile:
         model = torch.compile(model)  # the same parameters
-    print(f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {device}'
-          + (f' in each of {rt.world_size} processes' if rt.distributed else '')
-          + f', computing in {precision(device, cfg.amp)}')
+    print(
+        f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {device}'
+        + (f' in each of {rt.world_size} processes' if rt.distributed else '')
+        + f', computing in {precision(device, cfg.amp)}'
+    )
 
     # step 3: objective, optimizer, learning-rate schedule, and what else the options add
     training = make_training(model, model_without_ddp, cfg, rt, len(train_loader), len(classes))
@@ -96,8 +101,10 @@ def fit(cfg, root, resume, rt):
     run_dir = rt.broadcast(start_run(cfg, resume, classes, rt) if rt.is_main else None)
     reporter = Reporter(cfg, rt, run_dir, len(train_loader), resume.start_epoch)
     if fresh:
-        reporter.graph(model_without_ddp, model_input(
-            torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), device, rt.layout))
+        reporter.graph(
+            model_without_ddp,
+            model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), device, rt.layout),
+        )
     finished = resume.start_epoch  # epochs whose checkpoint is on disk
     try:
         for epoch in range(resume.start_epoch, cfg.max_epoch):
@@ -120,35 +127,53 @@ def fit(cfg, root, resume, rt):
                 if rt.is_main:
                     save_epoch(state, run_dir, best=metrics['accuracy'] == progress['best_accuracy'])
                 finished = epoch + 1
-            record = epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen,
-                                  [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']])
+            record = epoch_record(
+                epoch,
+                lr,
+                train_loss,
+                metrics,
+                classes,
+                seconds,
+                seen,
+                [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']],
+            )
             reporter.epoch(record, metrics, val_data)
             if progress['stopped_early']:
-                print(f"stopped early: the validation loss has not improved for {cfg.early_stop} epochs "
-                      f"(best {progress['best_loss']:.4f}); --resume with a higher --max_epoch trains on")
+                print(
+                    f'stopped early: the validation loss has not improved for {cfg.early_stop} epochs '
+                    f'(best {progress["best_loss"]:.4f}); --resume with a higher --max_epoch trains on'
+                )
                 break
     except KeyboardInterrupt:
         # last.pth holds the last finished epoch, and a resume trains the cut one again from its
         # start, to the weights of a run that never stopped: what the cut epoch had done is lost
         if rt.is_main:
             note_interrupted(run_dir, finished + 1)
-        print(f'\nstopped during epoch {finished + 1}, which is lost; ' + (
-            f'{run_dir / "last.pth"} holds epoch {finished}: --resume={run_dir} trains on from epoch '
-            f'{finished + 1}' if finished else 'no epoch had finished: there is nothing to resume'))
+        print(
+            f'\nstopped during epoch {finished + 1}, which is lost; '
+            + (
+                f'{run_dir / "last.pth"} holds epoch {finished}: --resume={run_dir} trains on from epoch {finished + 1}'
+                if finished
+                else 'no epoch had finished: there is nothing to resume'
+            )
+        )
         raise
     finally:
         reporter.close(cfg.to_dict(), progress['best_accuracy'])
-    print(f"best validation accuracy {progress['best_accuracy']:.2%}; checkpoints in {run_dir}")
+    print(f'best validation accuracy {progress["best_accuracy"]:.2%}; checkpoints in {run_dir}')
 
 
 def advance(progress, metrics, cfg):
     """The run's progress (see checkpoint.NO_PROGRESS) after an epoch validated with `metrics`."""
     better_loss = metrics['loss'] < progress['best_loss']
     stale = 0 if better_loss else progress['stale_epochs'] + 1
-    return {'best_accuracy': max(progress['best_accuracy'], metrics['accuracy']),
-            'best_loss': min(progress['best_loss'], metrics['loss']),
-            'stale_epochs': stale, 'weights': metrics['weights'],
-            'stopped_early': bool(cfg.early_stop) and stale >= cfg.early_stop}
+    return {
+        'best_accuracy': max(progress['best_accuracy'], metrics['accuracy']),
+        'best_loss': min(progress['best_loss'], metrics['loss']),
+        'stale_epochs': stale,
+        'weights': metrics['weights'],
+        'stopped_early': bool(cfg.early_stop) and stale >= cfg.early_stop,
+    }
 
 
 def start_run(cfg, resume, classes, rt):
@@ -171,8 +196,10 @@ def training_data(cfg, root):
     """The training and validation sets: a held-out share of root, or --val_data_root whole."""
     augment = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     if not cfg.val_data_root:
-        return (DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed, **augment),
-                DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed))
+        return (
+            DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed, **augment),
+            DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed),
+        )
     train_data = DogCat(root, 'train', cfg.image_size, val_ratio=0, **augment)
     val_root = cfg.require_dir('val_data_root')
     return train_data, DogCat(val_root, 'val', cfg.image_size, val_ratio=0, classes=train_data.classes)
@@ -187,15 +214,18 @@ def val(**kwargs):
     if cfg.val_data_root:
         data = DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
     else:
-        data = DogCat(cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed,
-                      classes=classes)
+        data = DogCat(
+            cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed, classes=classes
+        )
     m = engine.score(infer_dataset(cfg, trained.model, data)[0])
-    print(f"{len(m['labels'])} validation images: loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}  "
-          f"Kaggle log loss {m['log_loss']:.4f}")
+    print(
+        f'{len(m["labels"])} validation images: loss {m["loss"]:.4f}  accuracy {m["accuracy"]:.2%}  '
+        f'Kaggle log loss {m["log_loss"]:.4f}'
+    )
     print(confusion_table(m['confusion'], classes))
     print('recall   ' + '  '.join(f'{c} {r:.2%}' for c, r in zip(classes, m['recall']) if r is not None))
     if m['skipped']:
-        print(f"skipped {len(m['skipped'])} unreadable images")
+        print(f'skipped {len(m["skipped"])} unreadable images')
 
 
 def test(**kwargs):
@@ -230,18 +260,21 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     """
     from config import ROOT
     from data.demo import CLASSES
+
     for name, value in (('n_train', n_train), ('n_test', n_test), ('seed', seed), ('classes', classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f'--{name}={value!r} is invalid; it takes a whole number >= 0')
     root = str(root)  # fire reads --root=5 as a number
     if layout not in ('kaggle', 'folders'):
-        raise UserError(f"--layout={layout!r} is invalid; it takes kaggle or folders")
+        raise UserError(f'--layout={layout!r} is invalid; it takes kaggle or folders')
     if classes not in range(2, len(CLASSES) + 1):
         raise UserError(f'--classes={classes!r} is invalid; it takes 2 to {len(CLASSES)}')
     folder = ROOT / root
     make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout)
-    print(f'wrote {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
-          f'and {n_test} test images to {folder / "test1"}')
+    print(
+        f'wrote {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
+        f'and {n_test} test images to {folder / "test1"}'
+    )
 
 
 def runs(**kwargs):
@@ -254,8 +287,15 @@ def help():
     print_help(__file__)
 
 
-VERBS = {'train': train, 'val': val, 'test': test, 'predict': predict, 'runs': runs, 'demo_data': demo_data,
-         'help': help}
+VERBS = {
+    'train': train,
+    'val': val,
+    'test': test,
+    'predict': predict,
+    'runs': runs,
+    'demo_data': demo_data,
+    'help': help,
+}
 
 if __name__ == '__main__':
     run(VERBS, __file__)

@@ -1,5 +1,6 @@
 """What test and predict do with a trained model: the submission file, and the predictions for
 your own photos, on the terminal and in a CSV."""
+
 import csv
 import itertools
 import sys
@@ -41,12 +42,13 @@ def write_submission(cfg, trained):
             writer.writerows((i, f'{p:.4f}') for i, p in zip(ids, probs[:, 1].tolist()))
         else:
             writer.writerow(['id', *classes, 'predicted'])
-            writer.writerows((i, *(f'{p:.4f}' for p in row), classes[predicted(classes, row)])
-                             for i, row in zip(ids, probs.tolist()))
+            writer.writerows(
+                (i, *(f'{p:.4f}' for p in row), classes[predicted(classes, row)]) for i, row in zip(ids, probs.tolist())
+            )
     print(f'wrote {len(ids)} predictions to {result_file}')
     if predictions.skipped:
         names = [data.paths[i] for i in predictions.skipped]
-        print(f"could not read {len(names)} images, left out: {', '.join(names[:5])}")
+        print(f'could not read {len(names)} images, left out: {", ".join(names[:5])}')
 
 
 def unused_name(path):
@@ -62,8 +64,11 @@ def predict_files(cfg, trained, paths, out=''):
     if out:
         writable_folder(Path(out).parent, 'out')
     predictions, rt = infer_dataset(cfg, trained.model, data)
-    classes, names, probs = trained.classes, [files[i] for i in predictions.indices.tolist()], \
-        predictions.log_probs.exp().tolist()
+    classes, names, probs = (
+        trained.classes,
+        [files[i] for i in predictions.indices.tolist()],
+        predictions.log_probs.exp().tolist(),
+    )
     for name, p in zip(names, probs):  # with two classes P(second), as in the submission; else P(its class)
         label = predicted(classes, p)
         print(f'{name}  {classes[label]}  {p[1] if len(classes) == 2 else p[label]:.4f}')
@@ -73,8 +78,11 @@ def predict_files(cfg, trained, paths, out=''):
             csv.writer(f).writerows(rows)
         print(f'wrote {len(rows) - 1} predictions to {Path(out).resolve()}')
     if predictions.skipped and rt.is_main:
-        print(f"could not read {len(predictions.skipped)} files, left out: "
-              f"{', '.join(files[i] for i in predictions.skipped[:5])}", file=sys.stderr)
+        print(
+            f'could not read {len(predictions.skipped)} files, left out: '
+            f'{", ".join(files[i] for i in predictions.skipped[:5])}',
+            file=sys.stderr,
+        )
 
 
 def prediction_rows(classes, names, probs):
@@ -99,12 +107,15 @@ def find_images(paths):
     files = []
     for path in (Path(str(p)).expanduser() for p in paths):  # str: fire reads `123.jpg`... and `7` as 7
         if path.is_dir():
-            files += sorted(f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES
-                            and not f.name.startswith('.') and f.is_file())
+            files += sorted(
+                f
+                for f in path.rglob('*')
+                if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith('.') and f.is_file()
+            )
         elif path.is_file():
             files.append(path)
         else:
             raise UserError(f'{path} does not exist')
     if not files:
-        raise UserError(f"no .jpg, .jpeg or .png files in {', '.join(map(str, paths))}")
+        raise UserError(f'no .jpg, .jpeg or .png files in {", ".join(map(str, paths))}')
     return [str(f) for f in files]

@@ -5,6 +5,7 @@ together in a Training.
 main.py's fit() builds it; engine.train_one_epoch() uses it at every step; checkpoint.py saves
 and restores it. By default: Adam, decay on a plateau, no mixing, no average.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ WARMUP_START = 0.01  # the warm-up's first steps run at this share of --lr
 @dataclass
 class Training:
     """The objects that train together and change as they do: what a checkpoint saves."""
+
     model: torch.nn.Module  # what trains: under torchrun the DDP wrapper, compiled with --compile
     model_without_ddp: torch.nn.Module  # the plain model inside it: what is saved and validated
     criterion: torch.nn.Module
@@ -34,9 +36,17 @@ def make_training(model, model_without_ddp, cfg, rt, steps_per_epoch, num_classe
     """The Training of `model` as the options say; steps_per_epoch: batches in an epoch."""
     optimizer = make_optimizer(model_without_ddp, cfg, rt.device)
     step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, math.ceil(steps_per_epoch / cfg.grad_accum_steps))
-    return Training(model, model_without_ddp, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                    optimizer, step_scheduler, epoch_scheduler, rt.grad_scaler(), make_ema(model_without_ddp, cfg),
-                    batch_mixing(cfg, num_classes))
+    return Training(
+        model,
+        model_without_ddp,
+        torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        optimizer,
+        step_scheduler,
+        epoch_scheduler,
+        rt.grad_scaler(),
+        make_ema(model_without_ddp, cfg),
+        batch_mixing(cfg, num_classes),
+    )
 
 
 def make_optimizer(model, cfg, device):
@@ -46,8 +56,10 @@ def make_optimizer(model, cfg, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': params}]
     if cfg.no_decay_norm:
-        groups = [{'params': [p for p in params if p.ndim > 1]},
-                  {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
+        groups = [
+            {'params': [p for p in params if p.ndim > 1]},
+            {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0},
+        ]
     # fused: one kernel updates every parameter, the same step in a fraction of the time of a loop
     # over them; torch has it for CPUs and CUDA GPUs
     common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ('cpu', 'cuda'))

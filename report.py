@@ -1,5 +1,6 @@
 """How a run reports: each epoch's line on the terminal and in metrics.jsonl, its curves and
 pictures in visdom and TensorBoard (rank 0 only), and the text tables of `val`."""
+
 import json
 import math
 from pathlib import Path
@@ -21,8 +22,11 @@ class Reporter:
         env = cfg.env or run_dir.name
         self.vis = Visualizer(env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
         # a resumed run's points go on after the last checkpointed step; an interrupted epoch's are dropped
-        self.board = Board(run_dir, purge_step=start_epoch * steps_per_epoch + 1 if start_epoch else None,
-                           enabled=cfg.tensorboard and rt.is_main)
+        self.board = Board(
+            run_dir,
+            purge_step=start_epoch * steps_per_epoch + 1 if start_epoch else None,
+            enabled=cfg.tensorboard and rt.is_main,
+        )
         if self.vis.enabled:
             print(f'curves: visdom {cfg.vis_server}:{cfg.vis_port}/env/{env}')
         if self.board.enabled:
@@ -54,8 +58,9 @@ class Reporter:
         self.board.epoch(record, step)
         if vis.enabled or self.board.enabled:
             wrong = most_wrong(val_data, metrics, record['classes'])
-            vis.captioned_images('most wrong (validation)', wrong,
-                                 summary='validation images wrong with the most confidence')
+            vis.captioned_images(
+                'most wrong (validation)', wrong, summary='validation images wrong with the most confidence'
+            )
             self.board.images('most wrong (validation)', wrong, step)
 
     def close(self, options, best_accuracy):
@@ -66,12 +71,21 @@ class Reporter:
 
 def epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen, skipped_files):
     """The line metrics.jsonl gets for an epoch (lr: the rate it started with)."""
-    record = {'epoch': epoch + 1, 'lr': lr, 'train_loss': train_loss,
-              'val_loss': metrics['loss'], 'val_accuracy': metrics['accuracy'],
-              'val_log_loss': metrics['log_loss'], 'confusion': metrics['confusion'],
-              'recall': metrics['recall'], 'classes': classes,
-              'seconds': round(seconds, 2), 'images_per_second': round(seen / seconds, 1),
-              'skipped': len(skipped_files), 'skipped_files': skipped_files[:5]}
+    record = {
+        'epoch': epoch + 1,
+        'lr': lr,
+        'train_loss': train_loss,
+        'val_loss': metrics['loss'],
+        'val_accuracy': metrics['accuracy'],
+        'val_log_loss': metrics['log_loss'],
+        'confusion': metrics['confusion'],
+        'recall': metrics['recall'],
+        'classes': classes,
+        'seconds': round(seconds, 2),
+        'images_per_second': round(seen / seconds, 1),
+        'skipped': len(skipped_files),
+        'skipped_files': skipped_files[:5],
+    }
     if 'other_accuracy' in metrics:  # --ema_decay: which weights these are, and the other's accuracy
         record.update(weights=metrics['weights'], other_accuracy=metrics['other_accuracy'])
     return record
@@ -79,15 +93,17 @@ def epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen, skipped
 
 def epoch_line(record, max_epoch):
     """The one-line summary of an epoch."""
-    line = (f"epoch {record['epoch']}/{max_epoch}  lr {record['lr']:.3g}  "
-            f"train loss {record['train_loss']:.4f}  val loss {record['val_loss']:.4f}  "
-            f"val acc {record['val_accuracy']:.2%}  {record['seconds']:.1f}s  "
-            f"{record['images_per_second']:g} img/s")
+    line = (
+        f'epoch {record["epoch"]}/{max_epoch}  lr {record["lr"]:.3g}  '
+        f'train loss {record["train_loss"]:.4f}  val loss {record["val_loss"]:.4f}  '
+        f'val acc {record["val_accuracy"]:.2%}  {record["seconds"]:.1f}s  '
+        f'{record["images_per_second"]:g} img/s'
+    )
     if 'weights' in record:
         chosen, other = ('moving average', 'weights') if record['weights'] == 'ema' else ('weights', 'moving average')
-        line += f"  (figures of the {chosen}; the {other}: {record['other_accuracy']:.2%})"
+        line += f'  (figures of the {chosen}; the {other}: {record["other_accuracy"]:.2%})'
     if record['skipped']:
-        line += f"  skipped {record['skipped']} unreadable: {', '.join(record['skipped_files'][:3])}"
+        line += f'  skipped {record["skipped"]} unreadable: {", ".join(record["skipped_files"][:3])}'
     return line
 
 
@@ -95,9 +111,11 @@ def warn_if_stuck(record):
     """A training loss at ln(classes) is what a network that answers every image alike scores:
     it has learnt nothing, and more epochs at this rate seldom change that."""
     if abs(record['train_loss'] - math.log(len(record['classes']))) < 1e-3:
-        print(f"warning: the training loss is ln({len(record['classes'])}) = {record['train_loss']:.4f}: the model "
-              f"answers every image alike and is not learning; try a lower --lr (a tenth), --warmup_epochs=1, "
-              f"or --pretrained=True")
+        print(
+            f'warning: the training loss is ln({len(record["classes"])}) = {record["train_loss"]:.4f}: the model '
+            f'answers every image alike and is not learning; try a lower --lr (a tenth), --warmup_epochs=1, '
+            f'or --pretrained=True'
+        )
 
 
 def most_wrong(dataset, metrics, classes, count=16):

@@ -12,6 +12,7 @@ class folder's is read, so a root such as /home/dog/data labels nothing wrong. A
 holds Kaggle's N.jpg (the id is the number N) or any images (the id is the name less its
 extension).
 """
+
 import os
 import random
 import re
@@ -39,8 +40,9 @@ class DogCat(ImageFiles):
     network's input.
     """
 
-    def __init__(self, root, mode='train', image_size=224, val_ratio=0.3, seed=0, crop_scale=0.08,
-                 hflip=True, classes=None):
+    def __init__(
+        self, root, mode='train', image_size=224, val_ratio=0.3, seed=0, crop_scale=0.08, hflip=True, classes=None
+    ):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
         root = Path(root)
@@ -57,8 +59,7 @@ class DogCat(ImageFiles):
                 kept = _split(targets, len(self.classes), val_ratio, seed)[mode]
                 paths, targets = [paths[i] for i in kept], [targets[i] for i in kept]
                 if not paths:
-                    raise UserError(f'{root}: too few images to hold out a {mode} split at '
-                                    f'val_ratio={val_ratio}')
+                    raise UserError(f'{root}: too few images to hold out a {mode} split at val_ratio={val_ratio}')
         if mode == 'train':
             super().__init__(paths, targets, train_transform(image_size, crop_scale, hflip))
         else:  # a JPEG may be decoded straight to a smaller scale, never below image_size
@@ -78,8 +79,10 @@ def list_labelled(root, classes=None):
             else:
                 ignored.append(entry.name)
     if named and len(folders) > 1:
-        raise UserError(f'{root} mixes the two layouts: files named <class>.<N>.jpg '
-                        f'({_counts(named)}) and class folders ({_counts(folders)}); keep one')
+        raise UserError(
+            f'{root} mixes the two layouts: files named <class>.<N>.jpg '
+            f'({_counts(named)}) and class folders ({_counts(folders)}); keep one'
+        )
     if named:  # a lone folder beside the files is not a class
         layout, samples = 'Kaggle layout, <class>.<N>.jpg', {c: [n for _, n in sorted(v)] for c, v in named.items()}
         ignored += list(folders)
@@ -87,21 +90,23 @@ def list_labelled(root, classes=None):
         layout, samples = 'one folder per class', folders
         ignored += others
     if not samples:
-        found = f"only {len(ignored)} other entries such as {', '.join(sorted(ignored)[:3])}" \
-            if ignored else 'nothing'
-        raise UserError(f'{root} holds no cat.N.jpg / dog.N.jpg images ({found}); name them '
-                        f'<class>.<N>.jpg or put each class in a folder of its own')
+        found = f'only {len(ignored)} other entries such as {", ".join(sorted(ignored)[:3])}' if ignored else 'nothing'
+        raise UserError(
+            f'{root} holds no cat.N.jpg / dog.N.jpg images ({found}); name them '
+            f'<class>.<N>.jpg or put each class in a folder of its own'
+        )
     found = sorted(samples)
     if classes is None:
         if len(found) == 1:
             raise UserError(f'{root} holds one class only ({_counts(samples)}): a classifier needs two or more')
         classes = found
     elif not set(found) <= set(classes):
-        raise UserError(f'{root} holds the classes {", ".join(found)}, the model knows '
-                        f'{", ".join(classes)}: {", ".join(sorted(set(found) - set(classes)))} is new to it')
+        raise UserError(
+            f'{root} holds the classes {", ".join(found)}, the model knows '
+            f'{", ".join(classes)}: {", ".join(sorted(set(found) - set(classes)))} is new to it'
+        )
     elif len(found) < len(classes):
-        print(f"warning: {root} has no images of {', '.join(c for c in classes if c not in found)}",
-              file=sys.stderr)
+        print(f'warning: {root} has no images of {", ".join(c for c in classes if c not in found)}', file=sys.stderr)
     paths, targets = [], []
     for name in found:
         paths += [str(root / file) for file in samples[name]]
@@ -135,8 +140,9 @@ def list_unlabelled(root):
             match = TEST_NAME.fullmatch(entry.name)
             if match and entry.is_file():
                 numbered.append((int(match[1]), entry.name))
-            elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES \
-                    and not entry.name.startswith('.'):
+            elif (
+                entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith('.')
+            ):
                 named.append((Path(entry.name).stem, entry.name))
             else:
                 ignored.append(entry.name)
@@ -144,13 +150,11 @@ def list_unlabelled(root):
         ignored += [name for _, name in named]
     samples = sorted(numbered or named)
     if not samples:
-        found = f"only {len(ignored)} other entries such as {', '.join(sorted(ignored)[:3])}" \
-            if ignored else 'nothing'
+        found = f'only {len(ignored)} other entries such as {", ".join(sorted(ignored)[:3])}' if ignored else 'nothing'
         raise UserError(f'{root} holds no N.jpg images ({found})')
     for (id_, first), (next_id, second) in zip(samples, samples[1:]):
         if id_ == next_id:  # x.jpg and x.png: two rows of one id in the submission
-            raise UserError(f'{root / first} and {second} would have the same id {id_} in the submission; '
-                            f'rename one')
+            raise UserError(f'{root / first} and {second} would have the same id {id_} in the submission; rename one')
     return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
 
 

@@ -1,4 +1,5 @@
 """Reading an image file into pixels: upright, RGB, and fast for the common plain JPEG."""
+
 import contextlib
 import warnings
 
@@ -57,8 +58,12 @@ def _plain_jpeg(img, draft):
     """Whether simplejpeg alone gives load_rgb's pixels: an upright RGB or grey JPEG that
     Pillow would not decode at a reduced scale."""
     reduced = draft and min(img.size[0] // draft, img.size[1] // draft) >= 2
-    return (img.format == 'JPEG' and img.mode in ('RGB', 'L') and not reduced
-            and img.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9))
+    return (
+        img.format == 'JPEG'
+        and img.mode in ('RGB', 'L')
+        and not reduced
+        and img.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)
+    )
 
 
 def _decode(img, draft):

@@ -5,6 +5,7 @@ Its "cats" wear stripes and its "dogs" wear spots, on random colours, sizes and 
 a texture difference a small CNN learns in a few epochs, so a working pipeline shows it by
 reaching high validation accuracy, and a broken one (say, labels swapped) shows it too.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,7 @@ from PIL import Image, ImageFilter
 CLASSES = ('cat', 'dog', 'fox')  # stripes, spots, checks
 
 
-def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2,
-                   layout='kaggle'):
+def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2, layout='kaggle'):
     """Write root/train and root/test1 with the first `classes` of CLASSES; return the test
     labels by id.
 
@@ -58,9 +58,9 @@ def _draw(label, rng, sizes, blur):
         pattern = (np.sin(u * 2 * np.pi / period) > 0) ^ (np.sin(v * 2 * np.pi / period) > 0)
     else:  # round spots scattered about
         pattern = np.zeros((h, w), dtype=bool)
-        for _ in range(int(h * w / period ** 2 / 2)):
+        for _ in range(int(h * w / period**2 / 2)):
             cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.3, 0.45) * period
-            pattern |= (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+            pattern |= (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
 
     # the pattern covers the whole picture (every crop of it shows the class), in one pair of
     # colours on a central ellipse (the "animal") and another pair around it

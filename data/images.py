@@ -1,6 +1,7 @@
 """Images read from their files when a DataLoader worker asks, and batched: what every dataset
 of the project builds on. An unreadable image never ends a run: it comes back as None and
 collate_fn leaves it out of the batch, naming its index."""
+
 from collections import namedtuple
 
 from torch.utils.data import Dataset, default_collate

@@ -5,6 +5,7 @@ To change the augmentation, edit the list in train_transform(): any transform of
 torchvision.transforms.v2 that takes uint8 image tensors fits in it. The options --crop_scale and
 --hflip cover the usual two changes without an edit.
 """
+
 import functools
 
 import torch
@@ -18,11 +19,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def train_transform(size, crop_scale=0.08, hflip=True):
     """A random crop keeping crop_scale-100% of the area (the central square at 1.0), resized
     to size x size, mirrored left-right half the time when hflip."""
-    return v2.Compose([
-        RandomResizedCrop(size, scale=(crop_scale, 1.0)) if crop_scale < 1 else CenterSquare(size),
-        *([RandomHorizontalFlip()] if hflip else []),
-        # yours here, e.g. v2.ColorJitter(0.2, 0.2, 0.2), v2.TrivialAugmentWide(), v2.RandomErasing()
-    ])
+    return v2.Compose(
+        [
+            RandomResizedCrop(size, scale=(crop_scale, 1.0)) if crop_scale < 1 else CenterSquare(size),
+            *([RandomHorizontalFlip()] if hflip else []),
+            # yours here, e.g. v2.ColorJitter(0.2, 0.2, 0.2), v2.TrivialAugmentWide(), v2.RandomErasing()
+        ]
+    )
 
 
 def eval_transform(size):
@@ -73,16 +76,14 @@ def resize_region(pixels, top, left, h, w, size):
     4x fewer bytes than float through the workers' shared memory and to the GPU; model_input()
     normalises a whole batch at once, on the device. Fastest when the pixels lie as the
     decoders give them, channel innermost (a permuted (H, W, 3) array)."""
-    region = pixels[:, top:top + h, left:left + w].unsqueeze(0)
-    return nn.functional.interpolate(region, size=(size, size), mode='bilinear', antialias=True,
-                                     align_corners=False)[0]
+    region = pixels[:, top : top + h, left : left + w].unsqueeze(0)
+    return nn.functional.interpolate(region, size=(size, size), mode='bilinear', antialias=True, align_corners=False)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mean_std(device):
     shape = (1, 3, 1, 1)
-    return (torch.tensor(MEAN, device=device).view(shape) * 255,
-            torch.tensor(STD, device=device).view(shape) * 255)
+    return (torch.tensor(MEAN, device=device).view(shape) * 255, torch.tensor(STD, device=device).view(shape) * 255)
 
 
 def model_input(images, device, memory_format=torch.contiguous_format):

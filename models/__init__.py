@@ -1,5 +1,6 @@
 """The models: three classic ones written out as BasicModule examples, and any classification
 model of torchvision by its own name (--model=resnet50)."""
+
 import difflib
 from pathlib import Path
 
@@ -26,9 +27,11 @@ def check_options(cfg):
         names = list(MODELS) + torchvision_names()
         by_lower = {n.lower(): n for n in names}
         close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
-        hint = f"; did you mean {' or '.join(close)}?" if close else ''
-        raise UserError(f"--model={name!r} is invalid; it takes one of {', '.join(MODELS)} or a torchvision "
-                        f"classification model by its name (resnet50, efficientnet_b0, ...){hint}")
+        hint = f'; did you mean {" or ".join(close)}?' if close else ''
+        raise UserError(
+            f'--model={name!r} is invalid; it takes one of {", ".join(MODELS)} or a torchvision '
+            f'classification model by its name (resnet50, efficientnet_b0, ...){hint}'
+        )
     min_size, max_size = (MODELS[name].min_image_size, None) if name in MODELS else image_size_rule(name)
     if not min_size <= cfg.image_size <= (max_size or cfg.image_size):
         sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
@@ -63,11 +66,21 @@ def imagenet_state(weights):
         try:
             weights.get_state_dict(progress=True, check_hash=True)  # downloads into the cache
         except OSError as e:  # no network, a proxy, a firewall
-            raise UserError(f'the ImageNet weights are not in {file.parent} and could not be '
-                            f'downloaded ({getattr(e, "reason", e)}); put {weights.url} there as '
-                            f'{file.name}, or pass --pretrained_path=FILE') from None
+            raise UserError(
+                f'the ImageNet weights are not in {file.parent} and could not be '
+                f'downloaded ({getattr(e, "reason", e)}); put {weights.url} there as '
+                f'{file.name}, or pass --pretrained_path=FILE'
+            ) from None
     return load_checkpoint(file), file
 
 
-__all__ = ['AlexNet', 'BasicModule', 'MODELS', 'ResNet34', 'SqueezeNet', 'TorchvisionModel', 'build_model',
-           'check_options']
+__all__ = [
+    'AlexNet',
+    'BasicModule',
+    'MODELS',
+    'ResNet34',
+    'SqueezeNet',
+    'TorchvisionModel',
+    'build_model',
+    'check_options',
+]

@@ -6,6 +6,7 @@ from .basic_module import BasicModule
 
 class AlexNet(BasicModule):
     """torchvision's AlexNet with a head for num_classes; needs images of at least 63 px."""
+
     imagenet_weights = AlexNet_Weights.IMAGENET1K_V1
     min_image_size = 63
 

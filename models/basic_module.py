@@ -1,4 +1,5 @@
 """BasicModule: an nn.Module that can save and load its own weights."""
+
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ class BasicModule(nn.Module):
     before a head for num_classes replaces theirs) and name their head in head(), so
     freeze_features() works.
     """
+
     min_image_size = 32  # smallest input side the network's pooling layers accept
     imagenet_weights = None  # torchvision's weights enum entry for --pretrained
 
@@ -42,15 +44,16 @@ class BasicModule(nn.Module):
         super().train(mode)
         # a frozen BatchNorm keeps its ImageNet statistics too: in train mode it would drift
         for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
-                    not any(p.requires_grad for p in module.parameters()):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
                 module.eval()
         return self
 
     def save(self, path=None):
         """Write the weights (atomically) to `path`, by default checkpoints/<name>_<time>.pth."""
         if path is None:
-            path = CHECKPOINT_DIR / f"{self.model_name}_{time.strftime('%Y%m%d-%H%M%S')}.pth"
+            path = CHECKPOINT_DIR / f'{self.model_name}_{time.strftime("%Y%m%d-%H%M%S")}.pth'
         atomic_save(self.state_dict(), path)
         return Path(path)
 
@@ -63,8 +66,9 @@ class BasicModule(nn.Module):
         if isinstance(state.get('model'), dict):  # a training checkpoint, see main.py
             made_as = state.get('config', {}).get('model')
             if made_as and made_as != self.model_name:
-                raise UserError(f'{source} is a checkpoint of {made_as}, not of {self.model_name}; '
-                                f'pass --model={made_as}')
+                raise UserError(
+                    f'{source} is a checkpoint of {made_as}, not of {self.model_name}; pass --model={made_as}'
+                )
             state = state['model']
         try:
             self.load_state_dict(state)

@@ -6,6 +6,7 @@ from .basic_module import BasicModule
 
 class ResNet34(BasicModule):
     """torchvision's ResNet-34 with a head for num_classes; takes any image size >= 32."""
+
     imagenet_weights = ResNet34_Weights.IMAGENET1K_V1
 
     def __init__(self, num_classes=2, imagenet_state=None):

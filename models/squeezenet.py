@@ -6,6 +6,7 @@ from .basic_module import BasicModule
 
 class SqueezeNet(BasicModule):
     """torchvision's SqueezeNet 1.1 (0.7 M parameters): small and quick, best from ImageNet weights."""
+
     imagenet_weights = SqueezeNet1_1_Weights.IMAGENET1K_V1
 
     def __init__(self, num_classes=2, imagenet_state=None):

@@ -26,8 +26,11 @@ class TorchvisionModel(BasicModule):
                     setattr(self.net, aux, None)
         self.head_name = _last_imagenet_layer(self.net)
         old = self.net.get_submodule(self.head_name)
-        new = nn.Linear(old.in_features, num_classes) if isinstance(old, nn.Linear) else \
-            nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
+        new = (
+            nn.Linear(old.in_features, num_classes)
+            if isinstance(old, nn.Linear)
+            else nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
+        )
         parent, _, attribute = self.head_name.rpartition('.')
         setattr(self.net.get_submodule(parent), attribute, new)
 
@@ -50,8 +53,12 @@ def _last_imagenet_layer(net):
     """The name of the last layer with 1000 outputs: the ImageNet classifier."""
     found = None
     for name, module in net.named_modules():
-        if isinstance(module, nn.Linear) and module.out_features == IMAGENET_CLASSES or \
-                isinstance(module, nn.Conv2d) and module.out_channels == IMAGENET_CLASSES:
+        if (
+            isinstance(module, nn.Linear)
+            and module.out_features == IMAGENET_CLASSES
+            or isinstance(module, nn.Conv2d)
+            and module.out_channels == IMAGENET_CLASSES
+        ):
             found = name
     if found is None:
         raise ValueError(f'{type(net).__name__} has no layer with {IMAGENET_CLASSES} outputs to replace')

@@ -35,10 +35,23 @@ def tiny_data(tmp_path_factory):
 
 def fast_options(tmp_path, data, **more):
     """Options for a quick CPU run on `data` that writes only below tmp_path."""
-    options = dict(train_data_root=str(data / 'train'), test_data_root=str(data / 'test1'),
-                   checkpoint_dir=str(tmp_path / 'checkpoints'), result_file=str(tmp_path / 'result.csv'),
-                   model='SqueezeNet', image_size=32, batch_size=8, max_epoch=1, num_workers=0,
-                   use_gpu=False, amp=False, vis=False, tensorboard=False, print_freq=2, debug_file=str(tmp_path / 'debug'))
+    options = dict(
+        train_data_root=str(data / 'train'),
+        test_data_root=str(data / 'test1'),
+        checkpoint_dir=str(tmp_path / 'checkpoints'),
+        result_file=str(tmp_path / 'result.csv'),
+        model='SqueezeNet',
+        image_size=32,
+        batch_size=8,
+        max_epoch=1,
+        num_workers=0,
+        use_gpu=False,
+        amp=False,
+        vis=False,
+        tensorboard=False,
+        print_freq=2,
+        debug_file=str(tmp_path / 'debug'),
+    )
     options.update(more)
     return options
 
@@ -49,11 +62,13 @@ def scripted_validation(monkeypatch, accuracies, losses):
     trajectory on a tiny set changes with the machine's kernels. Runs one after the other (a
     resume, say) take their epochs from the same script in turn."""
     import engine
+
     real, script = engine.validate, iter(zip(accuracies, losses))
 
     def validate(*args, **kwargs):
         accuracy, loss = next(script)
         return {**real(*args, **kwargs), 'accuracy': accuracy, 'loss': loss}
+
     monkeypatch.setattr(engine, 'validate', validate)
 
 
@@ -61,6 +76,7 @@ def imagenet_weights_in_cache(torch_home, monkeypatch, build, weights, seed):
     """A 1000-class state dict of `build`, where torchvision's cache (TORCH_HOME) keeps the file
     of `weights`: ImageNet weights without the network."""
     import torch
+
     monkeypatch.setenv('TORCH_HOME', str(torch_home))
     torch.manual_seed(seed)
     state = build(num_classes=1000).state_dict()
@@ -72,17 +88,32 @@ def imagenet_weights_in_cache(torch_home, monkeypatch, build, weights, seed):
 
 def run_main(*args, cwd=ROOT, timeout=300):
     """`python main.py ARGS` in a subprocess, as a user would type it."""
-    return subprocess.run([sys.executable, str(ROOT / 'main.py'), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / 'main.py'), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def torchrun(*args, processes=2, timeout=300, input=None):
     """`torchrun --standalone --nproc_per_node=N main.py ARGS`; the whole process group is
     killed on the way out, whatever happens."""
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-               f'--nproc_per_node={processes}', str(ROOT / 'main.py'), *args]
-    process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE if input else subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        f'--nproc_per_node={processes}',
+        str(ROOT / 'main.py'),
+        *args,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdin=subprocess.PIPE if input else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(input, timeout=timeout)
     finally:

@@ -32,16 +32,19 @@ def test_unknown_option_far_from_any_points_to_help():
         DefaultConfig().parse({'zzzzzz': 1})
 
 
-@pytest.mark.parametrize('key, value, message', [
-    ('lr', 'abc', r"--lr='abc' is invalid; it takes a number"),
-    ('lr', -1, r'--lr=-1.0 is invalid; it takes a number > 0'),
-    ('lr', 0, r'--lr=0.0 is invalid'),
-    ('batch_size', 0, r'--batch_size=0 is invalid; it takes a whole number >= 1'),
-    ('batch_size', 2.5, r'--batch_size=2.5 is invalid; it takes a whole number'),
-    ('use_gpu', 'maybe', r'--use_gpu=.maybe. is invalid; it takes True or False'),
-    ('model', 'ResNet35', r'--model=.ResNet35. is invalid; it takes one of ResNet34, SqueezeNet, AlexNet'),
-    ('val_ratio', 1.0, r'--val_ratio=1.0 is invalid'),
-])
+@pytest.mark.parametrize(
+    'key, value, message',
+    [
+        ('lr', 'abc', r"--lr='abc' is invalid; it takes a number"),
+        ('lr', -1, r'--lr=-1.0 is invalid; it takes a number > 0'),
+        ('lr', 0, r'--lr=0.0 is invalid'),
+        ('batch_size', 0, r'--batch_size=0 is invalid; it takes a whole number >= 1'),
+        ('batch_size', 2.5, r'--batch_size=2.5 is invalid; it takes a whole number'),
+        ('use_gpu', 'maybe', r'--use_gpu=.maybe. is invalid; it takes True or False'),
+        ('model', 'ResNet35', r'--model=.ResNet35. is invalid; it takes one of ResNet34, SqueezeNet, AlexNet'),
+        ('val_ratio', 1.0, r'--val_ratio=1.0 is invalid'),
+    ],
+)
 def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):
     with pytest.raises(UserError, match=message):
         main.options({key: value})  # what every verb does with its options
@@ -79,6 +82,7 @@ def test_missing_folder_is_named(tmp_path):
 
 def test_relative_paths_are_taken_from_the_project_folder(monkeypatch, tmp_path):
     from config import ROOT
+
     monkeypatch.chdir(tmp_path)
     assert DefaultConfig().path('debug_file') == ROOT / 'tmp' / 'debug'
 
@@ -103,10 +107,26 @@ def test_inherit_refuses_a_conflicting_given_value():
 
 def test_every_option_has_a_comment_for_help():
     options = option_help()
-    assert set(options) >= {'env', 'vis_port', 'model', 'train_data_root', 'test_data_root',
-                            'load_model_path', 'batch_size', 'use_gpu', 'num_workers', 'print_freq',
-                            'debug_file', 'result_file', 'max_epoch', 'lr', 'lr_decay', 'weight_decay',
-                            'image_size', 'seed'}
+    assert set(options) >= {
+        'env',
+        'vis_port',
+        'model',
+        'train_data_root',
+        'test_data_root',
+        'load_model_path',
+        'batch_size',
+        'use_gpu',
+        'num_workers',
+        'print_freq',
+        'debug_file',
+        'result_file',
+        'max_epoch',
+        'lr',
+        'lr_decay',
+        'weight_decay',
+        'image_size',
+        'seed',
+    }
     assert all(comment for _, comment in options.values()), options
 
 
@@ -118,6 +138,7 @@ def test_to_dict_is_plain_values():
 def test_the_readmes_option_table_shows_real_options_with_their_defaults():
     # the README keeps the most used options; `python main.py help` lists them all (test_cli)
     from config import ROOT
+
     readme = (ROOT / 'README.md').read_text(encoding='utf-8')
     rows = re.findall(r'^\| `(\w+)` \| `?([^|`]*?)`? \| (.+) \|$', readme, flags=re.M)
     options = option_help()

@@ -3,16 +3,18 @@ import pytest
 import torch
 from PIL import Image
 
+from config import UserError
 from data import DogCat, collate_fn, decode
 from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
-from config import UserError
 
 
 def write_images(folder, names, size=(40, 30)):
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
-        Image.new('RGB', size, (200, 100, 50)).save(folder / name, format='PNG' if name.lower().endswith('png') else 'JPEG')
+        Image.new('RGB', size, (200, 100, 50)).save(
+            folder / name, format='PNG' if name.lower().endswith('png') else 'JPEG'
+        )
     return folder
 
 
@@ -129,10 +131,17 @@ def photo_like(size, seed=0):
     return Image.fromarray((pixels + rng.integers(0, 20, pixels.shape)).clip(0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize('kind, options', [
-    ('4:2:0', dict(quality=75)), ('4:4:4', dict(quality=95, subsampling=0)),
-    ('4:2:2', dict(quality=85, subsampling=1)), ('progressive', dict(quality=80, progressive=True)),
-    ('odd size', dict(quality=90)), ('grey', dict(quality=90))])
+@pytest.mark.parametrize(
+    'kind, options',
+    [
+        ('4:2:0', dict(quality=75)),
+        ('4:4:4', dict(quality=95, subsampling=0)),
+        ('4:2:2', dict(quality=85, subsampling=1)),
+        ('progressive', dict(quality=80, progressive=True)),
+        ('odd size', dict(quality=90)),
+        ('grey', dict(quality=90)),
+    ],
+)
 def test_jpegs_decode_to_exactly_pillows_pixels_through_the_fast_decoder(tmp_path, monkeypatch, kind, options):
     image = photo_like((333, 251) if kind == 'odd size' else (320, 240))
     (image.convert('L') if kind == 'grey' else image).save(tmp_path / 'a.jpg', **options)
@@ -171,8 +180,10 @@ def test_rotated_cmyk_png_and_large_eval_jpegs_load_as_pillow_gives_them(tmp_pat
 def test_blurred_demo_images_are_the_same_pictures_in_fewer_bytes(tmp_path):
     # the benchmark's stand-in for Kaggle's photos: the same sizes and labels, files about as
     # small as Kaggle's (the JPEG decoding time, a loader's largest cost, follows the bytes)
-    sharp, soft = (make_demo_data(tmp_path / name, n_train=4, n_test=2, sizes=(300, 500), blur=blur)
-                   for name, blur in (('sharp', 0), ('soft', 1.5)))
+    sharp, soft = (
+        make_demo_data(tmp_path / name, n_train=4, n_test=2, sizes=(300, 500), blur=blur)
+        for name, blur in (('sharp', 0), ('soft', 1.5))
+    )
     assert sharp == soft
     for name in ('train/cat.0.jpg', 'train/dog.1.jpg', 'test1/2.jpg'):
         a, b = tmp_path / 'sharp' / name, tmp_path / 'soft' / name
@@ -186,12 +197,17 @@ def test_train_transform_gives_the_crops_and_flips_of_torchvisions_v2(crop_scale
     from torchvision.transforms import v2
 
     from data.transforms import train_transform
+
     generator = torch.Generator().manual_seed(0)
     for seed in range(20):
         h, w = torch.randint(60, 300, (2,), generator=generator).tolist()
         pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
-        reference = v2.Compose([v2.RandomResizedCrop(48, scale=(crop_scale, 1.0), antialias=True),
-                                *([v2.RandomHorizontalFlip()] if hflip else [])])
+        reference = v2.Compose(
+            [
+                v2.RandomResizedCrop(48, scale=(crop_scale, 1.0), antialias=True),
+                *([v2.RandomHorizontalFlip()] if hflip else []),
+            ]
+        )
         torch.manual_seed(seed)
         ours = train_transform(48, crop_scale, hflip)(pixels)
         torch.manual_seed(seed)

@@ -1,15 +1,16 @@
 """Debug mode: while tmp/debug exists, training stops in ipdb with the step's objects at hand."""
+
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
+
 from models import SqueezeNet
 
-
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
+
 
 def debug_options(tmp_path, tiny_data, **more):
     (tmp_path / 'debug').touch()
@@ -19,14 +20,22 @@ def debug_options(tmp_path, tiny_data, **more):
 def debug_run(tmp_path, tiny_data, keys, **more):
     """Train with the debug file present, typing `keys` at the ipdb prompt."""
     options = debug_options(tmp_path, tiny_data, **more)
-    return subprocess.run([sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)], cwd=ROOT,
-                          input=keys, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)],
+        cwd=ROOT,
+        input=keys,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_debug_file_stops_in_ipdb_with_the_loop_at_hand_and_removing_it_continues(tmp_path, tiny_data):
-    keys = ("p ('AT', step, type(model).__name__, tuple(images.shape), cfg.lr)\n"
-            "import os; os.remove(cfg.path('debug_file'))\n"
-            "c\n")
+    keys = (
+        "p ('AT', step, type(model).__name__, tuple(images.shape), cfg.lr)\n"
+        "import os; os.remove(cfg.path('debug_file'))\n"
+        'c\n'
+    )
     result = debug_run(tmp_path, tiny_data, keys)
     assert result.returncode == 0, result.stderr
     assert "('AT', 3, 'SqueezeNet', (4, 3, 32, 32), 0.001)" in result.stdout  # at step print_freq
@@ -34,9 +43,11 @@ def test_debug_file_stops_in_ipdb_with_the_loop_at_hand_and_removing_it_continue
     assert 'epoch 2/2' in result.stdout
 
 
-SAVE_BY_HAND = ("model.save({path!r})\n"  # the README's example
-                "import os; os.remove(cfg.path('debug_file'))\n"
-                "c\n")
+SAVE_BY_HAND = (
+    'model.save({path!r})\n'  # the README's example
+    "import os; os.remove(cfg.path('debug_file'))\n"
+    'c\n'
+)
 
 
 @pytest.mark.parametrize('mode', ['one process', 'compiled', 'torchrun'])

@@ -1,4 +1,5 @@
 """torchrun with two CPU processes (gloo): the same answers as one process, written once."""
+
 import json
 import os
 import shutil
@@ -8,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
+
 from models import ResNet34
 from utils.files import load_checkpoint
 
-
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
+
 
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory, tiny_data):
@@ -46,11 +47,12 @@ def test_two_processes_train_and_write_one_checkpoint_that_loads_alone(two_proce
 def test_validation_accuracy_equals_a_single_process_val(two_process_run):
     folder, options, _ = two_process_run
     record = json.loads((newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
-    alone = run_main('val', *as_flags(options), f"--load_model_path={newest_run(folder / 'checkpoints') / 'last.pth'}")
+    alone = run_main('val', *as_flags(options), f'--load_model_path={newest_run(folder / "checkpoints") / "last.pth"}')
     assert alone.returncode == 0, alone.stderr
-    assert f"12 validation images: loss {record['val_loss']:.4f}  accuracy {record['val_accuracy']:.2%}" \
-        in alone.stdout
-    together = torchrun('val', *as_flags(options), f"--load_model_path={newest_run(folder / 'checkpoints') / 'last.pth'}")
+    assert f'12 validation images: loss {record["val_loss"]:.4f}  accuracy {record["val_accuracy"]:.2%}' in alone.stdout
+    together = torchrun(
+        'val', *as_flags(options), f'--load_model_path={newest_run(folder / "checkpoints") / "last.pth"}'
+    )
     assert together.returncode == 0, together.stderr
     assert together.stdout.count('validation images') == 1
     assert alone.stdout.splitlines()[-4:] == together.stdout.splitlines()[-4:]
@@ -58,7 +60,7 @@ def test_validation_accuracy_equals_a_single_process_val(two_process_run):
 
 def test_test_under_torchrun_writes_the_single_process_submission(two_process_run, tmp_path):
     folder, options, _ = two_process_run
-    checkpoint = f"--load_model_path={newest_run(folder / 'checkpoints') / 'last.pth'}"
+    checkpoint = f'--load_model_path={newest_run(folder / "checkpoints") / "last.pth"}'
     one = run_main('test', *as_flags({**options, 'result_file': tmp_path / 'one.csv'}), checkpoint)
     two = torchrun('test', *as_flags({**options, 'result_file': tmp_path / 'two.csv'}), checkpoint)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -77,7 +79,10 @@ def test_resume_under_torchrun_from_a_single_process_checkpoint(tmp_path, tiny_d
     assert result.returncode == 0, result.stderr
     assert 'resuming' in result.stdout and result.stdout.count('epoch 2/2') == 1
     assert load_checkpoint(last)['epoch'] == 1
-    assert [json.loads(line)['epoch'] for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+    assert [
+        json.loads(line)['epoch']
+        for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()
+    ] == [1, 2]
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, tiny_data):
@@ -104,11 +109,29 @@ def test_two_nodes_through_a_rendezvous_endpoint(tmp_path, tiny_data):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     options = as_flags(fast_options(tmp_path, tiny_data, max_epoch=1))
-    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={rank}',
-                               '--nproc_per_node=1', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
-                               str(ROOT / 'main.py'), 'train', *options],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                '-m',
+                'torch.distributed.run',
+                '--nnodes=2',
+                f'--node_rank={rank}',
+                '--nproc_per_node=1',
+                '--rdzv_backend=c10d',
+                f'--rdzv_endpoint=127.0.0.1:{port}',
+                str(ROOT / 'main.py'),
+                'train',
+                *options,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [node.communicate(timeout=240) for node in nodes]
     finally:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from models import MODELS, AlexNet, ResNet34, SqueezeNet
 from config import UserError
+from models import MODELS, AlexNet, ResNet34, SqueezeNet
 
 
 @pytest.mark.parametrize('name, size', [('ResNet34', 32), ('SqueezeNet', 32), ('AlexNet', 64)])
@@ -29,6 +29,7 @@ def test_save_then_load_gives_back_the_same_tensors(tmp_path):
 
 def test_save_without_a_path_names_the_file_by_model_and_time(tmp_path, monkeypatch):
     import models.basic_module as basic_module
+
     monkeypatch.setattr(basic_module, 'CHECKPOINT_DIR', tmp_path / 'checkpoints')
     path = SqueezeNet().save()
     assert path.parent == tmp_path / 'checkpoints' and path.exists()
@@ -52,6 +53,7 @@ def test_loading_a_training_checkpoint_of_another_model_names_it(tmp_path):
 class RunsCode:
     def __reduce__(self):
         import os
+
         return os.system, ('touch hacked',)
 
 

@@ -1,16 +1,17 @@
 """Using what you trained (predict) and starting from ImageNet weights (no network needed)."""
+
 import csv
 import shutil
 import urllib.error
 
 import pytest
 import torch
+from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from torchvision.models import SqueezeNet1_1_Weights, squeezenet1_1
 
 import main
-from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
-from models import SqueezeNet, build_model
 from config import UserError
+from models import SqueezeNet, build_model
 
 
 @pytest.fixture(scope='module')
@@ -28,8 +29,15 @@ def test_predict_prints_a_line_per_image_and_writes_csv(tmp_path, tiny_data, tra
     (photos / 'album' / 'broken.jpg').write_bytes(b'oops')
     (photos / 'album' / 'notes.txt').write_text('not an image')
     single = tiny_data / 'train' / 'cat.0.jpg'
-    result = run_main('predict', str(photos), str(single), f'--load_model_path={trained}',
-                      f'--out={tmp_path}/mine.csv', '--use_gpu=False', '--num_workers=0')
+    result = run_main(
+        'predict',
+        str(photos),
+        str(single),
+        f'--load_model_path={trained}',
+        f'--out={tmp_path}/mine.csv',
+        '--use_gpu=False',
+        '--num_workers=0',
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(('/', str(tmp_path)))]
     assert len(lines) == 9  # 8 album photos and the single file; broken.jpg is reported, not printed
@@ -46,12 +54,10 @@ def test_predict_prints_a_line_per_image_and_writes_csv(tmp_path, tiny_data, tra
 @pytest.mark.slow
 def test_predict_takes_model_and_size_from_the_checkpoint(tmp_path, tiny_data, trained):
     # trained as SqueezeNet at 32 px; the defaults (ResNet34, 224) must not apply
-    result = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), f'--load_model_path={trained}',
-                      '--use_gpu=False')
+    result = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), f'--load_model_path={trained}', '--use_gpu=False')
     assert result.returncode == 0, result.stderr
     assert 'model=SqueezeNet image_size=32' in result.stdout
-    clash = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), f'--load_model_path={trained}',
-                     '--model=AlexNet')
+    clash = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), f'--load_model_path={trained}', '--model=AlexNet')
     assert clash.returncode == 2 and "--model='AlexNet' conflicts with" in clash.stderr
 
 
@@ -94,11 +100,12 @@ def test_missing_weights_offline_say_which_file_goes_where(tmp_path, monkeypatch
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError('no network')
+
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     with pytest.raises(UserError) as error:
         build_model('SqueezeNet', pretrained=True)
     message = str(error.value)
-    assert f"{tmp_path / 'empty-home' / 'hub' / 'checkpoints'}" in message
+    assert f'{tmp_path / "empty-home" / "hub" / "checkpoints"}' in message
     assert 'squeezenet1_1-b8a52dc0.pth' in message and '--pretrained_path' in message
 
 
@@ -118,6 +125,7 @@ def test_frozen_features_stay_fixed_while_the_head_learns(tmp_path, tiny_data, m
 
 def test_frozen_batchnorm_keeps_its_statistics():
     from models import ResNet34
+
     model = ResNet34().freeze_features().train()
     before = model.net.bn1.running_mean.clone()
     model(torch.randn(4, 3, 32, 32) * 5 + 3)

@@ -1,21 +1,22 @@
 """The recipe's options: optimizers, warm-up and schedules, label smoothing, MixUp and CutMix,
 gradient accumulation and clipping, the moving average of the weights, early stopping, and
 test-time flips; each one resumed exactly."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import as_flags, fast_options, newest_run, torchrun
 from PIL import Image
 from torch import nn
 
 import engine
 import main
+from checkpoint import NO_PROGRESS, load_trained
 from config import DefaultConfig, UserError
-from conftest import as_flags, fast_options, newest_run, torchrun
 from data import ImageFiles
 from data.transforms import eval_transform
-from checkpoint import NO_PROGRESS, load_trained
 from recipe import WARMUP_START, Training, batch_mixing
 from report import Reporter
 from utils.files import load_checkpoint
@@ -23,7 +24,9 @@ from utils.runtime import Runtime
 
 
 def run_records(folder):
-    return [json.loads(line) for line in (newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
+    return [
+        json.loads(line) for line in (newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()
+    ]
 
 
 def last_state(folder):
@@ -50,10 +53,12 @@ def test_step_schedule_decays_by_lr_decay_every_lr_step_size_epochs(tmp_path, ti
     assert [r['lr'] for r in run_records(tmp_path)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
 
 
-@pytest.mark.parametrize('name, kind', [('adam', torch.optim.Adam), ('adamw', torch.optim.AdamW),
-                                        ('sgd', torch.optim.SGD)])
+@pytest.mark.parametrize(
+    'name, kind', [('adam', torch.optim.Adam), ('adamw', torch.optim.AdamW), ('sgd', torch.optim.SGD)]
+)
 def test_optimizer_choice_and_no_decay_for_biases_and_norms(name, kind):
     from recipe import make_optimizer
+
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
     cfg = DefaultConfig()
@@ -80,8 +85,17 @@ def one_epoch(batches, tmp_path, scaler=None, **options):
     cfg = DefaultConfig().parse(fast_options(tmp_path, tmp_path, channels_last=False, print_freq=1, **options))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = [(images, targets, list(range(len(targets))), []) for images, targets in batches]
-    training = Training(model, model, nn.CrossEntropyLoss(), optimizer, None, None,
-                        scaler or torch.amp.GradScaler('cpu', enabled=False), None, None)
+    training = Training(
+        model,
+        model,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        None,
+        None,
+        scaler or torch.amp.GradScaler('cpu', enabled=False),
+        None,
+        None,
+    )
     cpu = Runtime(torch.device('cpu'))
     engine.train_one_epoch(training, loader, cpu, cfg, 0, Reporter(cfg, cpu, tmp_path, len(loader), 0))
     return model.state_dict()
@@ -102,8 +116,10 @@ def test_accumulating_two_batches_of_8_gives_the_step_of_one_batch_of_16(tmp_pat
 @pytest.mark.parametrize('scaled', [False, True], ids=['plain', 'fp16 loss scaling'])
 def test_clipping_bounds_the_step(tmp_path, scaled):
     generator = torch.Generator().manual_seed(0)
-    batch = (torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=generator),
-             torch.randint(0, 2, (8,), generator=generator))
+    batch = (
+        torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 2, (8,), generator=generator),
+    )
     before = small_model().state_dict()
     # with loss scaling the gradients are 1024 times too large until unscaled: clipping must come after
     scaler = torch.amp.GradScaler('cpu', init_scale=1024.0) if scaled else None
@@ -166,8 +182,11 @@ def test_early_stop_ends_a_run_whose_validation_loss_cannot_improve(tmp_path, ti
 
 def tta_probabilities(folder, model, tta):
     files = sorted(str(p) for p in folder.iterdir())
-    loader = engine.make_loader(ImageFiles(files, [0] * len(files), eval_transform(32)),
-                                DefaultConfig().parse(dict(num_workers=0, batch_size=4)), Runtime(torch.device('cpu')))
+    loader = engine.make_loader(
+        ImageFiles(files, [0] * len(files), eval_transform(32)),
+        DefaultConfig().parse(dict(num_workers=0, batch_size=4)),
+        Runtime(torch.device('cpu')),
+    )
     return engine.infer(model, loader, Runtime(torch.device('cpu')), tta=tta)[0].exp()
 
 
@@ -180,8 +199,12 @@ def test_tta_averages_an_image_and_its_mirror_image(tmp_path):
 
     plain, flipped = tta_probabilities(tmp_path, model, False), tta_probabilities(tmp_path, model, True)
     torch.testing.assert_close(flipped[1], plain[1])  # symmetric.png (sorted after noise.png)
-    image = engine.model_input(eval_transform(32)(torch.from_numpy(np.asarray(Image.open(tmp_path / 'noise.png')))
-                                                  .permute(2, 0, 1)).unsqueeze(0), torch.device('cpu'))
+    image = engine.model_input(
+        eval_transform(32)(torch.from_numpy(np.asarray(Image.open(tmp_path / 'noise.png'))).permute(2, 0, 1)).unsqueeze(
+            0
+        ),
+        torch.device('cpu'),
+    )
     with torch.no_grad():
         by_hand = (model(image).softmax(1) + model(image.flip(-1)).softmax(1)) / 2
     torch.testing.assert_close(flipped[0], by_hand[0])
@@ -189,8 +212,9 @@ def test_tta_averages_an_image_and_its_mirror_image(tmp_path):
 
 
 RECIPES = {
-    'sgd, cosine after a warm-up, no decay of norms': dict(optimizer='sgd', lr_scheduler='cosine', warmup_epochs=1,
-                                                          no_decay_norm=True, lr=0.01),
+    'sgd, cosine after a warm-up, no decay of norms': dict(
+        optimizer='sgd', lr_scheduler='cosine', warmup_epochs=1, no_decay_norm=True, lr=0.01
+    ),
     'adamw, plateau after a warm-up': dict(optimizer='adamw', warmup_epochs=1),
     'step decay': dict(lr_scheduler='step', lr_step_size=1),
     'mixup, cutmix, label smoothing': dict(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1),
@@ -217,8 +241,10 @@ def test_each_option_resumes_exactly(tmp_path, tiny_data, recipe, monkeypatch):
         main.train(**fast_options(parts, tiny_data, max_epoch=3, **recipe))
     monkeypatch.undo()
     main.train(**fast_options(parts, tiny_data, max_epoch=3, resume='latest', **recipe))
-    assert run_records(parts) == [{**r, 'seconds': p['seconds'], 'images_per_second': p['images_per_second']}
-                                  for r, p in zip(run_records(whole), run_records(parts))]
+    assert run_records(parts) == [
+        {**r, 'seconds': p['seconds'], 'images_per_second': p['images_per_second']}
+        for r, p in zip(run_records(whole), run_records(parts))
+    ]
     a, b = last_state(whole), last_state(parts)
     for key in ('model', 'ema'):
         for name, tensor in (a[key] or {}).items():
@@ -229,12 +255,26 @@ def test_each_option_resumes_exactly(tmp_path, tiny_data, recipe, monkeypatch):
 
 @pytest.mark.slow
 def test_the_recipe_under_torchrun_resumes_exactly(tmp_path, tiny_data):
-    recipe = dict(optimizer='sgd', warmup_epochs=1, lr=0.01, no_decay_norm=True, mixup_alpha=0.2,
-                  cutmix_alpha=1.0, label_smoothing=0.1, grad_accum_steps=2, clip_grad_norm=1.0, ema_decay=0.5,
-                  early_stop=5, batch_size=4)
+    recipe = dict(
+        optimizer='sgd',
+        warmup_epochs=1,
+        lr=0.01,
+        no_decay_norm=True,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        label_smoothing=0.1,
+        grad_accum_steps=2,
+        clip_grad_norm=1.0,
+        ema_decay=0.5,
+        early_stop=5,
+        batch_size=4,
+    )
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
-    for folder, more in ((whole, dict(max_epoch=3)), (parts, dict(max_epoch=2)),
-                         (parts, dict(max_epoch=3, resume='latest'))):
+    for folder, more in (
+        (whole, dict(max_epoch=3)),
+        (parts, dict(max_epoch=2)),
+        (parts, dict(max_epoch=3, resume='latest')),
+    ):
         result = torchrun('train', *as_flags(fast_options(folder, tiny_data, **recipe, **more)))
         assert result.returncode == 0, result.stderr
     assert 'in each of 2 processes' in result.stdout

@@ -1,4 +1,5 @@
 """Bad data, bad options and interruptions: the run goes on or stops cleanly, nothing is lost."""
+
 import csv
 import io
 import json
@@ -13,13 +14,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from PIL import Image
 
 import main
-from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from config import UserError
 from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
-from config import UserError
 from utils.files import atomic_open, atomic_save, load_checkpoint
 
 
@@ -36,9 +37,9 @@ def add_bad_files(folder, sample_name):
     skipped as unreadable, names that must be ignored as not samples).
     """
     unreadable = {
-        sample_name(900): b'',                                  # zero bytes
-        sample_name(901): jpeg_bytes()[:200],                   # truncated JPEG
-        sample_name(902): b'this is not an image\n',            # text named .jpg
+        sample_name(900): b'',  # zero bytes
+        sample_name(901): jpeg_bytes()[:200],  # truncated JPEG
+        sample_name(902): b'this is not an image\n',  # text named .jpg
         sample_name(903): np.random.default_rng(0).bytes(5000),  # random bytes
     }
     for name, content in unreadable.items():
@@ -47,16 +48,19 @@ def add_bad_files(folder, sample_name):
     Image.new('L', (1500, 1500)).save(folder / sample_name(904).replace('.jpg', '.png'))
 
     readable = [
-        (sample_name(910), Image.new('RGB', (50, 50), 'blue'), 'PNG'),   # a PNG named .jpg
-        (sample_name(911), Image.new('L', (50, 40), 90), 'JPEG'),        # grayscale
+        (sample_name(910), Image.new('RGB', (50, 50), 'blue'), 'PNG'),  # a PNG named .jpg
+        (sample_name(911), Image.new('L', (50, 40), 90), 'JPEG'),  # grayscale
         (sample_name(912), Image.new('CMYK', (50, 40), (0, 50, 90, 0)), 'JPEG'),
         (sample_name(913).replace('.jpg', '.png'), Image.new('RGBA', (40, 50), (9, 9, 9, 0)), 'PNG'),
-        (sample_name(914).replace('.jpg', '.png'),
-         Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)), 'PNG'),   # 16-bit
+        (
+            sample_name(914).replace('.jpg', '.png'),
+            Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)),
+            'PNG',
+        ),  # 16-bit
         (sample_name(915).replace('.jpg', '.png'), Image.new('P', (30, 30), 3), 'PNG'),  # palette
-        (sample_name(916), Image.new('RGB', (1, 1), 'red'), 'JPEG'),     # 1x1
-        (sample_name(917), Image.new('RGB', (600, 3), 'red'), 'JPEG'),   # extreme aspect ratio
-        (sample_name(918).upper(), Image.new('RGB', (40, 40), 'red'), 'JPEG'),    # CAT.918.JPG
+        (sample_name(916), Image.new('RGB', (1, 1), 'red'), 'JPEG'),  # 1x1
+        (sample_name(917), Image.new('RGB', (600, 3), 'red'), 'JPEG'),  # extreme aspect ratio
+        (sample_name(918).upper(), Image.new('RGB', (40, 40), 'red'), 'JPEG'),  # CAT.918.JPG
         (sample_name(919).replace('.jpg', '.jpeg'), Image.new('RGB', (40, 40)), 'JPEG'),
     ]
     for name, image, kind in readable:
@@ -66,8 +70,7 @@ def add_bad_files(folder, sample_name):
     exif[0x0112] = 6  # "rotate 90° to display"
     rotated.save(folder / sample_name(920), exif=exif)
 
-    ignored = {'.DS_Store', 'Thumbs.db', 'sub', 'cat.jpg', 'photo.png', 'dog.x.jpg', 'notes.txt',
-               sample_name(930)}
+    ignored = {'.DS_Store', 'Thumbs.db', 'sub', 'cat.jpg', 'photo.png', 'dog.x.jpg', 'notes.txt', sample_name(930)}
     (folder / '.DS_Store').write_bytes(b'\0\0\0\1Bud1')
     (folder / 'Thumbs.db').write_bytes(b'\xd0\xcf\x11\xe0')
     (folder / 'sub').mkdir()
@@ -84,7 +87,7 @@ def messy_data(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000_000)
     root = tmp_path / 'messy'
     shutil.copytree(tiny_data, root)
-    train_bad, train_ignored = add_bad_files(root / 'train', lambda i: f"{'cat' if i % 2 else 'dog'}.{i}.jpg")
+    train_bad, train_ignored = add_bad_files(root / 'train', lambda i: f'{"cat" if i % 2 else "dog"}.{i}.jpg')
     test_bad, test_ignored = add_bad_files(root / 'test1', lambda i: f'{i}.jpg')
     return root, train_bad, train_ignored, test_bad, test_ignored
 
@@ -96,7 +99,7 @@ def test_training_and_test_run_through_a_messy_folder(tmp_path, messy_data, caps
     record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == len(train_bad)  # train and val halves together
     assert f'{len(train_ignored)} other entries ignored' in out
-    assert f"skipped {len(train_bad)} unreadable" in out
+    assert f'skipped {len(train_bad)} unreadable' in out
 
     main.test(**fast_options(tmp_path, root, load_model_path=str(newest_run(tmp_path / 'checkpoints') / 'last.pth')))
     out = capsys.readouterr().out
@@ -133,16 +136,22 @@ def test_a_folder_whose_images_all_fail_names_it(tmp_path):
 @pytest.mark.slow
 def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
     (tmp_path / 'notes.pth').write_text('not a checkpoint')
-    assert_one_line_error(run_main('test', f'--load_model_path={tmp_path}/notes.pth', '--use_gpu=False'),
-                          'notes.pth is not a PyTorch checkpoint')
+    assert_one_line_error(
+        run_main('test', f'--load_model_path={tmp_path}/notes.pth', '--use_gpu=False'),
+        'notes.pth is not a PyTorch checkpoint',
+    )
 
     torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'sq.pth')
-    assert_one_line_error(run_main('test', f'--load_model_path={tmp_path}/sq.pth', '--model=AlexNet'),
-                          "--model='AlexNet' conflicts with", "model='SqueezeNet'")
+    assert_one_line_error(
+        run_main('test', f'--load_model_path={tmp_path}/sq.pth', '--model=AlexNet'),
+        "--model='AlexNet' conflicts with",
+        "model='SqueezeNet'",
+    )
 
     class RunsCode:
         def __reduce__(self):
             return os.system, (f'touch {tmp_path}/hacked',)
+
     torch.save({'model': RunsCode()}, tmp_path / 'evil.pth')
     assert_one_line_error(run_main('test', f'--load_model_path={tmp_path}/evil.pth'), 'evil.pth is refused')
     assert not (tmp_path / 'hacked').exists()
@@ -153,8 +162,14 @@ def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(t
     taken = tmp_path / 'taken'  # a file where a folder should be: mkdir fails even for root
     taken.write_text('not a folder')
     torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'sq.pth')
-    result = run_main('test', f'--load_model_path={tmp_path}/sq.pth', f'--test_data_root={tiny_data}/test1',
-                      f'--result_file={taken}/result.csv', '--image_size=64', '--use_gpu=False')
+    result = run_main(
+        'test',
+        f'--load_model_path={tmp_path}/sq.pth',
+        f'--test_data_root={tiny_data}/test1',
+        f'--result_file={taken}/result.csv',
+        '--image_size=64',
+        '--use_gpu=False',
+    )
     assert_one_line_error(result, f'--result_file: cannot write in {taken} ({taken} is a file)')
     assert 'predictions' not in result.stdout
 
@@ -162,8 +177,14 @@ def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(t
     assert_one_line_error(result, f'--checkpoint_dir: cannot write in {taken}/ckpt ({taken} is a file)')
     assert 'epoch 1/' not in result.stdout
 
-    result = run_main('predict', f'{tiny_data}/test1/1.jpg', f'--load_model_path={tmp_path}/sq.pth',
-                      f'--out={taken}/mine.csv', '--image_size=64', '--use_gpu=False')
+    result = run_main(
+        'predict',
+        f'{tiny_data}/test1/1.jpg',
+        f'--load_model_path={tmp_path}/sq.pth',
+        f'--out={taken}/mine.csv',
+        '--image_size=64',
+        '--use_gpu=False',
+    )
     assert_one_line_error(result, f'--out: cannot write in {taken} ({taken} is a file)')
 
     # the last line of defence, for a folder that goes away mid-run: the write itself
@@ -174,14 +195,15 @@ def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(t
 
 def test_resume_with_a_conflicting_option_says_which(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data))
-    options = fast_options(tmp_path, tiny_data, max_epoch=2, image_size=48,
-                           resume=str(newest_run(tmp_path / 'checkpoints') / 'last.pth'))
-    assert_one_line_error(run_main('train', *as_flags(options)),
-                          '--image_size=48 conflicts with', 'image_size=32', 'drop --image_size')
+    options = fast_options(
+        tmp_path, tiny_data, max_epoch=2, image_size=48, resume=str(newest_run(tmp_path / 'checkpoints') / 'last.pth')
+    )
+    assert_one_line_error(
+        run_main('train', *as_flags(options)), '--image_size=48 conflicts with', 'image_size=32', 'drop --image_size'
+    )
 
 
-def test_a_non_finite_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data,
-                                                                               monkeypatch):
+def test_a_non_finite_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
     steps = 0
 
     class LossGoesNan(torch.nn.CrossEntropyLoss):
@@ -205,6 +227,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def full_disk(fd):
         raise OSError(28, 'No space left on device')
+
     monkeypatch.setattr(os, 'fsync', full_disk)
     with pytest.raises(UserError, match=r'could not write .*last.pth \(No space left on device\); the previous'):
         atomic_save({'epoch': 2}, path)
@@ -239,8 +262,14 @@ def start_training(tmp_path, tiny_data, **more):
     """`main.py train` in a session of its own, as a terminal runs a command: a signal to its
     process group reaches the loader workers too."""
     options = fast_options(tmp_path, tiny_data, max_epoch=200, **more)
-    return subprocess.Popen([sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / 'main.py'), 'train', *as_flags(options)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, process, seconds=120):
@@ -323,21 +352,24 @@ def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_p
     time.sleep(0.5)
     assert not alive(str(tmp_path / 'checkpoints')), 'DataLoader workers outlived the run'
 
-    resumed = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, max_epoch=state['epoch'] + 2,
-                                                       resume=str(last))))
+    resumed = run_main(
+        'train', *as_flags(fast_options(tmp_path, tiny_data, max_epoch=state['epoch'] + 2, resume=str(last)))
+    )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"epoch {state['epoch'] + 2} again, from its start" in resumed.stdout
+    assert f'epoch {state["epoch"] + 2} again, from its start' in resumed.stdout
     assert load_checkpoint(last)['interrupted'] is False
 
 
 def test_a_signal_during_a_save_waits_for_the_save_to_finish(tmp_path, monkeypatch):
     from utils import Interrupted, raise_interrupt
+
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     real_save = torch.save
 
     def save_and_get_killed(obj, f):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the write
         real_save(obj, f)
+
     monkeypatch.setattr(torch, 'save', save_and_get_killed)
     try:
         with pytest.raises(Interrupted):

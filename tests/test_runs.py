@@ -1,4 +1,5 @@
 """Runs side by side: every training run keeps its own folder, and nothing of an older run is lost."""
+
 import hashlib
 import json
 import os
@@ -9,14 +10,13 @@ import threading
 
 import pytest
 import torch
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main, scripted_validation
 
 import main
-from conftest import (ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main,
-                      scripted_validation)
-from models import SqueezeNet
-from config import UserError
-from utils.run_folders import new_run_dir
 import utils.run_folders
+from config import UserError
+from models import SqueezeNet
+from utils.run_folders import new_run_dir
 
 
 def digest(path):
@@ -65,7 +65,7 @@ def test_config_json_says_how_the_run_was_made(two_runs):
 @pytest.mark.slow
 def test_runs_lists_both_newest_first_with_their_figures(two_runs):
     folder, kept = two_runs
-    result = run_main('runs', f"--checkpoint_dir={folder / 'checkpoints'}")
+    result = run_main('runs', f'--checkpoint_dir={folder / "checkpoints"}')
     assert result.returncode == 0, result.stderr
     names = {run.name for run, _, _ in kept}
     lines = [line for line in result.stdout.splitlines() if line.split()[0] in names]
@@ -74,8 +74,10 @@ def test_runs_lists_both_newest_first_with_their_figures(two_runs):
         records = [json.loads(r) for r in metrics.splitlines()]
         best = max(records, key=lambda r: r['val_accuracy'])
         asked = json.loads((run / 'config.json').read_text())['options']['max_epoch']
-        assert f"SqueezeNet  cat,dog  {len(records)}/{asked} epochs  best acc {best['val_accuracy']:.2%}  " \
-               f"log loss {best['val_log_loss']:.4f}  started " in line
+        assert (
+            f'SqueezeNet  cat,dog  {len(records)}/{asked} epochs  best acc {best["val_accuracy"]:.2%}  '
+            f'log loss {best["val_log_loss"]:.4f}  started ' in line
+        )
         assert 'interrupted' not in line
 
 
@@ -85,7 +87,10 @@ def test_resuming_latest_continues_the_newest_run_in_its_folder(tmp_path, tiny_d
     capsys.readouterr()
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume='latest'))
     assert 'run folder ' + str(tmp_path / 'checkpoints' / 'two') in capsys.readouterr().out
-    epochs = [json.loads(line)['epoch'] for line in (tmp_path / 'checkpoints' / 'two' / 'metrics.jsonl').read_text().splitlines()]
+    epochs = [
+        json.loads(line)['epoch']
+        for line in (tmp_path / 'checkpoints' / 'two' / 'metrics.jsonl').read_text().splitlines()
+    ]
     assert epochs == [1, 2]
     assert len((tmp_path / 'checkpoints' / 'one' / 'metrics.jsonl').read_text().splitlines()) == 1
     assert run_folders(tmp_path / 'checkpoints') == [tmp_path / 'checkpoints' / n for n in ('one', 'two')]
@@ -106,6 +111,7 @@ def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):
     def make():
         start.wait()
         made.append(new_run_dir(tmp_path, 'ResNet34'))
+
     threads = [threading.Thread(target=make) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -118,8 +124,16 @@ def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_trainings_from_two_terminals_at_once(tmp_path, tiny_data):
     options = as_flags(fast_options(tmp_path, tiny_data))
-    both = [subprocess.Popen([sys.executable, str(ROOT / 'main.py'), 'train', *options], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    both = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / 'main.py'), 'train', *options],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for process in both:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
@@ -133,10 +147,10 @@ def test_two_trainings_from_two_terminals_at_once(tmp_path, tiny_data):
 def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_runs, tmp_path, tiny_data):
     folder, kept = two_runs
     newest = kept[1][0]
-    options = [f"--checkpoint_dir={folder / 'checkpoints'}", '--use_gpu=False', '--num_workers=0']
+    options = [f'--checkpoint_dir={folder / "checkpoints"}', '--use_gpu=False', '--num_workers=0']
     val = run_main('val', *options, cwd=tmp_path)  # no data options, from another folder
     assert val.returncode == 0, val.stderr
-    assert f"using {newest / 'best.pth'} (the newest run)" in val.stdout
+    assert f'using {newest / "best.pth"} (the newest run)' in val.stdout
     assert 'train_data_root=' in val.stdout and '12 validation images' in val.stdout
 
     for expected in ('result.csv', 'result-2.csv'):  # a second test never overwrites the first
@@ -147,7 +161,7 @@ def test_val_test_and_predict_use_the_newest_run_and_its_data_by_default(two_run
 
     predict = run_main('predict', str(tiny_data / 'test1' / '1.jpg'), *options)
     assert predict.returncode == 0, predict.stderr
-    assert f"using {newest / 'best.pth'} (the newest run)" in predict.stdout
+    assert f'using {newest / "best.pth"} (the newest run)' in predict.stdout
     explicit = tmp_path / 'mine.csv'
     assert run_main('test', *options, f'--result_file={explicit}').returncode == 0 and explicit.exists()
 
@@ -188,7 +202,7 @@ def test_resuming_takes_the_runs_data_and_a_finished_run_says_to_raise_max_epoch
     options = fast_options(tmp_path, tiny_data, resume='done', max_epoch=2)
     del options['train_data_root']  # the default, data/train, is not where the run's data is
     main.train(**options)
-    assert f"train_data_root={tiny_data / 'train'}" in capsys.readouterr().out
+    assert f'train_data_root={tiny_data / "train"}' in capsys.readouterr().out
     with pytest.raises(UserError, match='has trained its 2 epochs; raise --max_epoch'):
         main.train(**options)
 

@@ -1,5 +1,6 @@
 """TensorBoard beside visdom: a run's event files, read back with TensorBoard's own reader and
 seen in a real TensorBoard in headless Chromium."""
+
 import collections
 import json
 import re
@@ -11,13 +12,18 @@ import time
 import urllib.request
 
 import pytest
+from conftest import ROOT, fast_options, newest_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main
-from conftest import ROOT, fast_options, newest_run
 
-EPOCH_TAGS = {'loss/train': 'train_loss', 'loss/val': 'val_loss', 'val/accuracy': 'val_accuracy',
-              'val/log_loss': 'val_log_loss', 'lr': 'lr'}
+EPOCH_TAGS = {
+    'loss/train': 'train_loss',
+    'loss/val': 'val_loss',
+    'val/accuracy': 'val_accuracy',
+    'val/log_loss': 'val_log_loss',
+    'lr': 'lr',
+}
 
 
 def events(run):
@@ -50,10 +56,14 @@ def test_a_runs_event_files_hold_its_curves_pictures_graph_and_hparams(tmp_path,
         assert [e.value for e in points] == pytest.approx([r[key] for r in records(run)], rel=1e-6), tag
     assert len(board.Images('confusion')) == 2 and len(board.Images('most wrong (validation)')) == 2
     assert board.Tags()['graph']
-    assert set(board.PluginTagToContent('hparams')) == {'_hparams_/experiment', '_hparams_/session_start_info',
-                                                        '_hparams_/session_end_info'}
+    assert set(board.PluginTagToContent('hparams')) == {
+        '_hparams_/experiment',
+        '_hparams_/session_start_info',
+        '_hparams_/session_end_info',
+    }
     assert board.Scalars('hparam/best_accuracy')[-1].value == pytest.approx(
-        max(r['val_accuracy'] for r in records(run)), rel=1e-6)
+        max(r['val_accuracy'] for r in records(run)), rel=1e-6
+    )
 
 
 def test_a_resumed_run_adds_points_after_its_last_one(tmp_path, tiny_data):
@@ -62,15 +72,20 @@ def test_a_resumed_run_adds_points_after_its_last_one(tmp_path, tiny_data):
     board = events(run)
     assert [e.step for e in board.Scalars('train/loss')] == [2, 4, 6, 8, 10, 12]
     assert [e.step for e in board.Scalars('val/accuracy')] == [4, 8, 12]
-    assert [e.value for e in board.Scalars('loss/val')] == pytest.approx([r['val_loss'] for r in records(run)], rel=1e-6)
+    assert [e.value for e in board.Scalars('loss/val')] == pytest.approx(
+        [r['val_loss'] for r in records(run)], rel=1e-6
+    )
 
 
 def test_without_tensorboard_it_is_never_imported(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data, tensorboard=False)
-    code = ('import sys; sys.path.insert(0, sys.argv[1]); import main; main.train(**eval(sys.argv[2])); '
-            "print('imported' if any(m.startswith('tensorboard') for m in sys.modules) else 'not imported')")
-    result = subprocess.run([sys.executable, '-c', code, str(ROOT), repr(options)], capture_output=True, text=True,
-                            timeout=300)
+    code = (
+        'import sys; sys.path.insert(0, sys.argv[1]); import main; main.train(**eval(sys.argv[2])); '
+        "print('imported' if any(m.startswith('tensorboard') for m in sys.modules) else 'not imported')"
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', code, str(ROOT), repr(options)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == 'not imported'
     assert not list(newest_run(tmp_path / 'checkpoints').glob('events.out.tfevents.*'))
@@ -91,8 +106,11 @@ def test_tensorboard_draws_the_curves_of_both_runs_and_listens_on_loopback(tmp_p
     for name in ('first', 'second'):
         train_with_tensorboard(tmp_path, tiny_data, max_epoch=2, name=name)
     port = free_port()
-    server = subprocess.Popen([sys.executable, '-m', 'tensorboard.main', f"--logdir={tmp_path / 'checkpoints'}",
-                               f'--port={port}'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, '-m', 'tensorboard.main', f'--logdir={tmp_path / "checkpoints"}', f'--port={port}'],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -110,10 +128,20 @@ def test_tensorboard_draws_the_curves_of_both_runs_and_listens_on_loopback(tmp_p
         # the page fetches its data as it renders: a slower machine gets more (virtual) time
         url = f'http://127.0.0.1:{port}/?forceSVG=true&tagFilter=loss#timeseries'
         for budget in (30000, 60000, 120000):
-            flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-                     '--disable-component-update', '--disable-sync', '--no-first-run',
-                     f'--user-data-dir={tmp_path / f"chromium-{budget}"}', '--window-size=1600,1400',
-                     f'--virtual-time-budget={budget}', '--dump-dom', url]
+            flags = [
+                '--headless',
+                '--no-sandbox',
+                '--disable-gpu',
+                '--disable-background-networking',
+                '--disable-component-update',
+                '--disable-sync',
+                '--no-first-run',
+                f'--user-data-dir={tmp_path / f"chromium-{budget}"}',
+                '--window-size=1600,1400',
+                f'--virtual-time-budget={budget}',
+                '--dump-dom',
+                url,
+            ]
             dom = subprocess.run([CHROMIUM, *flags], capture_output=True, text=True, timeout=300).stdout
             drawn = collections.Counter(re.findall(r'<path d="M[^"]*L[^"]*" style="[^"]*stroke: (rgb\([\d, ]+\))', dom))
             if len(drawn) >= 2 and min(drawn.values()) >= 4:  # every card drawn for both runs

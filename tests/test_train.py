@@ -1,4 +1,5 @@
 """The verbs called in-process on tiny generated data."""
+
 import csv
 import json
 import math
@@ -9,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import fast_options, newest_run, scripted_validation
 
 import engine
 import main
-from conftest import fast_options, newest_run, scripted_validation
-from models import SqueezeNet
 from config import UserError
+from models import SqueezeNet
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
 
@@ -25,7 +26,9 @@ def test_train_keeps_last_and_best_checkpoints_and_a_metrics_file(tmp_path, tiny
     assert set(last) >= {'model', 'optimizer', 'scheduler', 'epoch', 'best_accuracy', 'config'}
     assert last['epoch'] == 1 and last['config']['model'] == 'SqueezeNet'
     assert (newest_run(tmp_path / 'checkpoints') / 'best.pth').exists()
-    records = [json.loads(line) for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()
+    ]
     assert [r['epoch'] for r in records] == [1, 2]
     assert all(0 <= r['val_accuracy'] <= 1 and r['skipped'] == 0 for r in records)
     assert last['best_accuracy'] == max(r['val_accuracy'] for r in records)
@@ -43,18 +46,25 @@ def test_resume_continues_at_the_next_epoch_and_ends_where_an_unbroken_run_does(
     parts = tmp_path / 'parts'
     main.train(**fast_options(parts, tiny_data, max_epoch=1))
     assert load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')['epoch'] == 0
-    main.train(**fast_options(parts, tiny_data, max_epoch=2, resume=str(newest_run(parts / 'checkpoints') / 'last.pth')))
+    main.train(
+        **fast_options(parts, tiny_data, max_epoch=2, resume=str(newest_run(parts / 'checkpoints') / 'last.pth'))
+    )
 
     resumed = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')
     assert resumed['epoch'] == 1
-    epochs = [json.loads(line)['epoch'] for line in (newest_run(parts / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
+    epochs = [
+        json.loads(line)['epoch']
+        for line in (newest_run(parts / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()
+    ]
     assert epochs == [1, 2]
     for name, tensor in weights(newest_run(whole / 'checkpoints') / 'last.pth').items():
         assert torch.equal(tensor, resumed['model'][name]), name
 
 
 def records(folder):
-    return [json.loads(line) for line in (newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()]
+    return [
+        json.loads(line) for line in (newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()
+    ]
 
 
 @pytest.mark.slow
@@ -79,8 +89,11 @@ def test_resume_keeps_the_learning_rate_schedule_and_the_best_accuracy(tmp_path,
     assert min(lrs[4:]) < lrs[3], lrs  # the plateau schedule decayed after the break
     assert best_before > max(r['val_accuracy'] for r in records(parts)[4:])  # the best came before it
     resumed = load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')
-    assert resumed['best_accuracy'] == max(r['val_accuracy'] for r in records(parts)) \
+    assert (
+        resumed['best_accuracy']
+        == max(r['val_accuracy'] for r in records(parts))
         == load_checkpoint(newest_run(whole / 'checkpoints') / 'last.pth')['best_accuracy']
+    )
     assert resumed['scheduler'] == load_checkpoint(newest_run(whole / 'checkpoints') / 'last.pth')['scheduler']
     for name, tensor in weights(newest_run(whole / 'checkpoints') / 'last.pth').items():
         assert torch.equal(tensor, resumed['model'][name]), name
@@ -108,7 +121,12 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_data, capsys):
     main.train(**fast_options(tmp_path, data, batch_size=1, max_epoch=1))
     record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == 4
-    assert {p.rsplit('/', 1)[1] for p in record['skipped_files']} == {'cat.0.jpg', 'dog.0.jpg', 'cat.1.jpg', 'dog.1.jpg'}
+    assert {p.rsplit('/', 1)[1] for p in record['skipped_files']} == {
+        'cat.0.jpg',
+        'dog.0.jpg',
+        'cat.1.jpg',
+        'dog.1.jpg',
+    }
     assert 'skipped 4 unreadable' in capsys.readouterr().out
 
 
@@ -129,8 +147,12 @@ def test_submission_holds_p_dog_clipped_sorted_by_numeric_id(tmp_path, tiny_data
     test1.mkdir()
     for kaggle_id, source in zip((100, 2, 10, 1, 20, 9, 3), sorted((tiny_data / 'test1').iterdir())):
         shutil.copy(source, test1 / f'{kaggle_id}.jpg')
-    options = fast_options(tmp_path, tiny_data, test_data_root=str(test1),
-                           load_model_path=str(checkpoint_that_always_says(tmp_path, logit)))
+    options = fast_options(
+        tmp_path,
+        tiny_data,
+        test_data_root=str(test1),
+        load_model_path=str(checkpoint_that_always_says(tmp_path, logit)),
+    )
     del options['model'], options['image_size']  # taken from the checkpoint
     main.test(**options)
     with open(tmp_path / 'result.csv', newline='') as f:
@@ -172,6 +194,7 @@ def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data)
     from config import DefaultConfig
     from data import DogCat
+
     cfg = DefaultConfig().parse(options)
     data = DogCat(tiny_data / 'train', 'val', 32, cfg.val_ratio, cfg.seed)
     model = SqueezeNet().eval()
@@ -193,9 +216,13 @@ def test_mixed_precision_and_channels_last_train_on_the_cpu(tmp_path, tiny_data,
 @pytest.mark.parametrize('ampere, dtype, scaled', [(True, torch.bfloat16, False), (False, torch.float16, True)])
 def test_amp_is_bf16_where_the_gpu_has_it_and_scaled_fp16_before(monkeypatch, ampere, dtype, scaled):
     from utils import runtime
+
     asked = []
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
-        including_emulation) or (ampere or including_emulation))  # pre-Ampere GPUs only emulate bf16
+    monkeypatch.setattr(
+        torch.cuda,
+        'is_bf16_supported',
+        lambda including_emulation=True: asked.append(including_emulation) or (ampere or including_emulation),
+    )  # pre-Ampere GPUs only emulate bf16
     assert runtime.amp_dtype(torch.device('cuda')) == dtype and asked == [False]
     monkeypatch.setattr(runtime, 'amp_dtype', lambda device: dtype)  # the CPU standing in for the GPU
     assert runtime.grad_scaler(torch.device('cpu'), True).is_enabled() == scaled
@@ -205,6 +232,7 @@ def test_amp_is_bf16_where_the_gpu_has_it_and_scaled_fp16_before(monkeypatch, am
 @pytest.mark.parametrize('instructions', [(), ('_is_avx512_bf16_supported',), ('_is_amx_tile_supported',)])
 def test_amp_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, capsys, instructions):
     from utils import runtime
+
     for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
         monkeypatch.setattr(torch.cpu, name, lambda has=name in instructions: has, raising=False)
     runtime._warn_once.cache_clear()
@@ -231,6 +259,7 @@ def cpu_flags():
 
 def test_bf16_detection_agrees_with_the_cpu_and_autocast_computes_in_bf16_where_it_has_it():
     from utils import runtime
+
     has_bf16 = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
     assert runtime.cpu_has_bf16() == has_bf16
     model = torch.nn.Linear(4, 4)
@@ -241,6 +270,7 @@ def test_bf16_detection_agrees_with_the_cpu_and_autocast_computes_in_bf16_where_
 
 def test_bf16_detection_fails_loudly_when_torch_moves_its_api(monkeypatch):
     from utils import runtime
+
     monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
     with pytest.raises(RuntimeError, match='_is_amx_tile_supported'):
         runtime.cpu_has_bf16()
@@ -250,6 +280,7 @@ def test_a_run_resumes_with_loss_scaling_turned_on_or_off(tmp_path, tiny_data, m
     """A checkpoint of a run without a gradient scaler (CPU, bf16 or no --amp) resumes on a GPU
     that needs one (fp16), and back: the fp16 path, GradScaler included, runs here on the CPU."""
     from utils import runtime
+
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=1))
     last = newest_run(tmp_path / 'checkpoints') / 'last.pth'
     assert load_checkpoint(last)['scaler'] == {}
@@ -267,6 +298,7 @@ def test_model_input_normalises_a_uint8_batch_like_torchvision():
     from torchvision.transforms import Normalize
 
     from data.transforms import MEAN, STD, model_input
+
     batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     expected = Normalize(MEAN, STD)(batch.float() / 255)
     plain = model_input(batch, torch.device('cpu'))
@@ -280,17 +312,23 @@ def test_center_square_is_resize_then_center_crop_in_one_step():
     from torchvision import transforms as classic
 
     from data.transforms import CenterSquare
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)) \
-        .resize((400, 240), Image.BILINEAR)  # smooth, so both resamplers agree closely
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)).resize(
+        (400, 240), Image.BILINEAR
+    )  # smooth, so both resamplers agree closely
     ours = CenterSquare(64)(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)).float()
-    theirs = torch.from_numpy(np.array(classic.Compose([classic.Resize(64), classic.CenterCrop(64)])(image))) \
-        .permute(2, 0, 1).float()
+    theirs = (
+        torch.from_numpy(np.array(classic.Compose([classic.Resize(64), classic.CenterCrop(64)])(image)))
+        .permute(2, 0, 1)
+        .float()
+    )
     assert ours.shape == theirs.shape == (3, 64, 64)
     assert (ours - theirs).abs().mean() < 4
 
 
 def test_compiled_training_saves_a_plain_checkpoint(tmp_path, tiny_data):
     from torch._dynamo.utils import counters
+
     counters.clear()
     main.train(**fast_options(tmp_path, tiny_data, compile=True))
     assert counters['stats']['unique_graphs'] > 0  # dynamo captured the model: it was compiled
@@ -308,10 +346,10 @@ class Niceness:
 
 @pytest.mark.skipif(not hasattr(os, 'nice'), reason='no process priorities on this system')
 @pytest.mark.parametrize('device, nice_workers, raised', [('cpu', True, 19), ('cpu', False, 0), ('meta', True, 0)])
-def test_loader_workers_yield_the_cores_to_training_on_the_cpu_only(tmp_path, tiny_data, device, nice_workers,
-                                                                    raised):
+def test_loader_workers_yield_the_cores_to_training_on_the_cpu_only(tmp_path, tiny_data, device, nice_workers, raised):
     from config import DefaultConfig
     from data import ImageFiles
+
     cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, num_workers=2, nice_workers=nice_workers))
     images = sorted((tiny_data / 'train').glob('*.jpg'))[:4]
     loader = engine.make_loader(ImageFiles(images, [0] * 4, Niceness()), cfg, Runtime(torch.device(device)))
@@ -338,6 +376,7 @@ def test_evaluation_holds_no_file_per_batch_from_the_workers(tmp_path, tiny_data
     from config import DefaultConfig
     from data import ImageFiles
     from data.transforms import CenterSquare
+
     cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, num_workers=2, batch_size=1))
     images = sorted(map(str, (tiny_data / 'train').glob('*.jpg')))
     rt = Runtime(torch.device('cpu'))
@@ -351,6 +390,7 @@ def test_evaluation_holds_no_file_per_batch_from_the_workers(tmp_path, tiny_data
 
 def test_amp_auto_is_bf16_exactly_where_the_cpu_computes_it_and_never_fp16(monkeypatch):
     from utils import runtime
+
     cpu = torch.device('cpu')
     native = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
     assert runtime.compute_dtype(cpu, 'auto') == (torch.bfloat16 if native else None)
@@ -363,11 +403,12 @@ def test_amp_auto_is_bf16_exactly_where_the_cpu_computes_it_and_never_fp16(monke
 
 def test_the_default_run_says_how_it_computes_and_resumes_across_precisions(tmp_path, tiny_data, capsys):
     from utils.runtime import precision
+
     main.train(**fast_options(tmp_path, tiny_data, amp=False))
     assert 'computing in fp32' in capsys.readouterr().out
     options = fast_options(tmp_path, tiny_data, max_epoch=2, resume='latest')
     del options['amp']  # the default: auto
     main.train(**options)
     out = capsys.readouterr().out
-    assert f"computing in {precision(torch.device('cpu'), 'auto')}" in out and 'resuming' in out
+    assert f'computing in {precision(torch.device("cpu"), "auto")}' in out and 'resuming' in out
     assert load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['config']['amp'] == 'auto'

@@ -1,5 +1,6 @@
 """Live curves in a real visdom server (started offline by tools.visdom_server), seen through
 visdom's own API and in a headless Chromium; and what training does when no server answers."""
+
 import base64
 import io
 import json
@@ -13,16 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import as_flags, fast_options, newest_run, run_main
 from PIL import Image
 
 import main
 import utils.visualize
-from conftest import as_flags, fast_options, newest_run, run_main
 from tools.visdom_server import start
 from utils.visualize import Visualizer
 
-
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
+
 
 def free_port():
     with socket.socket() as s:
@@ -41,6 +42,7 @@ def server(tmp_path_factory):
 
 def window(port, env, name):
     import visdom
+
     client = visdom.Visdom(port=port, use_incoming_socket=False, raise_exceptions=True)
     data = client.get_window_data(name, env=env)
     return json.loads(data) if data else None
@@ -54,8 +56,11 @@ def points(port, env, name):
 
 def train_with_visdom(tmp_path, data, port, env, **more):
     # 28 training images, batch 4: 7 steps an epoch, a loss point every 2 steps = 3 an epoch
-    main.train(**fast_options(tmp_path, data, vis=True, vis_port=port, env=env, model='ResNet34',
-                              batch_size=4, print_freq=2, **more))
+    main.train(
+        **fast_options(
+            tmp_path, data, vis=True, vis_port=port, env=env, model='ResNet34', batch_size=4, print_freq=2, **more
+        )
+    )
 
 
 def test_a_training_run_shows_its_curves_matrix_log_and_worst_images(tmp_path, tiny_data, server):
@@ -85,6 +90,7 @@ def test_a_training_run_shows_its_curves_matrix_log_and_worst_images(tmp_path, t
 
 def test_most_wrong_captions_name_the_file_and_the_probability_or_both_classes(tmp_path, tiny_data):
     from data import DogCat
+
     data = DogCat(tiny_data / 'train', 'val', 32)
     labels = torch.tensor(data.targets)
     p = torch.linspace(0.9, 0.6, len(labels))  # every image said to be what it is not, less and less sure
@@ -93,12 +99,15 @@ def test_most_wrong_captions_name_the_file_and_the_probability_or_both_classes(t
     two = main.most_wrong(data, metrics, ['cat', 'dog'], count=5)
     captions = [caption for _, caption in two]
     assert all(re.fullmatch(r'(cat|dog)\.\d+\.jpg P\(dog\)=\d\.\d\d', c) for c in captions), captions
-    assert [float(c[-4:]) for c in captions] == [round(1 - float(q), 2) if t else round(float(q), 2)
-                                                 for q, t in zip(p[:5], labels[:5])]
-    three = main.most_wrong(data, {**metrics, 'probs': torch.cat([probs, torch.zeros(len(labels), 1)], 1)},
-                            ['cat', 'dog', 'fox'], count=2)
-    assert [c for _, c in three][0] == f"{Path(data.paths[0]).name} {['cat', 'dog'][labels[0]]}->" \
-                                       f"{['cat', 'dog'][1 - labels[0]]} 0.90"
+    assert [float(c[-4:]) for c in captions] == [
+        round(1 - float(q), 2) if t else round(float(q), 2) for q, t in zip(p[:5], labels[:5])
+    ]
+    three = main.most_wrong(
+        data, {**metrics, 'probs': torch.cat([probs, torch.zeros(len(labels), 1)], 1)}, ['cat', 'dog', 'fox'], count=2
+    )
+    assert [c for _, c in three][
+        0
+    ] == f'{Path(data.paths[0]).name} {["cat", "dog"][labels[0]]}->{["cat", "dog"][1 - labels[0]]} 0.90'
 
 
 def test_each_run_plots_into_its_own_environment_and_a_resumed_one_adds(tmp_path, tiny_data, server):
@@ -124,13 +133,20 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server)
     train_with_visdom(tmp_path, tiny_data, server, 'browser', max_epoch=2, lr=1e-9)
     last = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
     assert last['confusion'][0][1] + last['confusion'][1][0] > 0
-    flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-             '--disable-component-update', '--disable-sync', '--no-first-run',
-             f'--user-data-dir={tmp_path / "chromium"}', '--window-size=1600,1300',
-             '--virtual-time-budget=20000']
+    flags = [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+        '--no-first-run',
+        f'--user-data-dir={tmp_path / "chromium"}',
+        '--window-size=1600,1300',
+        '--virtual-time-budget=20000',
+    ]
     url = f'http://127.0.0.1:{server}/env/browser'
-    dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', url], capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', url], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="main-svg"') >= 5  # Plotly drew the charts, not just the HTML
     lines = re.findall(r'class="js-line"[^>]*d="([^"]+)"', dom)
     vertices = sorted(path.count('L') + 1 for path in lines)
@@ -153,6 +169,7 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, tiny_data, server)
     shot = tmp_path / 'page.png'
     subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', url], capture_output=True, timeout=120)
     from PIL import Image
+
     image = Image.open(shot).convert('RGB')
     colours = image.getcolors(maxcolors=image.width * image.height)  # never None: room for every pixel
     assert len(colours) > 200  # charts, text and pictures, not a blank page
@@ -227,6 +244,7 @@ def test_the_server_listens_on_loopback_only(server):
 
 def test_plot_many_and_img_many_make_their_windows(server):
     import torch
+
     vis = Visualizer(env='api', port=server)
     vis.plot_many({'a': 1.0, 'b': 2.0})
     vis.plot_many({'a': 1.5, 'b': 2.5})

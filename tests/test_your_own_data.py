@@ -1,20 +1,21 @@
 """Making it your own without editing code: any classes, a folder per class, any torchvision model."""
+
 import csv
 import json
 import shutil
 
 import pytest
 import torch
+from conftest import as_flags, assert_one_line_error, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from PIL import Image
 
 import main
-from conftest import as_flags, assert_one_line_error, fast_options, imagenet_weights_in_cache, newest_run, run_main
+from config import UserError
 from data import DogCat
 from data.decode import load_pixels
 from data.demo import make_demo_data
 from data.transforms import eval_transform
 from models import SqueezeNet, build_model
-from config import UserError
 from utils.files import load_checkpoint
 
 CLASSES = ['cat', 'dog', 'fox']
@@ -51,8 +52,12 @@ def test_a_folder_per_class_trains_with_the_class_names_everywhere(trained_on_th
 @pytest.mark.slow
 def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_three, three_classes, tmp_path):
     folder, _ = trained_on_three
-    options = fast_options(folder, three_classes, load_model_path=newest_run(folder / 'checkpoints') / 'best.pth',
-                           result_file=tmp_path / 'result.csv')
+    options = fast_options(
+        folder,
+        three_classes,
+        load_model_path=newest_run(folder / 'checkpoints') / 'best.pth',
+        result_file=tmp_path / 'result.csv',
+    )
     del options['model'], options['image_size']
     val = run_main('val', *as_flags(options))
     assert val.returncode == 0, val.stderr
@@ -68,8 +73,13 @@ def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_th
     assert [r[0] for r in rows[1:]] == sorted(f'photo-{i}' for i in range(1, 7))  # ids: the names
     assert all(sum(map(float, r[1:])) == pytest.approx(1, abs=2e-4) for r in rows[1:])
 
-    predict = run_main('predict', str(three_classes / 'test1'), f"--load_model_path={options['load_model_path']}",
-                       f'--out={tmp_path}/mine.csv', '--use_gpu=False')
+    predict = run_main(
+        'predict',
+        str(three_classes / 'test1'),
+        f'--load_model_path={options["load_model_path"]}',
+        f'--out={tmp_path}/mine.csv',
+        '--use_gpu=False',
+    )
     assert predict.returncode == 0, predict.stderr
     lines = [line.split() for line in predict.stdout.splitlines() if line.startswith(str(three_classes))]
     assert len(lines) == 6 and all(label in CLASSES and 0 < float(p) <= 1 for _, label, p in lines)
@@ -84,10 +94,15 @@ def test_val_test_and_predict_take_the_classes_from_the_checkpoint(trained_on_th
 @pytest.mark.slow
 def test_data_of_other_classes_is_refused_naming_both_lists(trained_on_three, tiny_data):
     folder, _ = trained_on_three
-    result = run_main('val', f"--load_model_path={newest_run(folder / 'checkpoints') / 'best.pth'}",
-                      f"--train_data_root={three_classes_with_a_new_one(folder)}", '--use_gpu=False')
-    assert_one_line_error(result, 'holds the classes cat, dog, fox, owl', 'the model knows cat, dog, fox',
-                          'owl is new to it')
+    result = run_main(
+        'val',
+        f'--load_model_path={newest_run(folder / "checkpoints") / "best.pth"}',
+        f'--train_data_root={three_classes_with_a_new_one(folder)}',
+        '--use_gpu=False',
+    )
+    assert_one_line_error(
+        result, 'holds the classes cat, dog, fox, owl', 'the model knows cat, dog, fox', 'owl is new to it'
+    )
 
 
 def three_classes_with_a_new_one(folder):
@@ -140,14 +155,17 @@ def one_class_folder(root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('make, fragments', [
-    (one_kaggle_class, ['holds one class only (cat: 3)', 'two or more']),
-    (files_beside_class_folders, ['mixes the two layouts', '(cat: 1, dog: 2)', '(Cat: 2, Dog: 3)']),
-    (one_class_folder, ['holds one class only (only: 2)']),
-])
+@pytest.mark.parametrize(
+    'make, fragments',
+    [
+        (one_kaggle_class, ['holds one class only (cat: 3)', 'two or more']),
+        (files_beside_class_folders, ['mixes the two layouts', '(cat: 1, dog: 2)', '(Cat: 2, Dog: 3)']),
+        (one_class_folder, ['holds one class only (only: 2)']),
+    ],
+)
 def test_layout_errors_say_what_was_found_per_class(tmp_path, make, fragments):
     make(tmp_path / 'data')
-    result = run_main('train', f"--train_data_root={tmp_path / 'data'}", '--use_gpu=False', '--vis=False')
+    result = run_main('train', f'--train_data_root={tmp_path / "data"}', '--use_gpu=False', '--vis=False')
     assert_one_line_error(result, *fragments)
 
 
@@ -193,12 +211,14 @@ def test_a_torchvision_model_by_name_trains_saves_loads_and_predicts(tmp_path, t
 
 @pytest.mark.slow
 def test_an_unknown_model_name_lists_the_closest():
-    assert_one_line_error(run_main('train', '--model=resnet5O'), "--model='resnet5O' is invalid",
-                          'did you mean resnet50')
+    assert_one_line_error(
+        run_main('train', '--model=resnet5O'), "--model='resnet5O' is invalid", 'did you mean resnet50'
+    )
 
 
 def test_pretrained_torchvision_model_gets_a_head_for_n_classes(tmp_path, monkeypatch):
     from torchvision.models import ResNet18_Weights, resnet18
+
     imagenet = imagenet_weights_in_cache(tmp_path, monkeypatch, resnet18, ResNet18_Weights.DEFAULT, 5)
     model = build_model('resnet18', 5, pretrained=True)
     assert torch.equal(model.net.conv1.weight, imagenet['conv1.weight'])
@@ -214,5 +234,11 @@ def test_a_checkpoint_from_before_classes_were_stored_loads_as_cat_and_dog(tmp_p
     main.test(**{**fast_options(tmp_path, tiny_data, load_model_path=str(old)), 'model': 'SqueezeNet'})
     assert (tmp_path / 'result.csv').read_text().startswith('id,label\n1,')
     with pytest.raises(UserError, match='holds the classes cat, dog, fox'):
-        main.val(**fast_options(tmp_path, tiny_data, load_model_path=str(old),
-                                train_data_root=str(three_classes_with_a_new_one(tmp_path).parent / 'train')))
+        main.val(
+            **fast_options(
+                tmp_path,
+                tiny_data,
+                load_model_path=str(old),
+                train_data_root=str(three_classes_with_a_new_one(tmp_path).parent / 'train'),
+            )
+        )

@@ -6,6 +6,7 @@
 Every figure is measured in this one run, on JPEGs it writes to a temporary folder, and printed
 as a ratio with its two absolute figures beside it. Nothing here asserts a timing.
 """
+
 import argparse
 import contextlib
 import io
@@ -28,12 +29,12 @@ import engine
 from config import ROOT, DefaultConfig
 from data import DogCat, ImageFiles
 from data.decode import load_pixels, load_rgb
-from data.transforms import MEAN, STD
 from data.demo import make_demo_data
+from data.transforms import MEAN, STD
 from models import build_model
-from utils.runtime import Runtime, compute_dtype, cpu_has_bf16
 from recipe import Training
 from report import Reporter
+from utils.runtime import Runtime, compute_dtype, cpu_has_bf16
 
 MAIN = ROOT / 'main.py'  # run as a user runs it, never imported: it is the top of the project
 
@@ -55,23 +56,41 @@ def alternating(title, rounds, ours, reference, unit='images/s'):
         else:
             b, a = reference(), ours()
         pairs.append((a, b))
-    return ratio(title, statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-                 unit, value=statistics.median(a / b for a, b in pairs))
+    return ratio(
+        title,
+        statistics.median(a for a, _ in pairs),
+        statistics.median(b for _, b in pairs),
+        unit,
+        value=statistics.median(a / b for a, b in pairs),
+    )
 
 
 def options(root, args, **more):
     with contextlib.redirect_stdout(io.StringIO()):  # parse() prints the config: not here
-        return DefaultConfig().parse(dict(
-            dict(train_data_root=str(root / 'train'), test_data_root=str(root / 'test1'), val_ratio=0.1,
-                 image_size=args.image_size, batch_size=args.batch_size, use_gpu=args.device == 'cuda',
-                 checkpoint_dir=str(root / 'checkpoints')), **more))
+        return DefaultConfig().parse(
+            dict(
+                dict(
+                    train_data_root=str(root / 'train'),
+                    test_data_root=str(root / 'test1'),
+                    val_ratio=0.1,
+                    image_size=args.image_size,
+                    batch_size=args.batch_size,
+                    use_gpu=args.device == 'cuda',
+                    checkpoint_dir=str(root / 'checkpoints'),
+                ),
+                **more,
+            )
+        )
 
 
 def runtime_of(cfg, args):
     """The Runtime train would use for these options (a single process)."""
     device = torch.device(args.device)
-    return Runtime(device, dtype=compute_dtype(device, cfg.amp),
-                   layout=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    return Runtime(
+        device,
+        dtype=compute_dtype(device, cfg.amp),
+        layout=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+    )
 
 
 def loop_efficiency(root, args, model_name, vis_port, out):
@@ -81,15 +100,24 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     (25,000 Kaggle images) lasts minutes, and in a too short one the first batch, which the
     workers must decode while the loop waits, would weigh far more than in real training.
     """
-    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
-                  num_workers=args.num_workers, nice_workers=args.nice_workers, vis_port=vis_port)
+    cfg = options(
+        root,
+        args,
+        model=model_name,
+        channels_last=args.channels_last,
+        amp=args.amp,
+        num_workers=args.num_workers,
+        nice_workers=args.nice_workers,
+        vis_port=vis_port,
+    )
     rt = runtime_of(cfg, args)
     model = engine.on_device(build_model(model_name), rt)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=rt.device.type in ('cpu', 'cuda'))  # as train
     scaler = rt.grad_scaler()
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=rt.layout)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=rt.device).contiguous(
+        memory_format=rt.layout
+    )
     targets = torch.randint(0, 2, (cfg.batch_size,), device=rt.device)
     model.train()
 
@@ -108,7 +136,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     bare_steps(2)  # warm-up: allocator, kernel choice
     train = DogCat(root / 'train', 'train', cfg.image_size, cfg.val_ratio)
     steps = max(2, min(len(train) // cfg.batch_size, round(bare_steps(3) * args.epoch_seconds / cfg.batch_size)))
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:steps * cfg.batch_size]
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: steps * cfg.batch_size]
     train = ImageFiles([train.paths[i] for i in chosen], [train.targets[i] for i in chosen], train.transform)
     # the default print_freq where an epoch is long enough, so that every epoch plots to visdom
     cfg.print_freq = max(1, min(cfg.print_freq, steps // 2))
@@ -124,9 +152,12 @@ def loop_efficiency(root, args, model_name, vis_port, out):
 
     epochs = iter(range(args.rounds + 1))
     real_epoch(next(epochs))  # warm-up: worker start
-    out[f'loop {model_name}'] = alternating(f'1. loop efficiency, {model_name}, {len(train)}-image epochs',
-                                            args.rounds, lambda: real_epoch(next(epochs)),
-                                            lambda: bare_steps(steps))
+    out[f'loop {model_name}'] = alternating(
+        f'1. loop efficiency, {model_name}, {len(train)}-image epochs',
+        args.rounds,
+        lambda: real_epoch(next(epochs)),
+        lambda: bare_steps(steps),
+    )
     reporter.close(cfg.to_dict(), 0.0)
 
 
@@ -136,9 +167,15 @@ def loader_headroom(root, args, out):
     torch.set_num_threads(1)  # as in a DataLoader worker
     data = DogCat(root / 'train', 'train', args.image_size, 0.1)
     paths = data.paths
-    classic_recipe = classic.Compose([
-        classic.Resize(256 * args.image_size // 224), classic.RandomResizedCrop(args.image_size),
-        classic.RandomHorizontalFlip(), classic.ToTensor(), classic.Normalize(MEAN, STD)])
+    classic_recipe = classic.Compose(
+        [
+            classic.Resize(256 * args.image_size // 224),
+            classic.RandomResizedCrop(args.image_size),
+            classic.RandomHorizontalFlip(),
+            classic.ToTensor(),
+            classic.Normalize(MEAN, STD),
+        ]
+    )
 
     def rate(work):
         started = time.perf_counter()
@@ -161,14 +198,22 @@ def inference(root, args, model_name, out):
     The test folder holds --images / 2 images: a pass of ResNet34 over them lasts about 6 s,
     long enough that the wait for the first batch, decoded while the model idles, weighs under
     1% (over Kaggle's 12,500 it weighs nothing)."""
-    cfg = options(root, args, model=model_name, channels_last=args.channels_last, amp=args.amp,
-                  num_workers=args.num_workers, nice_workers=args.nice_workers)
+    cfg = options(
+        root,
+        args,
+        model=model_name,
+        channels_last=args.channels_last,
+        amp=args.amp,
+        num_workers=args.num_workers,
+        nice_workers=args.nice_workers,
+    )
     rt = runtime_of(cfg, args)
     model = engine.on_device(build_model(model_name), rt).eval()
     data = DogCat(root / 'test1', 'test', cfg.image_size)
     loader = engine.make_loader(data, cfg, rt)
-    batch = torch.randn(engine.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device) \
-        .contiguous(memory_format=rt.layout)
+    batch = torch.randn(engine.eval_batch_size(cfg), 3, cfg.image_size, cfg.image_size, device=rt.device).contiguous(
+        memory_format=rt.layout
+    )
     steps = math.ceil(len(data) / len(batch))
 
     def real():
@@ -196,15 +241,29 @@ def peak_rss_of_training(folder, files, scratch):
         images.mkdir()
         source = sorted((folder / 'train').glob('cat.*.jpg'))[0]
         for i in range(files):
-            os.symlink(source, images / f"{('cat', 'dog')[i % 2]}.{i}.jpg")
+            os.symlink(source, images / f'{("cat", "dog")[i % 2]}.{i}.jpg')
     # the child reports its own high-water mark: a forked child's ru_maxrss would start from ours
-    report = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
-              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-              "finally:\n    print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')),"
-              " file=sys.stderr)")
-    command = [sys.executable, '-c', report, str(MAIN), 'train', f'--train_data_root={images}',
-               '--model=SqueezeNet', '--image_size=32', '--batch_size=64', '--max_epoch=1',
-               '--use_gpu=False', '--vis=False', f'--checkpoint_dir={scratch / str(files)}']
+    report = (
+        'import runpy, sys\nsys.argv = sys.argv[1:]\n'
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "finally:\n    print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')),"
+        ' file=sys.stderr)'
+    )
+    command = [
+        sys.executable,
+        '-c',
+        report,
+        str(MAIN),
+        'train',
+        f'--train_data_root={images}',
+        '--model=SqueezeNet',
+        '--image_size=32',
+        '--batch_size=64',
+        '--max_epoch=1',
+        '--use_gpu=False',
+        '--vis=False',
+        f'--checkpoint_dir={scratch / str(files)}',
+    ]
     child = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if child.returncode != 0:
         raise RuntimeError(f'training over {files} files failed: {child.stderr[-500:]}')
@@ -218,12 +277,14 @@ def memory(root, args, out):
     small, large = (100, 2000) if args.smoke else (1000, 20000)
     runs = 1 if args.smoke else 5  # what glibc keeps of freed memory varies from run to run
     with tempfile.TemporaryDirectory() as scratch:
-        peaks = {files: [peak_rss_of_training(root, files, Path(scratch) / str(run))
-                         for run in range(runs)] for files in (small, large)}
-    out['memory'] = ratio(f'4. peak RSS, {large} files / {small} files', min(peaks[large]), min(peaks[small]),
-                          unit='MB')
-    print(f'     (each the least of {runs} runs; the largest: {max(peaks[large]):.0f} and '
-          f'{max(peaks[small]):.0f} MB)')
+        peaks = {
+            files: [peak_rss_of_training(root, files, Path(scratch) / str(run)) for run in range(runs)]
+            for files in (small, large)
+        }
+    out['memory'] = ratio(
+        f'4. peak RSS, {large} files / {small} files', min(peaks[large]), min(peaks[small]), unit='MB'
+    )
+    print(f'     (each the least of {runs} runs; the largest: {max(peaks[large]):.0f} and {max(peaks[small]):.0f} MB)')
 
 
 def whole_run(root, args, model_name, vis_port, out):
@@ -238,12 +299,31 @@ def whole_run(root, args, model_name, vis_port, out):
     images = root / 'whole'
     make_demo_data(images, n_train=args.whole_images, n_test=0, sizes=(300, 500), blur=args.blur)
     with tempfile.TemporaryDirectory() as scratch:
-        ours = [sys.executable, str(MAIN), 'train', f'--train_data_root={images / "train"}', f'--model={model_name}',
-                '--max_epoch=1', *sizes, f'--amp={args.amp}', f'--channels_last={args.channels_last}',
-                f'--nice_workers={args.nice_workers}', f'--use_gpu={args.device == "cuda"}',
-                f'--vis_port={vis_port}', f'--checkpoint_dir={scratch}/checkpoints']
-        classic = [sys.executable, '-m', 'tools.classic_train', f'--train_data_root={images / "train"}',
-                   f'--model={model_name}', *sizes, f'--device={args.device}', f'--out={scratch}/classic.pth']
+        ours = [
+            sys.executable,
+            str(MAIN),
+            'train',
+            f'--train_data_root={images / "train"}',
+            f'--model={model_name}',
+            '--max_epoch=1',
+            *sizes,
+            f'--amp={args.amp}',
+            f'--channels_last={args.channels_last}',
+            f'--nice_workers={args.nice_workers}',
+            f'--use_gpu={args.device == "cuda"}',
+            f'--vis_port={vis_port}',
+            f'--checkpoint_dir={scratch}/checkpoints',
+        ]
+        classic = [
+            sys.executable,
+            '-m',
+            'tools.classic_train',
+            f'--train_data_root={images / "train"}',
+            f'--model={model_name}',
+            *sizes,
+            f'--device={args.device}',
+            f'--out={scratch}/classic.pth',
+        ]
 
         def seconds(command):
             started = time.perf_counter()
@@ -252,10 +332,17 @@ def whole_run(root, args, model_name, vis_port, out):
                 raise RuntimeError(f'{" ".join(command[1:3])} failed: {child.stderr[-1000:]}')
             return time.perf_counter() - started
 
-        out['whole run'] = alternating(f'5. whole `train` run / classic pipeline, {model_name}',
-                                       args.whole_rounds, lambda: seconds(ours), lambda: seconds(classic), 's')
-    print(f'     (lower is faster: seconds from start to exit of one epoch over {args.whole_images} images, '
-          f'validation and checkpoints included)')
+        out['whole run'] = alternating(
+            f'5. whole `train` run / classic pipeline, {model_name}',
+            args.whole_rounds,
+            lambda: seconds(ours),
+            lambda: seconds(classic),
+            's',
+        )
+    print(
+        f'     (lower is faster: seconds from start to exit of one epoch over {args.whole_images} images, '
+        f'validation and checkpoints included)'
+    )
 
 
 def free_port():
@@ -272,45 +359,77 @@ def main_():
     parser.add_argument('--image_size', type=int, default=DefaultConfig.image_size)
     parser.add_argument('--batch_size', type=int, default=DefaultConfig.batch_size)
     parser.add_argument('--images', type=int, default=800, help='training images to write')
-    parser.add_argument('--blur', type=float, default=1.5,
-                        help="softens the images: 1.5 makes files about Kaggle's size (~25 KB vs ~22), 0 twice that")
+    parser.add_argument(
+        '--blur',
+        type=float,
+        default=1.5,
+        help="softens the images: 1.5 makes files about Kaggle's size (~25 KB vs ~22), 0 twice that",
+    )
     parser.add_argument('--epoch_seconds', type=float, default=6, help='length of a measured training epoch')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads())
-    parser.add_argument('--channels_last', type=lambda v: v.lower() == 'true', default=None,
-                        help='True/False; default: the config default')
-    parser.add_argument('--amp', default='auto', choices=['auto', 'True', 'False'],
-                        help='mixed precision as in main.py (default auto: bf16 where native)')
+    parser.add_argument(
+        '--channels_last',
+        type=lambda v: v.lower() == 'true',
+        default=None,
+        help='True/False; default: the config default',
+    )
+    parser.add_argument(
+        '--amp',
+        default='auto',
+        choices=['auto', 'True', 'False'],
+        help='mixed precision as in main.py (default auto: bf16 where native)',
+    )
     parser.add_argument('--num_workers', type=int, default=DefaultConfig.num_workers)
-    parser.add_argument('--nice_workers', type=lambda v: v.lower() == 'true', default=DefaultConfig.nice_workers,
-                        help='True/False: workers at low priority on the CPU')
+    parser.add_argument(
+        '--nice_workers',
+        type=lambda v: v.lower() == 'true',
+        default=DefaultConfig.nice_workers,
+        help='True/False: workers at low priority on the CPU',
+    )
     parser.add_argument('--rounds', type=int, default=5, help='alternating measurements of loop and bare steps')
-    parser.add_argument('--whole_images', type=int, default=1600, help='images of the whole runs (line 5), 70%% trained on')
+    parser.add_argument(
+        '--whole_images', type=int, default=1600, help='images of the whole runs (line 5), 70%% trained on'
+    )
     parser.add_argument('--whole_rounds', type=int, default=2, help='alternating whole runs of each (line 5)')
     parser.add_argument('--smoke', action='store_true', help='tiny sizes: a check that it all runs')
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.image_size, args.batch_size, args.images, args.rounds, args.epoch_seconds = 'SqueezeNet', 64, 8, 24, 2, 0.5
+        args.model, args.image_size, args.batch_size, args.images, args.rounds, args.epoch_seconds = (
+            'SqueezeNet',
+            64,
+            8,
+            24,
+            2,
+            0.5,
+        )
         args.whole_images, args.whole_rounds = 40, 1
     if args.channels_last is None:
         args.channels_last = DefaultConfig.channels_last
     torch.set_num_threads(args.threads)
 
-    print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
-          f'{torch.get_num_threads()} threads, device {args.device}'
-          + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else '')
-          + (f", {'with' if cpu_has_bf16() else 'without'} bf16 instructions" if args.device == 'cpu' else ''))
-    print(f'setting: {args.image_size} px, batch {args.batch_size}, {args.images} training images '
-          f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}, '
-          f'{args.num_workers} loader workers (nice_workers={args.nice_workers})')
+    print(
+        f'machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with '
+        f'{torch.get_num_threads()} threads, device {args.device}'
+        + (f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else '')
+        + (f', {"with" if cpu_has_bf16() else "without"} bf16 instructions' if args.device == 'cpu' else '')
+    )
+    print(
+        f'setting: {args.image_size} px, batch {args.batch_size}, {args.images} training images '
+        f'of 300-500 px, channels_last={args.channels_last}, amp={args.amp}, '
+        f'{args.num_workers} loader workers (nice_workers={args.nice_workers})'
+    )
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_demo_data(root, n_train=args.images, n_test=args.images // 2, sizes=(300, 500), blur=args.blur)
         files = list((root / 'train').iterdir())
-        print(f'data: JPEGs of {sum(f.stat().st_size for f in files) / len(files) / 1e3:.1f} KB on average '
-              f'(blur {args.blur}; Kaggle\'s: about 22 KB)\n')
+        print(
+            f'data: JPEGs of {sum(f.stat().st_size for f in files) / len(files) / 1e3:.1f} KB on average '
+            f"(blur {args.blur}; Kaggle's: about 22 KB)\n"
+        )
         port = free_port()
         from tools import visdom_server
+
         try:
             server = visdom_server.start(port, root / 'visdom')
         except (RuntimeError, SystemExit):

@@ -8,6 +8,7 @@ ToTensor and Normalize run in the DataLoader workers, the model computes in fp32
 contiguous layout, evaluation runs under no_grad, and the weights are saved once an epoch.
 tools/benchmark.py times both as whole processes.
 """
+
 import argparse
 import time
 
@@ -51,14 +52,21 @@ def main():
     listing = {mode: DogCat(args.train_data_root, mode, size, args.val_ratio, args.seed) for mode in ('train', 'val')}
     normalize = T.Normalize(MEAN, STD)
     transforms = {
-        'train': T.Compose([T.Resize(256 * size // 224), T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
-                            T.ToTensor(), normalize]),
+        'train': T.Compose(
+            [T.Resize(256 * size // 224), T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+        ),
         'val': T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), normalize]),
     }
-    loaders = {mode: DataLoader(PillowImages(data.paths, data.targets, transforms[mode]), args.batch_size,
-                                shuffle=mode == 'train', num_workers=args.num_workers,
-                                pin_memory=device.type == 'cuda')
-               for mode, data in listing.items()}
+    loaders = {
+        mode: DataLoader(
+            PillowImages(data.paths, data.targets, transforms[mode]),
+            args.batch_size,
+            shuffle=mode == 'train',
+            num_workers=args.num_workers,
+            pin_memory=device.type == 'cuda',
+        )
+        for mode, data in listing.items()
+    }
 
     model = build_model(args.model, len(listing['train'].classes)).to(device)
     criterion = nn.CrossEntropyLoss()
@@ -79,8 +87,10 @@ def main():
             for images, targets in loaders['val']:
                 correct += (model(images.to(device)).argmax(1).cpu() == targets).sum().item()
         torch.save(model.state_dict(), args.out)
-        print(f'epoch {epoch + 1}: train loss {loss_value:.4f}  val acc {correct / len(listing["val"]):.2%}  '
-              f'{time.perf_counter() - started:.1f}s')
+        print(
+            f'epoch {epoch + 1}: train loss {loss_value:.4f}  val acc {correct / len(listing["val"]):.2%}  '
+            f'{time.perf_counter() - started:.1f}s'
+        )
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ folder (`make install` does that), then starts the server without any download.
 It listens on 127.0.0.1 only, unless --expose is given (then on every interface: anyone who
 can reach the port sees and can change your plots; visdom has no password by default).
 """
+
 import argparse
 import shutil
 import subprocess
@@ -41,13 +42,18 @@ FILES = {
     'react-resizable@1.4.6': {'css/styles.css': 'css/react-resizable-styles.css'},
     'react-grid-layout@0.16.3': {'css/styles.css': 'css/react-grid-layout-styles.css'},
     'classnames@2.2.5': {'index.js': 'fonts/classnames'},
-    'mathjax@2.7.5': {'MathJax.js': MATHJAX + 'MathJax.js', 'config/': MATHJAX + 'config/',
-                      'extensions/': MATHJAX + 'extensions/', 'jax/': MATHJAX + 'jax/'},
+    'mathjax@2.7.5': {
+        'MathJax.js': MATHJAX + 'MathJax.js',
+        'config/': MATHJAX + 'config/',
+        'extensions/': MATHJAX + 'extensions/',
+        'jax/': MATHJAX + 'jax/',
+    },
 }
 
 
 def static_dir():
     import visdom
+
     return Path(visdom.__file__).parent / 'static'
 
 
@@ -63,8 +69,10 @@ def provision():
         return
     npm = shutil.which('npm')
     if npm is None:
-        sys.exit('error: the visdom page needs JavaScript files that come from the npm registry, '
-                 'and npm is not installed; install Node.js (with npm) and run `make install` again')
+        sys.exit(
+            'error: the visdom page needs JavaScript files that come from the npm registry, '
+            'and npm is not installed; install Node.js (with npm) and run `make install` again'
+        )
     static = static_dir()
     with tempfile.TemporaryDirectory() as tmp:
         packed = subprocess.run([npm, 'pack', '--silent', *FILES], cwd=tmp, capture_output=True, text=True)
@@ -81,10 +89,10 @@ def _extract(tar, files, static):
     for member in tar.getmembers():
         if not member.isfile() or not member.name.startswith('package/'):
             continue
-        inside = member.name[len('package/'):]
+        inside = member.name[len('package/') :]
         for source, dest in files.items():
             if inside == source or (source.endswith('/') and inside.startswith(source)):
-                target = static / (dest + inside[len(source):] if source.endswith('/') else dest)
+                target = static / (dest + inside[len(source) :] if source.endswith('/') else dest)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tar.extractfile(member).read())
 
@@ -96,9 +104,12 @@ def start(port, env_path, timeout=60):
     import urllib.request
 
     provision()
-    process = subprocess.Popen([sys.executable, '-m', 'tools.visdom_server', f'--port={port}',
-                                f'--env_path={env_path}'], cwd=Path(__file__).resolve().parent.parent,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'tools.visdom_server', f'--port={port}', f'--env_path={env_path}'],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -125,12 +136,17 @@ def serve(port, expose, env_path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--port', type=int, default=8097, help='port to listen on (8097)')
-    parser.add_argument('--expose', action='store_true',
-                        help='listen on every interface, not only 127.0.0.1 (anyone who reaches it can see and change the plots)')
-    parser.add_argument('--env_path', default=str(Path.home() / '.visdom'),
-                        help='where the server keeps saved environments (~/.visdom)')
-    parser.add_argument('--provision-only', action='store_true',
-                        help='fetch the page files and exit (what make install does)')
+    parser.add_argument(
+        '--expose',
+        action='store_true',
+        help='listen on every interface, not only 127.0.0.1 (anyone who reaches it can see and change the plots)',
+    )
+    parser.add_argument(
+        '--env_path', default=str(Path.home() / '.visdom'), help='where the server keeps saved environments (~/.visdom)'
+    )
+    parser.add_argument(
+        '--provision-only', action='store_true', help='fetch the page files and exit (what make install does)'
+    )
     args = parser.parse_args()
     provision()
     if not args.provision_only:

@@ -1,4 +1,5 @@
 """Helpers of main.py's verbs; this file: how Ctrl-C and SIGTERM stop a run without losing work."""
+
 import contextlib
 import signal
 

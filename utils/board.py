@@ -4,6 +4,7 @@ Every point is written against the global step (batches trained so far), the per
 at the last step of their epoch, so a resumed run (which purges what an interrupted epoch left
 after its last checkpoint) goes on where the curves stop, with no point twice.
 """
+
 import sys
 import warnings
 
@@ -30,8 +31,13 @@ class Board:
         """The figures of one epoch (a line of metrics.jsonl) and its pictures."""
         if not self.writer:
             return
-        for tag, key in (('loss/train', 'train_loss'), ('loss/val', 'val_loss'), ('val/accuracy', 'val_accuracy'),
-                         ('val/log_loss', 'val_log_loss'), ('lr', 'lr')):
+        for tag, key in (
+            ('loss/train', 'train_loss'),
+            ('loss/val', 'val_loss'),
+            ('val/accuracy', 'val_accuracy'),
+            ('val/log_loss', 'val_log_loss'),
+            ('lr', 'lr'),
+        ):
             self.writer.add_scalar(tag, record[key], step)
         from utils.pictures import confusion_picture
 
@@ -40,9 +46,9 @@ class Board:
     def images(self, tag, items, step):
         """(PIL image, caption) pairs as one grid of captioned tiles."""
         if self.writer and items:
+            import torch
             from torchvision.utils import make_grid
 
-            import torch
             from utils.pictures import captioned_tiles
 
             self.writer.add_image(tag, make_grid(torch.from_numpy(captioned_tiles(items)), nrow=4), step)

@@ -1,4 +1,5 @@
 """The command line: python-fire dispatches the verbs; mistakes a user can make become one line."""
+
 import ast
 import bdb
 import dataclasses
@@ -72,16 +73,20 @@ def verbs_of(main_file):
     so that help and the checks need none of the imports main.py makes."""
     tree = ast.parse(Path(main_file).read_text(encoding='utf-8'))
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
-                 and getattr(node.targets[0], 'id', None) == 'VERBS')
+    table = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', None) == 'VERBS'
+    )
     verbs = {}
     for key, value in zip(table.keys, table.values):
         args = functions[value.id].args
-        with_defaults = args.args[len(args.args) - len(args.defaults):]
+        with_defaults = args.args[len(args.args) - len(args.defaults) :]
         options = {a.arg: ast.literal_eval(d) for a, d in zip(with_defaults, args.defaults)}
         options.update((a.arg, ast.literal_eval(d)) for a, d in zip(args.kwonlyargs, args.kw_defaults))
-        verbs[key.value] = Verb(ast.get_docstring(functions[value.id]), options, args.kwarg is not None,
-                                args.vararg is not None)
+        verbs[key.value] = Verb(
+            ast.get_docstring(functions[value.id]), options, args.kwarg is not None, args.vararg is not None
+        )
     return verbs
 
 
@@ -112,8 +117,9 @@ def check_words(main_file, argv):
             if name not in options:
                 raise unknown('option', name, options, prefix='--')
             if name not in verb.options:
-                given[name] = value if '=' in word else \
-                    following if following and not following.startswith('-') else True
+                given[name] = (
+                    value if '=' in word else following if following and not following.startswith('-') else True
+                )
     if verb.takes_config:
         DefaultConfig().check_values(given)
     if not verb.takes_words:
@@ -130,7 +136,7 @@ def print_help(main_file):
         print(f'  {name:<10} {doc[0]}')
         meanings = dict(line.split(': ', 1) for line in doc if line.startswith('--'))
         for option, default in verb.options.items():
-            print(f"{'':14}--{option:<12} {default!r:<14} {meanings.get('--' + option, '')}")
+            print(f'{"":14}--{option:<12} {default!r:<14} {meanings.get("--" + option, "")}')
     print('\noptions of train, val, test, predict and runs (default, meaning):')
     for name, (default, comment) in option_help().items():
         print(f'  --{name:<16} {default!r:<18} {comment}')
@@ -151,4 +157,4 @@ def _reject_stray_words(argv):
         elif takes_value:
             takes_value = False
         else:
-            raise UserError(f"unexpected word {word!r}: options are written --name=value")
+            raise UserError(f'unexpected word {word!r}: options are written --name=value')

@@ -1,4 +1,5 @@
 """Files that are never left half-written (checkpoints, the submission), and checkpoint loading."""
+
 import contextlib
 import os
 import pickle
@@ -37,8 +38,10 @@ def atomic_open(path, mode='wb'):
         if created:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
-                            f'the previous {path.name}, if any, is unchanged') from None
+            raise UserError(
+                f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
+                f'the previous {path.name}, if any, is unchanged'
+            ) from None
         raise
 
 
@@ -94,8 +97,10 @@ def atomic_link(source, path):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise UserError(f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
-                            f'the previous {path.name}, if any, is unchanged') from None
+            raise UserError(
+                f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
+                f'the previous {path.name}, if any, is unchanged'
+            ) from None
 
 
 def load_checkpoint(path):

@@ -1,4 +1,5 @@
 """Pictures drawn for the dashboards (visdom, TensorBoard): captioned tiles, a confusion matrix."""
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
@@ -32,15 +33,18 @@ def confusion_picture(matrix, classes, cell=48):
     draw.text((left, 2), 'predicted:', fill='black')
     peak = matrix.max() or 1
     for j, name in enumerate(classes):
-        draw.text((left + j * cell + 2, LINE + 2), str(name)[:cell // 6], fill='black')
+        draw.text((left + j * cell + 2, LINE + 2), str(name)[: cell // 6], fill='black')
     for i, name in enumerate(classes):
         draw.text((2, top + i * cell + cell // 2 - LINE // 2), f'true {name}', fill='black')
         for j in range(n):
             shade = int(255 - 200 * matrix[i, j] / peak)  # darker: more images
             box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
             draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 4, box[1] + cell // 2 - LINE // 2), str(int(matrix[i, j])),
-                      fill='white' if shade < 128 else 'black')
+            draw.text(
+                (box[0] + 4, box[1] + cell // 2 - LINE // 2),
+                str(int(matrix[i, j])),
+                fill='white' if shade < 128 else 'black',
+            )
     return np.asarray(image).transpose(2, 0, 1).copy()
 
 

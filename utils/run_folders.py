@@ -4,6 +4,7 @@ A run folder holds config.json (how the run was made), last.pth, best.pth and me
 A new run never writes into another run's folder; --resume continues a run in its own. A run is
 removed by deleting its folder; `latest` then falls back to the newest run left.
 """
+
 import itertools
 import json
 import platform
@@ -12,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from config import ROOT
-from config import UserError
+from config import ROOT, UserError
 from utils.files import atomic_open
 
 LATEST = 'latest'
@@ -27,7 +27,7 @@ def new_run_dir(checkpoint_dir, model, name=''):
         check_name_free(checkpoint_dir, name)
         candidates = [name]
     else:
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}"
+        stem = f'{time.strftime("%Y%m%d-%H%M%S")}-{model}'
         candidates = itertools.chain([stem], (f'{stem}-{n}' for n in itertools.count(2)))
     for candidate in candidates:
         try:
@@ -42,8 +42,10 @@ def check_name_free(checkpoint_dir, name):
     if name in ('.', '..') or Path(name).name != name or '/' in name or '\\' in name:
         raise UserError(f'--name={name}: a run name is a folder name, without / or \\')
     if name == LATEST or (checkpoint_dir / name).exists():
-        raise UserError(f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
-                        f'continue that run with --resume={name}')
+        raise UserError(
+            f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
+            f'continue that run with --resume={name}'
+        )
 
 
 def point_latest(checkpoint_dir, run_dir):
@@ -116,8 +118,9 @@ def _git_commit(folder):
     if not (folder / '.git').exists():
         return None
     try:
-        found = subprocess.run(['git', '-C', str(folder), 'rev-parse', 'HEAD'], capture_output=True,
-                               text=True, timeout=10)
+        found = subprocess.run(
+            ['git', '-C', str(folder), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return found.stdout.strip() or None

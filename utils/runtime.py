@@ -1,4 +1,5 @@
 """Where this process computes: the device, the process group under torchrun, and the seeds."""
+
 import contextlib
 import functools
 import os
@@ -13,6 +14,7 @@ import torch.distributed as dist
 @dataclass
 class Runtime:
     """This process's place in the run: one process (rank 0 of 1) or one of torchrun's."""
+
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -93,8 +95,10 @@ def runtime(use_gpu, amp='False', channels_last=False):
         dist.init_process_group('nccl', device_id=device)
     else:
         if use_gpu and rank == 0:
-            print('warning: use_gpu=True but there is no CUDA device; the processes run on the CPU '
-                  'over gloo', file=sys.stderr)
+            print(
+                'warning: use_gpu=True but there is no CUDA device; the processes run on the CPU over gloo',
+                file=sys.stderr,
+            )
         device = torch.device('cpu')
         dist.init_process_group('gloo')
     try:
@@ -112,8 +116,11 @@ def pick_device(use_gpu, announce=True):
         if torch.backends.mps.is_available():
             return torch.device('mps')
         if announce:
-            print('warning: use_gpu=True but this machine has no CUDA or MPS device; using the CPU '
-                  '(--use_gpu=False silences this)', file=sys.stderr)
+            print(
+                'warning: use_gpu=True but this machine has no CUDA or MPS device; using the CPU '
+                '(--use_gpu=False silences this)',
+                file=sys.stderr,
+            )
     return torch.device('cpu')
 
 
@@ -142,8 +149,10 @@ def cpu_has_bf16():
     checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
     missing = [name for name in checks if not hasattr(torch.cpu, name)]
     if missing:
-        raise RuntimeError(f"torch {torch.__version__} has no torch.cpu.{', '.join(missing)}: update "
-                           f"cpu_has_bf16() in {__name__} to torch's new way of detecting bf16")
+        raise RuntimeError(
+            f'torch {torch.__version__} has no torch.cpu.{", ".join(missing)}: update '
+            f"cpu_has_bf16() in {__name__} to torch's new way of detecting bf16"
+        )
     return any(getattr(torch.cpu, name)() for name in checks)
 
 
@@ -158,13 +167,20 @@ def compute_dtype(device, amp):
     if mode == 'false':
         return None
     if mode == 'auto':
-        native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == 'cuda' else \
-            cpu_has_bf16() if device.type == 'cpu' else False
+        native = (
+            torch.cuda.is_bf16_supported(including_emulation=False)
+            if device.type == 'cuda'
+            else cpu_has_bf16()
+            if device.type == 'cpu'
+            else False
+        )
         return torch.bfloat16 if native else None
     dtype = amp_dtype(device)
     if dtype is None:
-        _warn_once('warning: --amp: this CPU has no bf16 instructions (AVX512-BF16 or AMX), and '
-                   'bf16 would be slower than fp32 here: computing in fp32')
+        _warn_once(
+            'warning: --amp: this CPU has no bf16 instructions (AVX512-BF16 or AMX), and '
+            'bf16 would be slower than fp32 here: computing in fp32'
+        )
     return dtype
 
 
@@ -179,7 +195,7 @@ def autocast(device, amp):
     return Runtime(device, dtype=compute_dtype(device, amp)).autocast()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message):
     print(message, file=sys.stderr)
 

@@ -1,4 +1,5 @@
 """Live training curves in a visdom server (start one with `python -m tools.visdom_server`)."""
+
 import atexit
 import logging
 import queue
@@ -43,8 +44,14 @@ class Visualizer:
         opts: more of visdom's line options, e.g. ytype='log'."""
         x = self.steps.get(name, 0) if x is None else x
         self.steps[name] = x + 1
-        self._call('line', Y=np.array([y]), X=np.array([x]), win=name,
-                   opts={'title': title or name, **LINE_OPTS, **opts}, update='append')
+        self._call(
+            'line',
+            Y=np.array([y]),
+            X=np.array([x]),
+            win=name,
+            opts={'title': title or name, **LINE_OPTS, **opts},
+            update='append',
+        )
 
     def plot_many(self, values, x=None):
         for name, y in values.items():
@@ -53,8 +60,15 @@ class Visualizer:
     def lines(self, name, values, x, title=None):
         """Append one point to each named line of the shared chart `name` (e.g. train vs val loss)."""
         for line, y in values.items():
-            self._call('line', Y=np.array([y]), X=np.array([x]), win=name, name=line,
-                       opts={'title': title or name, 'showlegend': True, **LINE_OPTS}, update='append')
+            self._call(
+                'line',
+                Y=np.array([y]),
+                X=np.array([x]),
+                win=name,
+                name=line,
+                opts={'title': title or name, 'showlegend': True, **LINE_OPTS},
+                update='append',
+            )
 
     def img(self, name, images, caption=None):
         """Show an image tensor (C, H, W) or a grid of a batch (N, C, H, W), values in [0, 1]."""
@@ -73,8 +87,13 @@ class Visualizer:
             return
         from utils.pictures import captioned_tiles
 
-        self._call('images', captioned_tiles(items, size), nrow=4, win=name,
-                   opts={'title': name, 'caption': summary or f'{len(items)} images'})
+        self._call(
+            'images',
+            captioned_tiles(items, size),
+            nrow=4,
+            win=name,
+            opts={'title': name, 'caption': summary or f'{len(items)} images'},
+        )
 
     def confusion(self, name, matrix, classes):
         """The confusion matrix as a heatmap: a row per true class (the first on top), a column
@@ -83,23 +102,30 @@ class Visualizer:
         matrix = np.asarray(matrix)
         labels = [str(c) for c in classes]
         top = matrix.max() or 1
-        cells = [{'x': labels[j], 'y': labels[i], 'text': str(int(matrix[i, j])), 'showarrow': False,
-                  'font': {'color': 'white' if matrix[i, j] < top / 2 else 'black'}}
-                 for i in range(n) for j in range(n)]
+        cells = [
+            {
+                'x': labels[j],
+                'y': labels[i],
+                'text': str(int(matrix[i, j])),
+                'showarrow': False,
+                'font': {'color': 'white' if matrix[i, j] < top / 2 else 'black'},
+            }
+            for i in range(n)
+            for j in range(n)
+        ]
         margin = 30 + 7 * max(map(len, labels))  # room for the longest class name
-        layout = {'annotations': cells,
-                  'xaxis': {'title': 'predicted', 'type': 'category', 'automargin': True,
-                            'tickangle': -45 if n > 4 else 0},
-                  'yaxis': {'title': 'true', 'type': 'category', 'autorange': 'reversed', 'automargin': True},
-                  'margin': {'l': margin, 'b': margin, 't': 40, 'r': 20}}
-        data = [{'type': 'heatmap', 'z': matrix.tolist(), 'x': labels, 'y': labels,
-                 'colorscale': 'Viridis'}]
+        layout = {
+            'annotations': cells,
+            'xaxis': {'title': 'predicted', 'type': 'category', 'automargin': True, 'tickangle': -45 if n > 4 else 0},
+            'yaxis': {'title': 'true', 'type': 'category', 'autorange': 'reversed', 'automargin': True},
+            'margin': {'l': margin, 'b': margin, 't': 40, 'r': 20},
+        }
+        data = [{'type': 'heatmap', 'z': matrix.tolist(), 'x': labels, 'y': labels, 'colorscale': 'Viridis'}]
         self._call('plotly', data, layout, win=name)
 
     def log(self, text, win='log'):
         """Append a line (with the time) to a text window."""
-        self._call('text', f"[{time.strftime('%H:%M:%S')}] {text}<br>", win=win, append=True,
-                   opts={'title': win})
+        self._call('text', f'[{time.strftime("%H:%M:%S")}] {text}<br>', win=win, append=True, opts={'title': win})
 
     def close(self, timeout=CLOSE_SECONDS):
         """Send what is queued, waiting at most `timeout` seconds, and stop the sender thread."""
@@ -121,8 +147,9 @@ class Visualizer:
         if self.sender is None:
             # a queue of its own: a sender that close() gave up on never takes a later run's points
             self.pending = queue.Queue(BACKLOG)
-            self.sender = threading.Thread(target=self._send_all, args=(self.pending,),
-                                           name='visdom-sender', daemon=True)
+            self.sender = threading.Thread(
+                target=self._send_all, args=(self.pending,), name='visdom-sender', daemon=True
+            )
             self.sender.start()
             atexit.register(self.close)
         try:
@@ -148,9 +175,11 @@ class Visualizer:
             self.next_try = time.monotonic() + RETRY_SECONDS
             if not self.warned:
                 self.warned = True
-                print(f'warning: no visdom server answers at {self.server}:{self.port}; training '
-                      f'goes on without live curves (python -m tools.visdom_server starts one)',
-                      file=sys.stderr)
+                print(
+                    f'warning: no visdom server answers at {self.server}:{self.port}; training '
+                    f'goes on without live curves (python -m tools.visdom_server starts one)',
+                    file=sys.stderr,
+                )
 
     def _connect(self):
         import visdom  # here: runs with vis=False never pay for the import
@@ -167,6 +196,6 @@ class Visualizer:
                 return self.session.post(url, data=data, timeout=TIMEOUT_SECONDS).text
 
         logging.getLogger('visdom').setLevel(logging.ERROR)  # it warns about options we chose
-        return Client(server=self.server, port=self.port, env=self.env, raise_exceptions=True,
-                      use_incoming_socket=False)
-
+        return Client(
+            server=self.server, port=self.port, env=self.env, raise_exceptions=True, use_incoming_socket=False
+        )
