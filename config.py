@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# options that say where things go, how fast they run or what is shown, not what is trained:
+# left out where runs are compared (`runs`, TensorBoard's HParams)
+NOT_RECIPE = {'env', 'vis', 'vis_server', 'vis_port', 'tensorboard', 'checkpoint_dir', 'name', 'result_file', 'resume',
+              'load_model_path', 'num_workers', 'nice_workers', 'print_freq', 'debug_file', 'use_gpu',
+              'test_data_root', 'tta'}
 
 
 class UserError(Exception):
@@ -186,7 +191,10 @@ class DefaultConfig:
         return dataclasses.asdict(self)
 
     def describe(self):
-        return 'config: ' + ' '.join(f'{k}={v}' for k, v in self.to_dict().items())
+        """The options that differ from their defaults (`python main.py help` lists them all)."""
+        defaults = DefaultConfig()
+        changed = [f'{k}={v}' for k, v in self.to_dict().items() if v != getattr(defaults, k)]
+        return 'config: ' + (' '.join(changed) or 'the defaults')
 
 
 def _coerce(key, value, kind):

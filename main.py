@@ -34,12 +34,18 @@ from utils.runtime import precision, runtime, seed_everything
 
 def train(**kwargs):
     """Train a model on train_data_root, validating after every epoch, in a run folder of its own."""
+    train_with(kwargs)
+
+
+def train_with(kwargs, on_epoch=None):
+    """train(**kwargs), returning the run's folder; on_epoch(epoch, metrics, rt), if given, is
+    called after every epoch is saved (a sweep's pruner, say: what it raises ends the run)."""
     cfg = options(kwargs)
     resume = resume_point(cfg)  # a new run, or where --resume's run stands; its options taken into cfg
     root = cfg.require_dir('train_data_root')
     writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
     with runtime(cfg.use_gpu, cfg.amp, cfg.channels_last) as rt:
-        fit(cfg, root, resume, rt)
+        return fit(cfg, root, resume, rt, on_epoch)
 
 
 def options(kwargs):
@@ -49,7 +55,7 @@ def options(kwargs):
     return cfg
 
 
-def fit(cfg, root, resume, rt):
+def fit(cfg, root, resume, rt, on_epoch=None):
     """The training recipe; under torchrun every process runs it on its share of the data."""
     device = rt.device
     seed_everything(cfg.seed)
@@ -138,6 +144,8 @@ def fit(cfg, root, resume, rt):
                 [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']],
             )
             reporter.epoch(record, metrics, val_data)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics, rt)
             if progress['stopped_early']:
                 print(
                     f'stopped early: the validation loss has not improved for {cfg.early_stop} epochs '
@@ -161,6 +169,7 @@ def fit(cfg, root, resume, rt):
     finally:
         reporter.close(cfg.to_dict(), progress['best_accuracy'])
     print(f'best validation accuracy {progress["best_accuracy"]:.2%}; checkpoints in {run_dir}')
+    return run_dir
 
 
 def advance(progress, metrics, cfg):
@@ -232,7 +241,7 @@ def test(**kwargs):
     """Predict test_data_root and write the submission: id,label = P(dog), or a column per class.
 
     Two classes give Kaggle's id,label with the probability of the second; more give
-    id,<class 1>,...,<class N>,predicted. By default it goes into the run's folder.
+    id,<class 1>,...,<class N>. By default it goes into the run's folder.
     """
     cfg = options(kwargs)
     write_submission(cfg, load_trained(cfg, ('test_data_root',)))
@@ -246,6 +255,34 @@ def predict(*paths, out='', **kwargs):
     cfg = options(kwargs)
     find_images(paths)  # a path that is not there is said before the model loads
     predict_files(cfg, load_trained(cfg), paths, out)
+
+
+def export(*run, format='onnx', **kwargs):
+    """Export a run's model for use without this project: export [RUN] [--format=onnx].
+
+    --format: onnx (checked against PyTorch on the run's validation images before it is kept)
+    """
+    from export import export_model  # onnx and onnxruntime load only here
+
+    cfg = options(kwargs)
+    if run:
+        cfg.load_model_path = str(run[0])
+    export_model(cfg, load_trained(cfg, ('train_data_root', 'val_data_root', 'val_ratio', 'seed')), format)
+
+
+def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
+    """Serve a page and a JSON endpoint (POST /predict) that classify photos: serve [RUN].
+
+    --host: the address to listen on (127.0.0.1: this machine only)
+    --port: the port to listen on
+    --max_mb: the largest image accepted, in MB
+    """
+    from serve import serve_model  # the web stack loads only here
+
+    cfg = options(kwargs)
+    if run:
+        cfg.load_model_path = str(run[0])
+    serve_model(cfg, load_trained(cfg), host, port, max_mb)
 
 
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle'):
@@ -292,6 +329,8 @@ VERBS = {
     'val': val,
     'test': test,
     'predict': predict,
+    'export': export,
+    'serve': serve,
     'runs': runs,
     'demo_data': demo_data,
     'help': help,

@@ -41,10 +41,8 @@ def write_submission(cfg, trained):
             writer.writerow(['id', 'label'])
             writer.writerows((i, f'{p:.4f}') for i, p in zip(ids, probs[:, 1].tolist()))
         else:
-            writer.writerow(['id', *classes, 'predicted'])
-            writer.writerows(
-                (i, *(f'{p:.4f}' for p in row), classes[predicted(classes, row)]) for i, row in zip(ids, probs.tolist())
-            )
+            writer.writerow(['id', *classes])  # Kaggle's multi-class format: no other column
+            writer.writerows((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, probs.tolist()))
     print(f'wrote {len(ids)} predictions to {result_file}')
     if predictions.skipped:
         names = [data.paths[i] for i in predictions.skipped]

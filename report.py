@@ -7,9 +7,13 @@ from pathlib import Path
 
 import torch
 
+from config import NOT_RECIPE, DefaultConfig
 from data.decode import load_rgb
 from utils.board import Board
 from utils.visualize import Visualizer
+
+
+ALWAYS_SHOWN = ('model', 'lr', 'batch_size', 'max_epoch', 'image_size')  # in TensorBoard's HParams
 
 
 class Reporter:
@@ -65,7 +69,10 @@ class Reporter:
 
     def close(self, options, best_accuracy):
         self.vis.close()  # the last points and pictures reach the server before the run ends
-        self.board.hparams(options, {'hparam/best_accuracy': best_accuracy})
+        # HParams: the options that set this run apart from the defaults, and the usual few
+        defaults = DefaultConfig().to_dict()
+        shown = {k: v for k, v in options.items() if k in ALWAYS_SHOWN or (k not in NOT_RECIPE and v != defaults[k])}
+        self.board.hparams(shown, {'hparam/best_accuracy': best_accuracy})
         self.board.close()
 
 

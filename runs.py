@@ -4,6 +4,8 @@ them apart. It reads config.json and metrics.jsonl only, so it answers at once."
 import json
 import sys
 
+from config import NOT_RECIPE
+
 # options that name where things go or how fast they run, not what was trained
 NOT_TELLING = {
     'env',
@@ -65,7 +67,7 @@ def list_runs(checkpoint_dir):
 
 def differing_options(runs):
     """The options whose values differ between `runs` (model and max_epoch are shown anyway)."""
-    keys = {key for run in runs for key in run['options']} - NOT_TELLING - {'model', 'max_epoch'}
+    keys = {key for run in runs for key in run['options']} - NOT_RECIPE - {'model', 'max_epoch'}
     return sorted(key for key in keys if len({repr(run['options'].get(key)) for run in runs}) > 1)
 
 

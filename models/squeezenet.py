@@ -15,6 +15,10 @@ class SqueezeNet(BasicModule):
         if imagenet_state is not None:
             self.net.load_state_dict(imagenet_state)
         self.net.classifier[1] = nn.Conv2d(512, num_classes, kernel_size=1)
+        # no ReLU after the head: clipped at 0, a head whose outputs all turn negative answers
+        # every image alike and gets no gradient to recover (torchvision keeps it for ImageNet
+        # weights; from scratch at the default --lr it trapped every run at ln(classes))
+        self.net.classifier[2] = nn.Identity()
 
     def head(self):
         return self.net.classifier[1]

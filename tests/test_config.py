@@ -91,6 +91,7 @@ def test_parse_prints_the_effective_config_once(capsys):
     DefaultConfig().parse({'lr': 0.5})
     out = capsys.readouterr().out
     assert out.count('config:') == 1 and 'lr=0.5' in out
+    assert 'seed=' not in out  # only what differs from the defaults
 
 
 def test_inherit_takes_stored_values_unless_given():

@@ -329,7 +329,7 @@ def alive(marker):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_path, tiny_data, signum, code):
+def test_sigint_and_sigterm_keep_the_last_epoch_flag_the_run_and_stop_the_workers(tmp_path, tiny_data, signum, code):
     last = tmp_path / 'checkpoints' / 'stopped' / 'last.pth'
     process = start_training(tmp_path, tiny_data, num_workers=2, name='stopped')
     try:
@@ -347,17 +347,18 @@ def test_sigint_and_sigterm_save_a_flagged_checkpoint_and_stop_the_workers(tmp_p
             pass
     assert process.returncode == code, err
     assert f'stopped by {signal.Signals(signum).name}' in err and 'Traceback' not in err
-    state = load_checkpoint(last)
-    assert state['interrupted'] is True
+    state = load_checkpoint(last)  # the last finished epoch, untouched by the stop
+    config = last.parent / 'config.json'
+    assert json.loads(config.read_text())['interrupted'] == f"during epoch {state['epoch'] + 2}"
+    assert f"holds epoch {state['epoch'] + 1}: --resume=" in out
     time.sleep(0.5)
     assert not alive(str(tmp_path / 'checkpoints')), 'DataLoader workers outlived the run'
 
-    resumed = run_main(
-        'train', *as_flags(fast_options(tmp_path, tiny_data, max_epoch=state['epoch'] + 2, resume=str(last)))
-    )
+    options = fast_options(tmp_path, tiny_data, max_epoch=state['epoch'] + 2, resume=str(last))
+    resumed = run_main('train', *as_flags(options))
     assert resumed.returncode == 0, resumed.stderr
-    assert f'epoch {state["epoch"] + 2} again, from its start' in resumed.stdout
-    assert load_checkpoint(last)['interrupted'] is False
+    assert f"resuming {last}: epoch {state['epoch'] + 2}" in resumed.stdout
+    assert 'interrupted' not in json.loads(config.read_text())
 
 
 def test_a_signal_during_a_save_waits_for_the_save_to_finish(tmp_path, monkeypatch):

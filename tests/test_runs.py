@@ -79,6 +79,8 @@ def test_runs_lists_both_newest_first_with_their_figures(two_runs):
             f'log loss {best["val_log_loss"]:.4f}  started ' in line
         )
         assert 'interrupted' not in line
+        assert line.endswith(f"lr={json.loads((run / 'config.json').read_text())['options']['lr']}")  # what differs
+        assert 'seed=' not in line  # the same in both
 
 
 def test_resuming_latest_continues_the_newest_run_in_its_folder(tmp_path, tiny_data, capsys):
@@ -181,6 +183,7 @@ def test_best_is_the_finished_last_written_once_and_stays_apart(tmp_path, tiny_d
     assert (best['epoch'], last['epoch']) == (3, 4) and accuracies[3] > accuracies[4]
     assert os.stat(run / 'best.pth').st_ino != os.stat(run / 'last.pth').st_ino
     assert not torch.equal(best['model']['net.fc.weight'], last['model']['net.fc.weight'])
+    assert 'optimizer' in last and 'optimizer' not in best  # apart, the best keeps its weights only
     assert best['best_accuracy'] == last['best_accuracy'] == max(accuracies)
 
 

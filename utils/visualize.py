@@ -87,13 +87,13 @@ class Visualizer:
             return
         from utils.pictures import captioned_tiles
 
-        self._call(
-            'images',
-            captioned_tiles(items, size),
-            nrow=4,
-            win=name,
-            opts={'title': name, 'caption': summary or f'{len(items)} images'},
-        )
+        tiles, columns = captioned_tiles(items, size), 4
+        rows = -(-len(items) // columns)
+        # the window sized to the whole grid (visdom pads each tile by 2 on every side) and its
+        # title and caption: at visdom's default size the last row of captions is cut off
+        width, height = min(columns, len(items)) * (tiles.shape[3] + 4) + 20, rows * (tiles.shape[2] + 4) + 90
+        opts = {'title': name, 'caption': summary or f'{len(items)} images', 'width': width, 'height': height}
+        self._call('images', tiles, nrow=columns, win=name, opts=opts)
 
     def confusion(self, name, matrix, classes):
         """The confusion matrix as a heatmap: a row per true class (the first on top), a column
