@@ -18,7 +18,7 @@ $(VENV)/installed: requirements.txt build-constraints.txt
 	PIP_CONSTRAINT=build-constraints.txt PIP_BUILD_CONSTRAINT=build-constraints.txt \
 		$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m tools.visdom_server --provision-only || \
-		echo "warning: the visdom page will need internet (see README.md, Live curves)"
+		echo "warning: the visdom page will need internet (see README.md, Curves: TensorBoard and visdom)"
 	touch $@
 
 # test takes the newest run's best.pth and the test folder that run was given, and writes

@@ -209,7 +209,7 @@ def load_trained(cfg, data_options=()):
         path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
     else:
         run = latest_run(checkpoint_dir)
-        path = run / 'best.pth' if run else checkpoint_dir / 'best.pth'  # a folder from before run folders
+        path = run / 'best.pth' if run else checkpoint_dir / 'best.pth'  # checkpoint_dir holding files only
         print(f'using {path}' + (' (the newest run)' if run else ''))
     state = load_checkpoint(path)
     made = state.get('config', {})

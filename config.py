@@ -15,9 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 # options that say where things go, how fast they run or what is shown, not what is trained:
 # left out where runs are compared (`runs`, TensorBoard's HParams)
-NOT_RECIPE = {'env', 'vis', 'vis_server', 'vis_port', 'tensorboard', 'checkpoint_dir', 'name', 'result_file', 'resume',
-              'load_model_path', 'num_workers', 'nice_workers', 'print_freq', 'debug_file', 'use_gpu',
-              'test_data_root', 'tta'}
+NOT_RECIPE = set(
+    'env vis vis_server vis_port tensorboard checkpoint_dir name result_file resume load_model_path num_workers '
+    'nice_workers print_freq debug_file use_gpu test_data_root tta'.split()
+)
 
 
 class UserError(Exception):

@@ -195,7 +195,7 @@ def start_run(cfg, resume, classes, rt):
         for stale in run_dir.glob('.*.tmp'):  # left by a run killed while saving
             stale.unlink()
     write_config(run_dir, cfg, classes, rt.device, rt.world_size)
-    if run_dir.parent == checkpoint_dir.resolve():  # a run folder, not a folder from before run folders
+    if run_dir.parent == checkpoint_dir.resolve():  # a run folder, not checkpoint files of their own (--resume=FILE)
         point_latest(checkpoint_dir, run_dir)
     print(f'run folder {run_dir}')
     return run_dir

@@ -12,7 +12,6 @@ from data.decode import load_rgb
 from utils.board import Board
 from utils.visualize import Visualizer
 
-
 ALWAYS_SHOWN = ('model', 'lr', 'batch_size', 'max_epoch', 'image_size')  # in TensorBoard's HParams
 
 

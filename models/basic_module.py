@@ -63,7 +63,7 @@ class BasicModule(nn.Module):
 
     def load_state(self, state, source='the checkpoint'):
         """Like load(), from a dict already read from `source`."""
-        if isinstance(state.get('model'), dict):  # a training checkpoint, see main.py
+        if isinstance(state.get('model'), dict):  # a run's checkpoint (checkpoint.py): its weights
             made_as = state.get('config', {}).get('model')
             if made_as and made_as != self.model_name:
                 raise UserError(

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out

@@ -188,8 +188,7 @@ def test_blurred_demo_images_are_the_same_pictures_in_fewer_bytes(tmp_path):
     for name in ('train/cat.0.jpg', 'train/dog.1.jpg', 'test1/2.jpg'):
         a, b = tmp_path / 'sharp' / name, tmp_path / 'soft' / name
         assert load_rgb(a).size == load_rgb(b).size
-        assert b.stat().st_size < 0.7 * a.stat().st_size
-        assert 15_000 < b.stat().st_size < 40_000
+        assert b.stat().st_size < 0.7 * a.stat().st_size  # libjpeg's exact sizes vary by version
 
 
 @pytest.mark.parametrize('crop_scale, hflip', [(0.08, True), (0.5, False)])

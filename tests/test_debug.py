@@ -5,8 +5,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 
+from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 from models import SqueezeNet
 
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 
+from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 from models import ResNet34
 from utils.files import load_checkpoint
 

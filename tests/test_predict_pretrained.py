@@ -6,11 +6,11 @@ import urllib.error
 
 import pytest
 import torch
-from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from torchvision.models import SqueezeNet1_1_Weights, squeezenet1_1
 
 import main
 from config import UserError
+from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from models import SqueezeNet, build_model
 
 

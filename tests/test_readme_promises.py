@@ -81,8 +81,17 @@ def test_squeezenet_learns_at_the_default_learning_rate(tmp_path, tiny_data):
 
 
 def test_a_run_that_learns_nothing_says_so_with_what_to_try(capsys):
-    record = {'epoch': 1, 'lr': 1e-3, 'train_loss': math.log(3), 'val_loss': math.log(3), 'val_accuracy': 1 / 3,
-              'classes': ['a', 'b', 'c'], 'seconds': 1.0, 'images_per_second': 10, 'skipped': 0}
+    record = {
+        'epoch': 1,
+        'lr': 1e-3,
+        'train_loss': math.log(3),
+        'val_loss': math.log(3),
+        'val_accuracy': 1 / 3,
+        'classes': ['a', 'b', 'c'],
+        'seconds': 1.0,
+        'images_per_second': 10,
+        'skipped': 0,
+    }
     report.warn_if_stuck(record)
     assert 'the training loss is ln(3) = 1.0986' in capsys.readouterr().out
     report.warn_if_stuck({**record, 'train_loss': math.log(3) - 0.01})
@@ -119,4 +128,4 @@ def test_a_removed_run_leaves_latest_to_the_newest_left(tmp_path, tiny_data, cap
     options = fast_options(tmp_path, tiny_data)
     del options['model'], options['image_size']
     main.val(**options)
-    assert f"using {tmp_path / 'checkpoints' / 'older' / 'best.pth'} (the newest run)" in capsys.readouterr().out
+    assert f'using {tmp_path / "checkpoints" / "older" / "best.pth"} (the newest run)' in capsys.readouterr().out

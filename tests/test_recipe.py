@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import as_flags, fast_options, newest_run, torchrun
 from PIL import Image
 from torch import nn
 
@@ -15,6 +14,7 @@ import engine
 import main
 from checkpoint import NO_PROGRESS, load_trained
 from config import DefaultConfig, UserError
+from conftest import as_flags, fast_options, newest_run, scripted_validation, torchrun
 from data import ImageFiles
 from data.transforms import eval_transform
 from recipe import WARMUP_START, Training, batch_mixing
@@ -165,9 +165,9 @@ def test_moving_average_is_validated_kept_and_used_when_it_validates_better(tmp_
     assert 'using the moving average of the weights' in capsys.readouterr().out
 
 
-def test_early_stop_ends_a_run_whose_validation_loss_cannot_improve(tmp_path, tiny_data, capsys):
-    # a rate far too small to move float32 weights: the validation loss stays where it was
-    options = fast_options(tmp_path, tiny_data, max_epoch=6, lr=1e-12, early_stop=2)
+def test_early_stop_ends_a_run_whose_validation_loss_does_not_improve(tmp_path, tiny_data, capsys, monkeypatch):
+    scripted_validation(monkeypatch, [0.5] * 5, [0.5, 0.6, 0.7, 0.8, 0.9])
+    options = fast_options(tmp_path, tiny_data, max_epoch=6, early_stop=2)
     main.train(**options)
     assert len(run_records(tmp_path)) == 3  # the first epoch sets the loss, two more do not beat it
     assert 'stopped early: the validation loss has not improved for 2 epochs' in capsys.readouterr().out
@@ -283,3 +283,197 @@ def test_the_recipe_under_torchrun_resumes_exactly(tmp_path, tiny_data):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     assert [r['val_loss'] for r in run_records(whole)] == [r['val_loss'] for r in run_records(parts)]
+
+
+# Each option below is held by a test that fails when the option stops reaching the run: the
+# option given as a user gives it (main.train's keywords are the command line's options).
+
+
+def spied_model(monkeypatch):
+    """[(channels_last input?, autocast dtype or False, training?)] of every forward pass of the
+    model that main.train builds."""
+    seen, real = [], main.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(
+            lambda module, inputs: seen.append(
+                (
+                    inputs[0].is_contiguous(memory_format=torch.channels_last),
+                    torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu'),
+                    module.training,
+                )
+            )
+        )
+        return model
+
+    monkeypatch.setattr(main, 'build_model', build)
+    return seen
+
+
+@pytest.mark.parametrize('amp, channels_last', [('True', True), ('False', False)])
+def test_amp_and_channels_last_reach_every_training_step(tmp_path, tiny_data, monkeypatch, amp, channels_last):
+    from utils.runtime import compute_dtype
+
+    seen = spied_model(monkeypatch)
+    main.train(**fast_options(tmp_path, tiny_data, amp=amp, channels_last=channels_last))
+    steps = [s for s in seen if s[2]]
+    assert len(steps) == 4  # 28 training images in batches of 8
+    expected = compute_dtype(torch.device('cpu'), amp) or False  # bf16 where this CPU has it, else fp32
+    assert all(layout == channels_last and dtype == expected for layout, dtype, _ in steps)
+
+
+def test_the_plateau_decays_by_lr_decay(tmp_path, tiny_data, monkeypatch):
+    scripted_validation(monkeypatch, [0.5] * 3, [0.5, 0.6, 0.7])  # epoch 2 is worse: a decay
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=3, lr_decay=0.1))
+    assert [r['lr'] for r in run_records(tmp_path)] == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_warmup_steps_every_batch_and_holds_the_plateau_back_until_it_ends(tmp_path, tiny_data, monkeypatch):
+    scripted_validation(monkeypatch, [0.5] * 4, [0.5, 0.9, 0.95, 0.99])
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=4, warmup_epochs=2))
+    lrs = [r['lr'] for r in run_records(tmp_path)]
+    # 4 optimizer steps an epoch: epoch 2 starts half-way up the 8 steps of the warm-up
+    assert lrs[1] == pytest.approx(1e-3 * (WARMUP_START + (1 - WARMUP_START) * 4 / 8))
+    assert lrs[2] == pytest.approx(1e-3)  # epoch 2's worse loss came during the warm-up: no decay
+    assert lrs[3] == pytest.approx(1e-3)  # the plateau's first loss (0.95) is its best so far
+
+
+def test_every_epoch_draws_a_new_order(tmp_path, tiny_data, monkeypatch):
+    orders, real = [], engine.train_one_epoch
+
+    def spy(training, loader, rt, cfg, epoch, reporter):
+        orders.append(list(loader.sampler))
+        return real(training, loader, rt, cfg, epoch, reporter)
+
+    monkeypatch.setattr(engine, 'train_one_epoch', spy)
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2))
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+
+
+@pytest.mark.parametrize(
+    'augment, varies',
+    [
+        (dict(hflip=False, crop_scale=1.0), False),
+        (dict(hflip=True, crop_scale=1.0), True),
+        (dict(hflip=False, crop_scale=0.5), True),
+    ],
+)
+def test_train_augments_as_its_options_say(tmp_path, tiny_data, monkeypatch, augment, varies):
+    import random
+
+    made, real = [], main.DogCat
+    monkeypatch.setattr(main, 'DogCat', lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
+    main.train(**fast_options(tmp_path, tiny_data, **augment))
+    training_set = made[0]
+    draws = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        draws.append(training_set[0][0])
+    assert any(not torch.equal(draws[0], draw) for draw in draws[1:]) == varies
+
+
+@pytest.mark.parametrize('option', ['mixup_alpha', 'cutmix_alpha'])
+def test_mixed_batches_reach_the_loss(tmp_path, tiny_data, monkeypatch, option):
+    targets_seen = []
+
+    class Recording(nn.CrossEntropyLoss):
+        def forward(self, logits, targets):
+            targets_seen.append(targets.detach().clone())
+            return super().forward(logits, targets)
+
+    monkeypatch.setattr(torch.nn, 'CrossEntropyLoss', Recording)
+    main.train(**fast_options(tmp_path, tiny_data, **{option: 1.0}))
+    assert len(targets_seen) == 4 and all(t.shape == (8, 2) or t.shape == (4, 2) for t in targets_seen)
+    assert any(((t > 0) & (t < 1)).any() for t in targets_seen)  # mixed: not one-hot
+
+
+def test_label_smoothing_shapes_the_training_loss_and_stays_out_of_the_validation_loss(
+    tmp_path, tiny_data, monkeypatch, capsys
+):
+    first = {}
+    real = Reporter.train_loss
+
+    def first_point(self, value, step):  # print_freq=1: the loss of the first batch, before any step
+        first.setdefault(self.metrics_file.parent.parent.parent.name, value)
+        real(self, value, step)
+
+    monkeypatch.setattr(Reporter, 'train_loss', first_point)
+    main.train(**fast_options(tmp_path / 'plain', tiny_data, print_freq=1))
+    main.train(**fast_options(tmp_path / 'smooth', tiny_data, print_freq=1, label_smoothing=0.3))
+    assert first['plain'] != first['smooth']  # the same weights and batch: the targets differ
+
+    capsys.readouterr()
+    main.val(**fast_options(tmp_path / 'smooth', tiny_data, load_model_path='latest'))
+    printed = float(capsys.readouterr().out.split('validation images: loss ')[1].split()[0])
+    assert printed == pytest.approx(run_records(tmp_path / 'smooth')[-1]['val_loss'], abs=1e-4)  # plain NLL
+
+
+def test_the_moving_average_follows_the_weights_and_batchnorm_statistics(tmp_path, tiny_data):
+    # a decay of almost 0: the average is the newest weights, BatchNorm's running statistics included
+    main.train(**fast_options(tmp_path / 'newest', tiny_data, model='resnet18', ema_decay=1e-6))
+    state = last_state(tmp_path / 'newest')
+    floats = [name for name, tensor in state['model'].items() if tensor.is_floating_point()]
+    assert any('running_mean' in name for name in floats)
+    for name in floats:
+        torch.testing.assert_close(state['ema'][name], state['model'][name], rtol=1e-4, atol=1e-5)
+    # a decay of 0.5: the statistics are averaged too, not copied from the model
+    main.train(**fast_options(tmp_path / 'half', tiny_data, model='resnet18', ema_decay=0.5))
+    state = last_state(tmp_path / 'half')
+    statistics = [name for name in state['model'] if 'running_mean' in name]
+    assert not any(torch.allclose(state['ema'][name], state['model'][name]) for name in statistics)
+
+
+@pytest.mark.parametrize('better', ['model', 'ema'])
+def test_validation_scores_the_model_and_its_average_apart(tmp_path, better):
+    class Says(nn.Module):  # answers `label` for every image
+        def __init__(self, label):
+            super().__init__()
+            self.bias = nn.Parameter(torch.tensor([1.0, 0.0]) if label == 0 else torch.tensor([0.0, 1.0]))
+
+        def forward(self, images):
+            return self.bias.expand(len(images), 2)
+
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+    files = [str(tmp_path / 'a.png')] * 4
+    cpu = Runtime(torch.device('cpu'))
+    cfg = DefaultConfig().parse(dict(num_workers=0, batch_size=4))
+    loader = engine.make_loader(ImageFiles(files, [0, 0, 0, 1], eval_transform(8)), cfg, cpu)
+    model, average = Says(0), torch.optim.swa_utils.AveragedModel(Says(0))
+    average.module.load_state_dict(Says(1).state_dict())  # the average answers 1: right once in four
+    if better == 'ema':
+        model, average.module = average.module, model
+    metrics = engine.validate(Training(model, model, None, None, None, None, None, average, None), loader, cpu)
+    assert (metrics['weights'], metrics['accuracy'], metrics['other_accuracy']) == (better, 0.75, 0.25)
+
+
+def test_fp16_loss_scaling_resumes_where_it_stood(tmp_path):
+    from checkpoint import Resume, restore, training_state
+    from models import SqueezeNet
+    from recipe import make_training
+
+    fp16 = Runtime(torch.device('cpu'), dtype=torch.float16)
+    cfg = DefaultConfig()
+    cfg.model = 'SqueezeNet'
+
+    def training():
+        model = SqueezeNet()
+        return make_training(model, model, cfg, fp16, 4, 2)
+
+    before = training()
+    assert before.scaler.is_enabled()
+    before.scaler.scale(torch.ones(1))
+    before.scaler.update(512.0)  # as after a few overflows
+    state = training_state(cfg, ['cat', 'dog'], 0, before, dict(NO_PROGRESS))
+    after = training()
+    restore(Resume(tmp_path / 'last.pth', state), after, ['cat', 'dog'])
+    assert after.scaler.get_scale() == 512.0 and after.scaler.state_dict() == before.scaler.state_dict()
+
+
+def test_a_cosine_run_resumed_for_more_epochs_stretches_its_decay(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, max_epoch=2, warmup_epochs=1, lr_scheduler='cosine')
+    main.train(**options)
+    main.train(**{**options, 'max_epoch': 3, 'resume': 'latest'})
+    # 4 steps an epoch: epoch 3 starts half-way along the 8 decay steps of a 3-epoch run
+    assert run_records(tmp_path)[2]['lr'] == pytest.approx(1e-3 * 0.5)

@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from PIL import Image
 
 import main
 from config import UserError
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
 from utils.files import atomic_open, atomic_save, load_checkpoint
@@ -236,10 +236,15 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tiny_data):
+    """A tmpfs that holds one last.pth of the fast options' model, measured here, but not two."""
+    main.train(**fast_options(tmp_path / 'measure', tiny_data))
+    size = (newest_run(tmp_path / 'measure' / 'checkpoints') / 'last.pth').stat().st_size
     mount = tmp_path / 'small-disk'
     mount.mkdir()
-    made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12m', 'tmpfs', str(mount)], capture_output=True)
+    made = subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', f'size={size * 3 // 2}', 'tmpfs', str(mount)], capture_output=True
+    )
     if made.returncode != 0:
         pytest.skip(f'a full disk needs a small tmpfs, and mount refused: {made.stderr.decode().strip()}')
     yield mount
@@ -248,8 +253,6 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_a_really_full_disk_stops_training_with_a_clear_error(tmp_path, tiny_data, small_disk):
-    # 12 MB holds one last.pth of SqueezeNet (about 8.7 MB; best.pth is a second name of it), not
-    # the next epoch's beside it
     options = fast_options(tmp_path, tiny_data, max_epoch=3, checkpoint_dir=str(small_disk))
     result = run_main('train', *as_flags(options))
     assert result.returncode == 2
@@ -349,15 +352,15 @@ def test_sigint_and_sigterm_keep_the_last_epoch_flag_the_run_and_stop_the_worker
     assert f'stopped by {signal.Signals(signum).name}' in err and 'Traceback' not in err
     state = load_checkpoint(last)  # the last finished epoch, untouched by the stop
     config = last.parent / 'config.json'
-    assert json.loads(config.read_text())['interrupted'] == f"during epoch {state['epoch'] + 2}"
-    assert f"holds epoch {state['epoch'] + 1}: --resume=" in out
+    assert json.loads(config.read_text())['interrupted'] == f'during epoch {state["epoch"] + 2}'
+    assert f'holds epoch {state["epoch"] + 1}: --resume=' in out
     time.sleep(0.5)
     assert not alive(str(tmp_path / 'checkpoints')), 'DataLoader workers outlived the run'
 
     options = fast_options(tmp_path, tiny_data, max_epoch=state['epoch'] + 2, resume=str(last))
     resumed = run_main('train', *as_flags(options))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {last}: epoch {state['epoch'] + 2}" in resumed.stdout
+    assert f'resuming {last}: epoch {state["epoch"] + 2}' in resumed.stdout
     assert 'interrupted' not in json.loads(config.read_text())
 
 

@@ -10,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import fast_options, newest_run, scripted_validation
 
 import engine
 import main
 from config import UserError
+from conftest import fast_options, newest_run, scripted_validation
 from models import SqueezeNet
 from utils.files import load_checkpoint
 from utils.runtime import Runtime

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import as_flags, assert_one_line_error, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from PIL import Image
 
 import main
 from config import UserError
+from conftest import as_flags, assert_one_line_error, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from data import DogCat
 from data.decode import load_pixels
 from data.demo import make_demo_data
