@@ -37,9 +37,22 @@ def test_tta_mirrors_only_for_a_run_trained_on_mirror_images(tmp_path, tiny_data
 
     main.train(**fast_options(tmp_path / 'flipped', tiny_data))  # hflip: the default
     plain, mirrored = val(tmp_path / 'flipped'), val(tmp_path / 'flipped', '--tta=True')
-    assert 'mirror' not in mirrored
+    assert 'trained without mirror images' not in mirrored
     loss = [line for line in plain.splitlines() if 'validation images' in line]
     assert loss != [line for line in mirrored.splitlines() if 'validation images' in line]
+    # ...and test and predict pass it on too
+    options = fast_options(tmp_path / 'flipped', tiny_data)
+    del options['model'], options['image_size'], options['result_file']
+    for tta in ('False', 'True'):
+        assert run_main('test', *as_flags(options), f'--tta={tta}').returncode == 0
+        out = tmp_path / f'predict-{tta}.csv'
+        assert (
+            run_main('predict', str(tiny_data / 'test1'), *as_flags(options), f'--tta={tta}', f'--out={out}').returncode
+            == 0
+        )
+    run = newest_run(tmp_path / 'flipped' / 'checkpoints')
+    assert (run / 'result.csv').read_text() != (run / 'result-2.csv').read_text()
+    assert (tmp_path / 'predict-False.csv').read_text() != (tmp_path / 'predict-True.csv').read_text()
 
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stopped(tmp_path, tiny_data, monkeypatch):
