@@ -32,7 +32,7 @@ class Training:
     mix: object  # MixUp / CutMix of each batch, or None
 
 
-def make_training(model, model_without_ddp, cfg, rt, steps_per_epoch, num_classes):
+def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_classes):
     """The Training of `model` as the options say; steps_per_epoch: batches in an epoch."""
     optimizer = make_optimizer(model_without_ddp, cfg, rt.device)
     step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, math.ceil(steps_per_epoch / cfg.grad_accum_steps))

@@ -459,7 +459,7 @@ def test_fp16_loss_scaling_resumes_where_it_stood(tmp_path):
 
     def training():
         model = SqueezeNet()
-        return make_training(model, model, cfg, fp16, 4, 2)
+        return make_training(model, model, cfg, fp16, steps_per_epoch=4, num_classes=2)
 
     before = training()
     assert before.scaler.is_enabled()

@@ -65,22 +65,16 @@ def alternating(title, rounds, ours, reference, unit='images/s'):
     )
 
 
-def options(root, args, **more):
+def options(root, args, model_name, **more):
+    """The options train would run with here: the benchmark's sizes, device, precision and loader."""
+    chosen = dict(
+        train_data_root=str(root / 'train'), test_data_root=str(root / 'test1'), val_ratio=0.1,
+        image_size=args.image_size, batch_size=args.batch_size, use_gpu=args.device == 'cuda',
+        checkpoint_dir=str(root / 'checkpoints'), model=model_name, channels_last=args.channels_last,
+        amp=args.amp, num_workers=args.num_workers, nice_workers=args.nice_workers,
+    )  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):  # parse() prints the config: not here
-        return DefaultConfig().parse(
-            dict(
-                dict(
-                    train_data_root=str(root / 'train'),
-                    test_data_root=str(root / 'test1'),
-                    val_ratio=0.1,
-                    image_size=args.image_size,
-                    batch_size=args.batch_size,
-                    use_gpu=args.device == 'cuda',
-                    checkpoint_dir=str(root / 'checkpoints'),
-                ),
-                **more,
-            )
-        )
+        return DefaultConfig().parse({**chosen, **more})
 
 
 def runtime_of(cfg, args):
@@ -100,16 +94,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     (25,000 Kaggle images) lasts minutes, and in a too short one the first batch, which the
     workers must decode while the loop waits, would weigh far more than in real training.
     """
-    cfg = options(
-        root,
-        args,
-        model=model_name,
-        channels_last=args.channels_last,
-        amp=args.amp,
-        num_workers=args.num_workers,
-        nice_workers=args.nice_workers,
-        vis_port=vis_port,
-    )
+    cfg = options(root, args, model_name, vis_port=vis_port)
     rt = runtime_of(cfg, args)
     model = engine.on_device(build_model(model_name), rt)
     criterion = nn.CrossEntropyLoss()
@@ -198,15 +183,7 @@ def inference(root, args, model_name, out):
     The test folder holds --images / 2 images: a pass of ResNet34 over them lasts about 6 s,
     long enough that the wait for the first batch, decoded while the model idles, weighs under
     1% (over Kaggle's 12,500 it weighs nothing)."""
-    cfg = options(
-        root,
-        args,
-        model=model_name,
-        channels_last=args.channels_last,
-        amp=args.amp,
-        num_workers=args.num_workers,
-        nice_workers=args.nice_workers,
-    )
+    cfg = options(root, args, model_name)
     rt = runtime_of(cfg, args)
     model = engine.on_device(build_model(model_name), rt).eval()
     data = DogCat(root / 'test1', 'test', cfg.image_size)
