@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,18 @@ def one_picture(tiny_data, tmp_path_factory):
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes(picture)
     return root
+
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+def headless(profile, *more):
+    """Chromium's flags for a page on loopback, offline: no sandbox (root), no GPU, none of its
+    own connections out (this machine reaches no other), a fresh profile in `profile`."""
+    return [
+        '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+        '--disable-component-update', '--disable-sync', '--no-first-run', f'--user-data-dir={profile}', *more,
+    ]  # fmt: skip
 
 
 def fast_options(tmp_path, data, **more):

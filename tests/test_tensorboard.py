@@ -4,7 +4,6 @@ seen in a real TensorBoard in headless Chromium."""
 import collections
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main
-from conftest import ROOT, fast_options, newest_run
+from conftest import CHROMIUM, ROOT, fast_options, headless, newest_run
 
 EPOCH_TAGS = {
     'loss/train': 'train_loss',
@@ -97,9 +96,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')
 def test_tensorboard_draws_the_curves_of_both_runs_and_listens_on_loopback(tmp_path, tiny_data):
@@ -128,20 +124,10 @@ def test_tensorboard_draws_the_curves_of_both_runs_and_listens_on_loopback(tmp_p
         # the page fetches its data as it renders: a slower machine gets more (virtual) time
         url = f'http://127.0.0.1:{port}/?forceSVG=true&tagFilter=loss#timeseries'
         for budget in (30000, 60000, 120000):
-            flags = [
-                '--headless',
-                '--no-sandbox',
-                '--disable-gpu',
-                '--disable-background-networking',
-                '--disable-component-update',
-                '--disable-sync',
-                '--no-first-run',
-                f'--user-data-dir={tmp_path / f"chromium-{budget}"}',
-                '--window-size=1600,1400',
-                f'--virtual-time-budget={budget}',
-                '--dump-dom',
-                url,
-            ]
+            flags = headless(
+                tmp_path / f'chromium-{budget}', '--window-size=1600,1400', f'--virtual-time-budget={budget}',
+                '--dump-dom', url,
+            )  # fmt: skip
             dom = subprocess.run([CHROMIUM, *flags], capture_output=True, text=True, timeout=300).stdout
             drawn = collections.Counter(re.findall(r'<path d="M[^"]*L[^"]*" style="[^"]*stroke: (rgb\([\d, ]+\))', dom))
             if len(drawn) >= 2 and min(drawn.values()) >= 4:  # every card drawn for both runs

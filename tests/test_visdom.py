@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from PIL import Image
 
 import main
 import utils.visualize
-from conftest import as_flags, fast_options, newest_run, run_main
+from conftest import CHROMIUM, as_flags, fast_options, headless, newest_run, run_main
 from tools.visdom_server import start
 from utils.visualize import Visualizer
 
@@ -123,9 +122,6 @@ def test_each_run_plots_into_its_own_environment_and_a_resumed_one_adds(tmp_path
     assert list(points(server, 'first', 'val_accuracy').values()) == [2]
 
 
-CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')
 def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, one_picture, server):
     # one picture under every name: half the validation images are wrong, so the most-wrong
@@ -133,18 +129,7 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, one_picture, serve
     train_with_visdom(tmp_path, one_picture, server, 'browser', max_epoch=2)
     last = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()[-1])
     assert last['confusion'][0][1] + last['confusion'][1][0] > 0
-    flags = [
-        '--headless',
-        '--no-sandbox',
-        '--disable-gpu',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-        '--no-first-run',
-        f'--user-data-dir={tmp_path / "chromium"}',
-        '--window-size=1600,1300',
-        '--virtual-time-budget=20000',
-    ]
+    flags = headless(tmp_path / 'chromium', '--window-size=1600,1300', '--virtual-time-budget=20000')
     url = f'http://127.0.0.1:{server}/env/browser'
     dom = subprocess.run([CHROMIUM, *flags, '--dump-dom', url], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="main-svg"') >= 5  # Plotly drew the charts, not just the HTML
