@@ -1,0 +1,253 @@
+"""`python main.py serve`: a page where a person drops photos and sees the classes with their
+probabilities, and POST /predict for programs: multipart files in, JSON out,
+[{"name": ..., "label": ..., "probabilities": {class: p}}], the numbers `predict` gives.
+
+Requests that arrive while the model runs wait and then go through it together, as one batch
+(Classifier). Bad input is answered with a 4xx and {"detail": "..."}; docs/shipping.md has the
+figures and the reasons for FastAPI, uvicorn and PyTorch here.
+"""
+
+import asyncio
+import contextlib
+import html
+import io
+import os
+import socket
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from config import UserError
+from data.decode import UNREADABLE, load_pixels
+from data.transforms import eval_transform, model_input
+from engine import on_device
+from predict import predicted
+from utils.runtime import runtime
+
+MAX_FILES = 64  # images in one request
+MAX_BATCH = 64  # images the model takes at once; more wait for the next batch
+# Pillow refuses larger images (a decompression bomb: a small file of huge, empty pixels). A 48 MP
+# phone photo fits; each decoding thread may hold one decoded, 4 bytes a pixel.
+MAX_PIXELS = 50_000_000
+
+
+def serve_model(cfg, trained, host='127.0.0.1', port=8000, max_mb=10):
+    """Serve `trained` on http://host:port until Ctrl-C."""
+    import uvicorn
+
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise UserError(f'--port={port!r} is invalid; it takes a whole number from 0 to 65535')
+    if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or max_mb <= 0:
+        raise UserError(f'--max_mb={max_mb!r} is invalid; it takes a number of MB above 0')
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # for the whole process, not only inside load_pixels(): its catch_warnings() is not thread-safe,
+    # and decoding threads entering and leaving it could otherwise restore a filter without it
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    try:
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ':' in host else socket.AF_INET)
+    except OSError as e:
+        raise UserError(f'cannot listen on {host}:{port} ({os.strerror(e.errno)}); pick another --port') from None
+    with runtime(cfg.use_gpu, cfg.amp, cfg.channels_last) as rt:
+        classifier = Classifier(trained, cfg.image_size, rt, cfg.tta)
+        app = make_app(classifier, int(max_mb * 1e6), f'{trained.path.parent.name}: {", ".join(trained.classes)}')
+        address = listener.getsockname()
+        print(
+            f'serving {trained.path} on http://{host}:{address[1]}/ (POST /predict for programs), computing '
+            f'on {rt.device} in {rt.precision}; Ctrl-C stops it',
+            flush=True,
+        )
+        uvicorn.Server(uvicorn.Config(app, log_level='warning')).run(sockets=[listener])
+
+
+class Classifier:
+    """The model behind the server. Images decode in a pool of threads, one a core (more would not
+    decode sooner, and each holds a decoded photo); the model runs one batch at a time, of all the
+    images that came while the one before ran: on a CPU, a batch of 16 takes far less than 16
+    single passes, and no request waits for a batch to fill."""
+
+    def __init__(self, trained, size, rt, tta=False):
+        self.model, self.classes = on_device(trained.model, rt), trained.classes
+        self.size, self.rt, self.tta = size, rt, tta
+        self.decoders = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='decode')
+        self.waiting = asyncio.Queue()  # (images, future of their probabilities)
+
+    def decode(self, name, data):
+        """The (3, size, size) uint8 image that `predict` makes of the file `name` holding `data`."""
+        if not data:
+            raise Refused(400, f'{name} is empty')
+        try:
+            return eval_transform(self.size)(load_pixels(io.BytesIO(data), draft=self.size))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise Refused(413, f'{name} has more pixels than the {MAX_PIXELS:,} this server decodes') from None
+        except UnidentifiedImageError:
+            raise Refused(415, f'{name} is not an image (JPEG, PNG or another format Pillow reads)') from None
+        except UNREADABLE as e:
+            raise Refused(422, f'{name} is a broken image ({e})') from None
+
+    async def probabilities(self, names, blobs):
+        """The probabilities of each image, in order; a Refused for the first bad one."""
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(
+            *(loop.run_in_executor(self.decoders, self.decode, n, b) for n, b in zip(names, blobs))
+        )
+        future = loop.create_future()
+        await self.waiting.put((images, future))
+        return await future
+
+    async def run_batches(self):
+        while True:
+            jobs = [await self.waiting.get()]
+            while not self.waiting.empty() and sum(len(images) for images, _ in jobs) < MAX_BATCH:
+                jobs.append(self.waiting.get_nowait())
+            try:
+                probs = await asyncio.to_thread(self.forward, torch.stack([i for images, _ in jobs for i in images]))
+            except Exception as e:  # a bug: the requests of the batch fail with it, the server serves on
+                probs = e
+            start = 0
+            for images, future in jobs:
+                if not future.done():  # its client may have gone
+                    if isinstance(probs, Exception):
+                        future.set_exception(probs)
+                    else:
+                        future.set_result(probs[start : start + len(images)])
+                start += len(images)
+
+    @torch.inference_mode()
+    def forward(self, images):
+        """predict's probabilities: the same device, precision, layout and --tta."""
+        images = model_input(images, self.rt.device, self.rt.layout)
+        with self.rt.autocast():
+            probs = self.model(images).float().softmax(dim=1)
+            if self.tta:
+                probs = (probs + self.model(images.flip(-1)).float().softmax(dim=1)) / 2
+        return probs.tolist()
+
+
+class Refused(Exception):
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def make_app(classifier, max_bytes, title):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    class LimitedParser(MultiPartParser):
+        """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of
+        the request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
+
+        def on_part_begin(self):
+            super().on_part_begin()
+            self.part_bytes = 0
+
+        def on_part_data(self, data, start, end):
+            self.part_bytes += end - start
+            if self.part_bytes > max_bytes:
+                name = getattr(self._current_part.file, 'filename', None) or 'a part'
+                raise Refused(413, f'{name} is over the {max_bytes / 1e6:g} MB this server takes (--max_mb)')
+            super().on_part_data(data, start, end)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batches = asyncio.create_task(classifier.run_batches())
+        yield
+        batches.cancel()
+
+    app = FastAPI(title='dogcat', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(Refused)
+    async def refused(request, e):
+        return JSONResponse({'detail': e.detail}, status_code=e.status)
+
+    @app.get('/', response_class=HTMLResponse)
+    async def page():
+        return PAGE.replace('TITLE', html.escape(title))
+
+    @app.post('/predict')
+    async def predict(request: Request):
+        if not request.headers.get('content-type', '').startswith('multipart/form-data'):
+            raise Refused(400, 'send the images as multipart/form-data files (curl -F files=@photo.jpg ...)')
+        try:
+            form = await LimitedParser(request.headers, request.stream(), max_files=MAX_FILES, max_fields=16).parse()
+        except MultiPartException as e:
+            raise Refused(413 if 'Too many files' in e.message else 400, e.message) from None
+        files = [f for _, f in form.multi_items() if not isinstance(f, str)]
+        try:
+            blobs = [await f.read() for f in files]
+        finally:
+            await form.close()
+        names = [f.filename or f'image {n + 1}' for n, f in enumerate(files)]
+        if not files:
+            raise Refused(400, 'the request holds no images: send one or more as multipart/form-data files')
+        probs = await classifier.probabilities(names, blobs)
+        classes = classifier.classes
+        return [
+            {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
+            for name, p in zip(names, probs)
+        ]
+
+    return app
+
+
+PAGE = """<!doctype html>
+<html lang="en"><meta charset="utf-8"><title>TITLE</title>
+<style>
+body { font: 16px system-ui, sans-serif; max-width: 42em; margin: 2em auto; padding: 0 1em }
+#drop { border: 2px dashed #888; border-radius: 8px; padding: 2em; text-align: center }
+#drop.over { background: #eef }
+.error { color: #b00 } figure { display: flex; gap: 1.5em; align-items: center; margin: 1em 0 }
+img { max-width: 10em; max-height: 10em } td { padding: 0 .5em } progress { width: 10em }
+</style>
+<h1>TITLE</h1>
+<div id="drop"><p>Drop photos here, or pick them: <input type="file" id="files" accept="image/*" multiple></p></div>
+<div id="results"></div>
+<script>
+const drop = document.getElementById('drop'), input = document.getElementById('files');
+const results = document.getElementById('results');
+function element(tag, text, attributes) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  return Object.assign(e, attributes || {});
+}
+function shown(answer, file) {
+  const table = element('table');
+  for (const [name, p] of Object.entries(answer.probabilities).sort((a, b) => b[1] - a[1])) {
+    const row = table.insertRow();
+    row.append(element('td', name), element('td', (100 * p).toFixed(1) + '%'));
+    row.insertCell().append(element('progress', undefined, {value: p, max: 1}));
+  }
+  const caption = element('figcaption');
+  caption.append(element('div', answer.name), element('h2', answer.label, {className: 'label'}), table);
+  const figure = element('figure');
+  figure.append(element('img', undefined, {src: URL.createObjectURL(file), alt: answer.name}), caption);
+  return figure;
+}
+async function classify(files) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const file of files) form.append('files', file, file.name);
+  results.replaceChildren(element('p', 'classifying ' + files.length + ' image(s)...'));
+  try {
+    const response = await fetch('predict', {method: 'POST', body: form});
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.detail || response.statusText);
+    results.replaceChildren(...answer.map((a, i) => shown(a, files[i])));
+  } catch (e) {
+    results.replaceChildren(element('p', e.message, {className: 'error'}));
+  }
+}
+input.addEventListener('change', () => classify([...input.files]));
+drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', e => {
+  e.preventDefault();
+  drop.classList.remove('over');
+  classify([...e.dataTransfer.files]);
+});
+</script>
+</html>
+"""
