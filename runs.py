@@ -1,67 +1,70 @@
 """The runs verb: the training runs in checkpoint_dir, newest first, and the options that set
-them apart. It reads config.json and metrics.jsonl only, so it answers at once."""
+them apart; a folder of runs (a sweep's trials) as one entry with its runs beneath it. It reads
+the runs' JSON files only, so it answers at once."""
 
+import collections
 import json
 import sys
 
 from config import NOT_RECIPE
 
-# options that name where things go or how fast they run, not what was trained
-NOT_TELLING = {
-    'env',
-    'vis',
-    'vis_server',
-    'vis_port',
-    'tensorboard',
-    'checkpoint_dir',
-    'name',
-    'result_file',
-    'resume',
-    'load_model_path',
-    'num_workers',
-    'nice_workers',
-    'print_freq',
-    'debug_file',
-    'use_gpu',
-    'test_data_root',
-    'tta',
-}
-
 
 def list_runs(checkpoint_dir):
     """[{name, model, classes, epochs, max_epoch, best_accuracy, log_loss, started, interrupted,
-    options}] of the runs in checkpoint_dir, newest first."""
+    options, trial}] of the runs in checkpoint_dir, newest first. A folder that holds run folders
+    (a sweep's trials) is one entry {name, started, sweep, members}, its runs in `members`."""
     runs = []
     for folder in sorted(checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else []:
-        config = folder / 'config.json'
-        if folder.is_symlink() or not config.is_file():
+        if folder.is_symlink() or not folder.is_dir():
             continue
-        try:
-            made = json.loads(config.read_text())
-            metrics = folder / 'metrics.jsonl'
-            records = (
-                [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-                if metrics.is_file()
-                else []
-            )
-        except (OSError, ValueError) as e:  # a file cut short by a kill or a full disk: say so, list the others
-            print(f'{folder.name}: cannot be read ({type(e).__name__})', file=sys.stderr)
+        if (folder / 'config.json').is_file():
+            runs += read_run(folder)
             continue
-        best = max(records, key=lambda r: r['val_accuracy'], default=None)
-        runs.append(
-            {
-                'name': folder.name,
-                'model': made['options']['model'],
-                'classes': made['classes'],
-                'epochs': records[-1]['epoch'] if records else 0,
-                'max_epoch': made['options']['max_epoch'],
-                'best_accuracy': best and best['val_accuracy'],
-                'log_loss': best and best['val_log_loss'],
-                'started': made['started'],
-                'interrupted': made.get('interrupted'),
-                'options': made['options'],
-            }
+        members = [run for sub in sorted(folder.iterdir()) if (sub / 'config.json').is_file() for run in read_run(sub)]
+        if members:
+            sweep = read_json(folder / 'sweep.json') if (folder / 'sweep.json').is_file() else None
+            for member in members if sweep else []:
+                member['trial'] = member['trial'] or {'state': 'running'}  # trial.json comes at its end
+            members.sort(key=lambda r: (r['started'], r['name']))  # in the order they ran
+            runs.append({'name': folder.name, 'started': members[-1]['started'], 'sweep': sweep, 'members': members})
+    return newest_first(runs)
+
+
+def read_run(folder):
+    """[the listing's entry of the run in `folder`], or [] when its files cannot be read."""
+    try:
+        made = read_json(folder / 'config.json')
+        metrics = folder / 'metrics.jsonl'
+        records = (
+            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
         )
+        trial = read_json(folder / 'trial.json') if (folder / 'trial.json').is_file() else None
+    except (OSError, ValueError) as e:  # a file cut short by a kill or a full disk: say so, list the others
+        print(f'{folder.name}: cannot be read ({type(e).__name__})', file=sys.stderr)
+        return []
+    best = max(records, key=lambda r: r['val_accuracy'], default=None)
+    return [
+        {
+            'name': folder.name,
+            'model': made['options']['model'],
+            'classes': made['classes'],
+            'epochs': records[-1]['epoch'] if records else 0,
+            'max_epoch': made['options']['max_epoch'],
+            'best_accuracy': best and best['val_accuracy'],
+            'log_loss': best and best['val_log_loss'],
+            'started': made['started'],
+            'interrupted': made.get('interrupted'),
+            'options': made['options'],
+            'trial': trial,
+        }
+    ]
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def newest_first(runs):
     return sorted(runs, key=lambda r: (r['started'], r['name']), reverse=True)
 
 
@@ -75,17 +78,41 @@ def print_runs(checkpoint_dir):
     found = list_runs(checkpoint_dir)
     if not found:
         print(f'no runs in {checkpoint_dir} yet: python main.py train makes one')
-    differing = differing_options(found)
+    differing = differing_options([entry for entry in found if 'members' not in entry])
     for entry in found:
-        best = (
-            'not validated yet'
-            if entry['best_accuracy'] is None
-            else f'best acc {entry["best_accuracy"]:.2%}  log loss {entry["log_loss"]:.4f}'
+        if 'members' not in entry:
+            print(run_line(entry, differing))
+            continue
+        members, sweep = entry['members'], entry['sweep']
+        states = collections.Counter(member['trial']['state'] for member in members if member['trial'])
+        counts = ', '.join(f'{n} {state}' for state, n in sorted(states.items()))
+        kind = (
+            f'sweep of {len(members)} trials ({counts}), {sweep["metric"]} on ' + ' '.join(sweep['space'])
+            if sweep
+            else f'{len(members)} runs'
         )
-        apart = ' '.join(f'{key}={entry["options"].get(key)}' for key in differing)
-        print(
-            f'{entry["name"]}  {entry["model"]}  {",".join(entry["classes"])}  '
-            f'{entry["epochs"]}/{entry["max_epoch"]} epochs  {best}  started {entry["started"]}'
-            + (f'  interrupted {entry["interrupted"]}' if entry['interrupted'] else '')
-            + (f'  {apart}' if apart else '')
-        )
+        print(f'{entry["name"]}/  {kind}')
+        for member in members:
+            print('  ' + run_line(member, differing_options(members)))
+
+
+def run_line(entry, differing):
+    """A run's line: its figures, and its values of the options in `differing`."""
+    best = (
+        'not validated yet'
+        if entry['best_accuracy'] is None
+        else f'best acc {entry["best_accuracy"]:.2%}  log loss {entry["log_loss"]:.4f}'
+    )
+    trial = entry['trial']
+    state = (
+        f'{trial["state"]}' + (f' {trial["metric"]} {trial["value"]:.4f}' if trial.get('value') is not None else '')
+        if trial
+        else ''
+    )
+    apart = ' '.join(f'{key}={entry["options"].get(key)}' for key in differing)
+    return (
+        f'{entry["name"]}  ' + (f'{state}  ' if state else '') + f'{entry["model"]}  {",".join(entry["classes"])}  '
+        f'{entry["epochs"]}/{entry["max_epoch"]} epochs  {best}  started {entry["started"]}'
+        + (f'  interrupted {entry["interrupted"]}' if entry['interrupted'] else '')
+        + (f'  {apart}' if apart else '')
+    )

@@ -49,10 +49,11 @@ def check_name_free(checkpoint_dir, name):
 
 
 def point_latest(checkpoint_dir, run_dir):
-    """Make checkpoint_dir/latest name `run_dir`, atomically. It is a one-line text file, not a
-    symlink: TensorBoard follows symlinks and would show the newest run twice."""
+    """Make checkpoint_dir/latest name `run_dir` (a sweep's trial: sweep/trial-3), atomically. It
+    is a one-line text file, not a symlink: TensorBoard follows symlinks and would show the
+    newest run twice."""
     with atomic_open(checkpoint_dir / LATEST, 'w') as f:
-        f.write(run_dir.name + '\n')
+        f.write(run_dir.resolve().relative_to(checkpoint_dir.resolve()).as_posix() + '\n')
 
 
 def latest_run(checkpoint_dir):
