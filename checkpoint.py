@@ -30,6 +30,8 @@ RESUME_KEYS = (
     'model',
     'image_size',
     'val_ratio',
+    'folds',
+    'fold',
     'seed',
     'lr',
     'lr_decay',
@@ -211,6 +213,10 @@ def load_trained(cfg, data_options=()):
         run = latest_run(checkpoint_dir)
         path = run / 'best.pth' if run else checkpoint_dir / 'best.pth'  # checkpoint_dir holding files only
         print(f'using {path}' + (' (the newest run)' if run else ''))
+    if not path.exists() and (folds := sorted(path.parent.glob('fold-*/best.pth'))):
+        from kfold import load_folds  # a kfold folder: its folds' models as one
+
+        return load_folds(cfg, folds, data_options)
     state = load_checkpoint(path)
     made = state.get('config', {})
     cfg.inherit(made, ('model', 'image_size'), path)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 # left out where runs are compared (`runs`, TensorBoard's HParams)
 NOT_RECIPE = set(
     'env vis vis_server vis_port tensorboard checkpoint_dir name result_file resume load_model_path num_workers '
-    'nice_workers print_freq debug_file use_gpu test_data_root tta'.split()
+    'nice_workers print_freq debug_file use_gpu test_data_root tta cam_layer'.split()
 )
 
 
@@ -44,6 +44,7 @@ class DefaultConfig:
     vis_server: str = 'http://127.0.0.1'  # visdom server address
     vis_port: int = 8097  # visdom server port
     tensorboard: bool = True  # write TensorBoard event files into the run's folder
+    cam_layer: str = ''  # Grad-CAM pictures: the layer whose map they show (net.layer4); empty: found
     model: str = 'ResNet34'  # ResNet34, SqueezeNet, AlexNet, or a torchvision model by name (resnet50)
     pretrained: bool = False  # start from torchvision's ImageNet weights (from TORCH_HOME's cache)
     pretrained_path: str = ''  # or from this file of ImageNet weights of the same architecture
@@ -90,6 +91,8 @@ class DefaultConfig:
     crop_scale: float = 0.08  # smallest share of the image area a random training crop keeps (1: no crop)
     hflip: bool = True  # mirror training images left-right half the time
     val_ratio: float = 0.3  # share of each class held out for validation
+    folds: int = 0  # k-fold (set by the kfold verb): hold out fold `fold` of this many instead of val_ratio; 0: off
+    fold: int = 0  # with folds: the fold held out, 1 to folds
     seed: int = 0  # fixes the split, the shuffling and the initial weights
 
     def __post_init__(self):
@@ -144,6 +147,8 @@ class DefaultConfig:
             ('num_workers', self.num_workers >= 0, 'a whole number >= 0'),
             ('print_freq', self.print_freq >= 1, 'a whole number >= 1'),
             ('val_ratio', 0 < self.val_ratio < 1, 'a number strictly between 0 and 1'),
+            ('folds', self.folds == 0 or self.folds >= 2, '0 (off) or a whole number >= 2'),
+            ('fold', 1 <= self.fold <= self.folds or self.fold == self.folds == 0, 'a whole number from 1 to --folds'),
             ('crop_scale', 0 < self.crop_scale <= 1, 'a number in (0, 1]'),
             ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),
         ]

@@ -21,7 +21,7 @@ from data import DogCat
 from data.demo import make_demo_data
 from data.transforms import model_input
 from models import build_model, check_options
-from predict import find_images, infer_dataset, predict_files, write_submission
+from predict import find_images, infer_dataset, predict_files, validation_data, write_submission
 from recipe import make_training
 from report import Reporter, confusion_table, epoch_record
 from runs import print_runs
@@ -98,7 +98,8 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     )
 
     # step 3: objective, optimizer, learning-rate schedule, and what else the options add
-    training = make_training(model, model_without_ddp, cfg, rt, len(train_loader), len(classes))
+    training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(train_loader),
+                             num_classes=len(classes))  # fmt: skip
     if resume.state is not None:
         restore(resume, training, classes)
     progress = resume.progress
@@ -133,17 +134,10 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                 if rt.is_main:
                     save_epoch(state, run_dir, best=metrics['accuracy'] == progress['best_accuracy'])
                 finished = epoch + 1
-            record = epoch_record(
-                epoch,
-                lr,
-                train_loss,
-                metrics,
-                classes,
-                seconds,
-                seen,
-                [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']],
-            )
-            reporter.epoch(record, metrics, val_data)
+            unreadable = [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']]
+            record = epoch_record(epoch, metrics, lr=lr, train_loss=train_loss, classes=classes, seconds=seconds,
+                                  seen=seen, skipped_files=unreadable)  # fmt: skip
+            reporter.epoch(record, metrics, val_data, training)
             if on_epoch is not None:
                 on_epoch(epoch, metrics, rt)
             if progress['stopped_early']:
@@ -205,9 +199,10 @@ def training_data(cfg, root):
     """The training and validation sets: a held-out share of root, or --val_data_root whole."""
     augment = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     if not cfg.val_data_root:
+        fold = dict(folds=cfg.folds, fold=cfg.fold)
         return (
-            DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed, **augment),
-            DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed),
+            DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed, **augment, **fold),
+            DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed, **fold),
         )
     train_data = DogCat(root, 'train', cfg.image_size, val_ratio=0, **augment)
     val_root = cfg.require_dir('val_data_root')
@@ -218,14 +213,10 @@ def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
     cfg = options(kwargs)
     given_data = {'train_data_root', 'val_data_root'} & cfg.given
-    trained = load_trained(cfg, () if given_data else ('train_data_root', 'val_data_root', 'val_ratio', 'seed'))
+    split = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')
+    trained = load_trained(cfg, () if given_data else split)
     classes = trained.classes
-    if cfg.val_data_root:
-        data = DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
-    else:
-        data = DogCat(
-            cfg.require_dir('train_data_root'), 'val', cfg.image_size, cfg.val_ratio, cfg.seed, classes=classes
-        )
+    data = validation_data(cfg, classes)
     m = engine.score(infer_dataset(cfg, trained.model, data)[0])
     print(
         f'{len(m["labels"])} validation images: loss {m["loss"]:.4f}  accuracy {m["accuracy"]:.2%}  '
@@ -247,14 +238,15 @@ def test(**kwargs):
     write_submission(cfg, load_trained(cfg, ('test_data_root',)))
 
 
-def predict(*paths, out='', **kwargs):
+def predict(*paths, out='', explain=False, **kwargs):
     """Classify your own photos: predict PATH [PATH ...] (files or folders) [--out=FILE.csv].
 
     --out: a CSV file to write the predictions to (besides printing them)
+    --explain: True: also <image>-cam.png, where the model looked (beside --out, else in the run's explained/)
     """
     cfg = options(kwargs)
     find_images(paths)  # a path that is not there is said before the model loads
-    predict_files(cfg, load_trained(cfg), paths, out)
+    predict_files(cfg, load_trained(cfg), paths, out, explain)
 
 
 def export(*run, format='onnx', **kwargs):
@@ -285,7 +277,30 @@ def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
     serve_model(cfg, load_trained(cfg), host, port, max_mb)
 
 
-def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle'):
+def sweep(trials=10, space='', metric='log_loss', storage='', **kwargs):
+    """Search options with Optuna, a training run per trial, in checkpoints/<--name>/trial-<n>/.
+
+    --trials: how many trials to finish; earlier ones count, and processes sharing the study split them
+    --space: what to search, words apart: name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C
+    --metric: log_loss (of the best epoch, minimised) or accuracy (maximised)
+    --storage: an Optuna storage URL to share the study (default: study.db in the sweep's folder)
+    """
+    from sweep import run_sweep  # optuna loads only here
+
+    run_sweep(kwargs, space, trials, metric, storage, train=train_with)
+
+
+def kfold(folds=5, **kwargs):
+    """Train a run per fold, then predict every training image by the model that did not train on it.
+
+    --folds: how many stratified folds: checkpoints/<--name or kfold-<time>-<model>>/fold-1 ... fold-K
+    """
+    from kfold import run_kfold  # cleanlab loads only here
+
+    run_kfold(kwargs, folds, train=train_with)
+
+
+def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle', flip_labels=0.0):
     """Write a small synthetic dataset: ROOT/train and ROOT/test1, Kaggle's layout or folders.
 
     --root: the folder to write into
@@ -294,6 +309,7 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     --seed: the same seed draws the same images
     --classes: how many classes: 2 (cat, dog) or 3 (and fox)
     --layout: kaggle (train/cat.N.jpg, test1/N.jpg) or folders (train/cat/N.jpg, test1/photo-N.jpg)
+    --flip_labels: the share of training images drawn as another class than their name says (ROOT/flipped.txt)
     """
     from config import ROOT
     from data.demo import CLASSES
@@ -306,11 +322,15 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
         raise UserError(f'--layout={layout!r} is invalid; it takes kaggle or folders')
     if classes not in range(2, len(CLASSES) + 1):
         raise UserError(f'--classes={classes!r} is invalid; it takes 2 to {len(CLASSES)}')
+    if isinstance(flip_labels, bool) or not isinstance(flip_labels, int | float) or not 0 <= flip_labels < 0.5:
+        raise UserError(f'--flip_labels={flip_labels!r} is invalid; it takes a number from 0 to below 0.5')
     folder = ROOT / root
-    make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout)
+    make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout, flip_labels=flip_labels)
+    flipped = folder / 'flipped.txt'
     print(
         f'wrote {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
         f'and {n_test} test images to {folder / "test1"}'
+        + (f'; {len(flipped.read_text().split())} labelled wrong on purpose: {flipped}' if flipped.is_file() else '')
     )
 
 
@@ -331,6 +351,8 @@ VERBS = {
     'predict': predict,
     'export': export,
     'serve': serve,
+    'sweep': sweep,
+    'kfold': kfold,
     'runs': runs,
     'demo_data': demo_data,
     'help': help,

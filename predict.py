@@ -22,6 +22,14 @@ def infer_dataset(cfg, model, data):
         return infer(on_device(model, rt), make_loader(data, cfg, rt), rt, cfg.tta), rt
 
 
+def validation_data(cfg, classes):
+    """The validation images of a trained run, as its training held them out (or --val_data_root)."""
+    if cfg.val_data_root:
+        return DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
+    root = cfg.require_dir('train_data_root')
+    return DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed, classes=classes, folds=cfg.folds, fold=cfg.fold)
+
+
 def write_submission(cfg, trained):
     """Predict test_data_root and write the submission (see main.test) into the run's folder,
     or --result_file; an earlier submission is never overwritten."""
@@ -55,12 +63,19 @@ def unused_name(path):
     return next(p for p in candidates if not p.exists())
 
 
-def predict_files(cfg, trained, paths, out=''):
-    """Print a line per image of `paths` (class, probability) and write them to `out` if given."""
+def predict_files(cfg, trained, paths, out='', explain=False):
+    """Print a line per image of `paths` (class, probability) and write them to `out` if given;
+    explain: and a Grad-CAM picture per image (explain.py), beside `out` or in the run's explained/."""
     files = find_images(paths)
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
     if out:
         writable_folder(Path(out).parent, 'out')
+    if explain not in (True, False):
+        raise UserError(f'--explain={explain!r} is invalid; it takes True or False')
+    if explain:
+        from explain import check_layer  # Captum loads only here
+
+        check_layer(trained.model, cfg.image_size, cfg.cam_layer)  # a wrong --cam_layer is said before the work
     predictions, rt = infer_dataset(cfg, trained.model, data)
     classes, names, probs = (
         trained.classes,
@@ -75,6 +90,15 @@ def predict_files(cfg, trained, paths, out=''):
         with atomic_open(Path(out), 'w') as f:
             csv.writer(f).writerows(rows)
         print(f'wrote {len(rows) - 1} predictions to {Path(out).resolve()}')
+    if explain and rt.is_main:
+        from explain import write_overlays
+
+        folder = Path(out).resolve().parent if out else unused_name(trained.path.parent / 'explained')
+        guesses = [predicted(classes, p) for p in probs]
+        captions = [f'{Path(n).name} {classes[g]} {p[g]:.2f}' for n, g, p in zip(names, guesses, probs)]
+        indices = predictions.indices.tolist()
+        written = write_overlays(trained.model, data, indices, guesses, captions, folder, rt, cfg.cam_layer)
+        print(f'wrote {len(written)} pictures of where the model looked (<image>-cam.png) to {folder}')
     if predictions.skipped and rt.is_main:
         print(
             f'could not read {len(predictions.skipped)} files, left out: '

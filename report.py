@@ -3,16 +3,18 @@ pictures in visdom and TensorBoard (rank 0 only), and the text tables of `val`."
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from config import NOT_RECIPE, DefaultConfig
+from config import NOT_RECIPE, DefaultConfig, UserError
 from data.decode import load_rgb
 from utils.board import Board
 from utils.visualize import Visualizer
 
 ALWAYS_SHOWN = ('model', 'lr', 'batch_size', 'max_epoch', 'image_size')  # in TensorBoard's HParams
+LOOKED = 'most wrong, where it looked'  # the Grad-CAM pictures' window and tag
 
 
 class Reporter:
@@ -20,7 +22,9 @@ class Reporter:
 
     def __init__(self, cfg, rt, run_dir, steps_per_epoch, start_epoch):
         self.max_epoch = cfg.max_epoch
+        self.given = cfg.given  # shown in HParams even at their default: a sweep's options, say
         self.steps = steps_per_epoch  # the x of every TensorBoard point is the number of batches trained
+        self.rt, self.cam_layer = rt, cfg.cam_layer  # cam_layer None: no Grad-CAM pictures
         self.metrics_file = run_dir / 'metrics.jsonl' if rt.is_main else None  # one JSON line per epoch
         env = cfg.env or run_dir.name
         self.vis = Visualizer(env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
@@ -42,9 +46,10 @@ class Reporter:
         self.vis.plot('train_loss', value, x=step)
         self.board.scalar('train/loss', value, step)
 
-    def epoch(self, record, metrics, val_data):
+    def epoch(self, record, metrics, val_data, training=None):
         """The epoch's record into metrics.jsonl, the terminal, visdom and TensorBoard, and the
-        validation images it got wrong into the dashboards."""
+        validation images it got wrong into the dashboards; given `training` (recipe.Training),
+        those images again with the Grad-CAM map of the class predicted (explain.py)."""
         if self.metrics_file is not None:
             with open(self.metrics_file, 'a') as f:
                 f.write(json.dumps(record) + '\n')
@@ -65,17 +70,38 @@ class Reporter:
                 'most wrong (validation)', wrong, summary='validation images wrong with the most confidence'
             )
             self.board.images('most wrong (validation)', wrong, step)
+            if training is not None and self.cam_layer is not None:
+                looked = self.where_it_looked(training, metrics, val_data, record['classes'])
+                vis.captioned_images(LOOKED, looked, summary='the same images: where the model looked for its answer')
+                self.board.images(LOOKED, looked, step)
+
+    def where_it_looked(self, training, metrics, val_data, classes):
+        """The most-wrong images with the Grad-CAM map of the weights that were scored; a
+        --cam_layer that names no layer is said once, and the pictures are left out."""
+        from explain import explain_rows  # Captum loads only when a dashboard shows pictures
+
+        model = training.ema.module if metrics['weights'] == 'ema' else training.model_without_ddp
+        try:
+            return explain_rows(model, val_data, metrics, worst_rows(metrics), classes, self.rt, self.cam_layer)
+        except UserError as e:
+            print(f'warning: {e}; the dashboards go on without Grad-CAM pictures', file=sys.stderr)
+            self.cam_layer = None
+            return []
 
     def close(self, options, best_accuracy):
         self.vis.close()  # the last points and pictures reach the server before the run ends
         # HParams: the options that set this run apart from the defaults, and the usual few
         defaults = DefaultConfig().to_dict()
-        shown = {k: v for k, v in options.items() if k in ALWAYS_SHOWN or (k not in NOT_RECIPE and v != defaults[k])}
+        shown = {
+            k: v
+            for k, v in options.items()
+            if k in ALWAYS_SHOWN or (k not in NOT_RECIPE and (v != defaults[k] or k in self.given))
+        }
         self.board.hparams(shown, {'hparam/best_accuracy': best_accuracy})
         self.board.close()
 
 
-def epoch_record(epoch, lr, train_loss, metrics, classes, seconds, seen, skipped_files):
+def epoch_record(epoch, metrics, *, lr, train_loss, classes, seconds, seen, skipped_files):
     """The line metrics.jsonl gets for an epoch (lr: the rate it started with)."""
     record = {
         'epoch': epoch + 1,
@@ -128,12 +154,9 @@ def most_wrong(dataset, metrics, classes, count=16):
     """(image, caption) of the misclassified validation images, the most confident first: with
     two classes 'name P(second class)', with more 'name true->predicted P'."""
     probs, labels = metrics['probs'], metrics['labels']
-    error = 1 - probs[torch.arange(len(labels)), labels]
     predicted = probs.argmax(dim=1)  # a tie goes to the first class
-    wrong = predicted != labels
-    worst = [i for i in error.argsort(descending=True, stable=True).tolist() if wrong[i]][:count]
     items = []
-    for i in worst:
+    for i in worst_rows(metrics, count):
         path = dataset.paths[metrics['indices'][i]]
         if len(classes) == 2:
             caption = f'{Path(path).name} P({classes[1]})={probs[i, 1]:.2f}'
@@ -141,6 +164,14 @@ def most_wrong(dataset, metrics, classes, count=16):
             caption = f'{Path(path).name} {classes[labels[i]]}->{classes[predicted[i]]} {probs[i, predicted[i]]:.2f}'
         items.append((load_rgb(path), caption))
     return items
+
+
+def worst_rows(metrics, count=16):
+    """The rows of `metrics` (engine.score's) of the misclassified images, the most confident first."""
+    probs, labels = metrics['probs'], metrics['labels']
+    error = 1 - probs[torch.arange(len(labels)), labels]
+    wrong = probs.argmax(dim=1) != labels
+    return [i for i in error.argsort(descending=True, stable=True).tolist() if wrong[i]][:count]
 
 
 def confusion_table(matrix, classes):

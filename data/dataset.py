@@ -35,13 +35,24 @@ class DogCat(ImageFiles):
 
     The target is the class index (train, val) or, in a Kaggle test folder, the id; `ids` has
     the id of every test image. val_ratio=0 takes the whole folder (data that comes split).
+    folds, fold: hold out fold `fold` (from 1) of `folds` stratified folds instead of val_ratio.
     `classes`: the classes the model knows; the folder may lack some of them, not add others.
     Images are (3, size, size) uint8 tensors; model_input() turns a batch of them into the
     network's input.
     """
 
     def __init__(
-        self, root, mode='train', image_size=224, val_ratio=0.3, seed=0, crop_scale=0.08, hflip=True, classes=None
+        self,
+        root,
+        mode='train',
+        image_size=224,
+        val_ratio=0.3,
+        seed=0,
+        crop_scale=0.08,
+        hflip=True,
+        classes=None,
+        folds=0,
+        fold=0,
     ):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
@@ -55,8 +66,8 @@ class DogCat(ImageFiles):
             targets = [i if isinstance(i, int) else n for n, i in enumerate(self.ids)]
         else:
             paths, targets, self.classes, self.layout, self.ignored = list_labelled(root, classes)
-            if val_ratio:
-                kept = _split(targets, len(self.classes), val_ratio, seed)[mode]
+            if val_ratio or folds:
+                kept = _split(targets, len(self.classes), val_ratio, seed, folds, fold)[mode]
                 paths, targets = [paths[i] for i in kept], [targets[i] for i in kept]
                 if not paths:
                     raise UserError(f'{root}: too few images to hold out a {mode} split at val_ratio={val_ratio}')
@@ -158,14 +169,16 @@ def list_unlabelled(root):
     return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
 
 
-def _split(targets, n_classes, val_ratio, seed):
+def _split(targets, n_classes, val_ratio, seed, folds=0, fold=0):
     """{'train': indices, 'val': indices}, each class split on its own (stratified) and shuffled
-    by `seed`: same seed, same split."""
+    by `seed`: same seed, same split. With `folds`, fold `fold` (from 1) is held out: every
+    folds-th image of each class, so that folds 1 to `folds` hold each image once."""
     parts = {'train': [], 'val': []}
     for label in range(n_classes):
         members = [i for i, t in enumerate(targets) if t == label]
         random.Random(seed).shuffle(members)
-        n_val = round(len(members) * val_ratio)
-        parts['val'] += members[:n_val]
-        parts['train'] += members[n_val:]
+        held = members[fold - 1 :: folds] if folds else members[: round(len(members) * val_ratio)]
+        out = set(held)
+        parts['val'] += held
+        parts['train'] += [i for i in members if i not in out]
     return parts

@@ -14,9 +14,15 @@ from PIL import Image, ImageFilter
 CLASSES = ('cat', 'dog', 'fox')  # stripes, spots, checks
 
 
-def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2, layout='kaggle'):
+def make_demo_data(
+    root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2, layout='kaggle', flip_labels=0.0
+):
     """Write root/train and root/test1 with the first `classes` of CLASSES; return the test
     labels by id.
+
+    flip_labels: this share of the training images is drawn as another class than its name
+    says, label noise to be found (kfold's suspect list); their names, relative to root/train,
+    go into root/flipped.txt.
 
     layout 'kaggle': train/cat.N.jpg ..., test1/N.jpg (ids from 1); 'folders': train/<class>/N.jpg,
     test1/photo-N.jpg. Each side of an image is drawn from `sizes` (low, high). blur: the radius
@@ -29,10 +35,19 @@ def make_demo_data(root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=
     names = CLASSES[:classes]
     for folder in ['test1'] + (['train'] if layout == 'kaggle' else [f'train/{name}' for name in names]):
         (root / folder).mkdir(parents=True, exist_ok=True)
+    # a generator of their own: without flips, the same seed draws the same images as ever
+    flips = np.random.default_rng([seed, 1])
+    flipped = set(flips.choice(n_train, round(n_train * flip_labels), replace=False).tolist())
+    wrong = []
     for i in range(n_train):
         label = i % classes
         file = f'{names[label]}.{i // classes}.jpg' if layout == 'kaggle' else f'{names[label]}/{i // classes}.jpg'
-        _draw(label, rng, sizes, blur).save(root / 'train' / file, quality=int(rng.integers(75, 96)))
+        drawn = (label + int(flips.integers(1, classes))) % classes if i in flipped else label
+        _draw(drawn, rng, sizes, blur).save(root / 'train' / file, quality=int(rng.integers(75, 96)))
+        wrong += [file] if i in flipped else []
+    (root / 'flipped.txt').unlink(missing_ok=True)  # a list of an earlier call's
+    if wrong:
+        (root / 'flipped.txt').write_text('\n'.join(wrong) + '\n')
     test_labels = {}
     for kaggle_id in range(1, n_test + 1):  # Kaggle's test ids start at 1
         label = int(rng.integers(classes))

@@ -1,0 +1,161 @@
+"""Where a model looked: Grad-CAM heatmaps (Captum's LayerGradCam) of the class it predicted,
+over the dashboards' most-wrong validation images and over the photos of `predict --explain`.
+
+The map is taken at the last layer whose output is still a spatial map (wider than 1x1, not a
+pooling layer), found with forward hooks on one example input, or at the layer --cam_layer
+names. It is computed in fp32 whatever --amp says, on the plain model (never the compiled or
+DDP-wrapped one), and leaves the weights, their gradients and the random numbers as they were.
+"""
+
+import difflib
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from config import UserError
+from data.decode import load_rgb
+from data.transforms import model_input
+from utils.files import atomic_open
+from utils.pictures import captioned_tiles
+
+# cold to hot: dark blue, cyan, yellow, red; readable over any picture
+HEAT = np.array([[0, 0, 96], [0, 160, 255], [255, 230, 0], [230, 0, 0]], dtype=np.float32)
+BATCH = 16  # images per backward pass
+
+
+def find_layer(model, size, name=''):
+    """(name, module) of the layer to explain `model` at: `name`, or the last module whose output
+    is a 4-D map wider than 1x1 on a size x size input, pooling layers and modules that hand
+    their input on unchanged (Identity, Dropout, in-place activations) left out."""
+    names = dict(model.named_modules())
+    if name:
+        if name not in names:
+            close = difflib.get_close_matches(name, [n for n in names if n], n=3)
+            hint = f'; did you mean {" or ".join(close)}?' if close else ''
+            raise UserError(f'--cam_layer={name!r}: {type(model).__name__} has no layer of that name{hint}')
+        return name, names[name]
+    maps, hooks = [], []
+
+    def record(module_name):
+        def hook(module, inputs, output):
+            passed_on = bool(inputs) and output is inputs[0]
+            pooling = type(module).__module__ == 'torch.nn.modules.pooling'
+            if torch.is_tensor(output) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+                if not passed_on and not pooling:
+                    maps.append(module_name)
+
+        return hook
+
+    for module_name, module in names.items():
+        if module_name:
+            hooks.append(module.register_forward_hook(record(module_name)))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not maps:
+        raise UserError(f'{type(model).__name__} has no layer with a spatial map at {size} px to take Grad-CAM at')
+    return maps[-1], names[maps[-1]]  # hooks fire as modules finish: a block's container after its last layer
+
+
+def heatmaps(model, images, targets, layer=''):
+    """(N, H, W) Grad-CAM maps in [0, 1] (each scaled to its own peak) of the classes `targets`
+    over `images` (normalised, on the model's device), upsampled to the images' size. A fold
+    ensemble's map is the mean of its members' maps."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    members = list(getattr(model, 'members', [model]))
+    total = torch.zeros(len(images), *images.shape[-2:])
+    for member in members:
+        was_training = member.training
+        member.eval()
+        try:
+            _, module = find_layer(member, images.shape[-1], layer)
+            with torch.enable_grad():  # fp32: no autocast here, whatever the run computes in
+                cam = LayerGradCam(member, module).attribute(images, target=targets, relu_attributions=True)
+        finally:
+            member.train(was_training)
+        cam = LayerAttribution.interpolate(cam.detach().float(), tuple(images.shape[-2:]), 'bilinear')[:, 0]
+        peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+        total += (cam / peak).cpu()
+    return total / len(members)
+
+
+def overlay(picture, heat):
+    """`picture` (PIL) in grey with `heat` (H, W in [0, 1]) laid over it in colour, the hotter the
+    more opaque: the picture's own colours would read as heat."""
+    heat = Image.fromarray((heat.numpy() * 255).astype(np.uint8)).resize(picture.size, Image.BILINEAR)
+    level = np.asarray(heat, dtype=np.float32) / 255 * (len(HEAT) - 1)
+    low = np.minimum(level.astype(int), len(HEAT) - 2)
+    share = (level - low)[..., None]
+    colour = HEAT[low] * (1 - share) + HEAT[low + 1] * share
+    opacity = 0.2 + 0.5 * level[..., None] / (len(HEAT) - 1)
+    mixed = np.asarray(picture.convert('L').convert('RGB'), dtype=np.float32) * (1 - opacity) + colour * opacity
+    return Image.fromarray(mixed.astype(np.uint8))
+
+
+def explain_rows(model, dataset, metrics, rows, classes, rt, layer=''):
+    """(picture, caption) of the validation images at `rows` of `metrics` (engine.score's):
+    each as the network saw it, overlaid with the map of the class predicted, captioned
+    'name true->predicted P(predicted)'."""
+    probs, labels = metrics['probs'], metrics['labels']
+    items = []
+    for chunk in batches(rows):
+        samples = [dataset[int(metrics['indices'][i])] for i in chunk]
+        kept = [(i, image) for i, (image, _, _) in zip(chunk, samples) if image is not None]  # a file gone since
+        if not kept:
+            continue
+        pixels = torch.stack([image for _, image in kept])
+        predicted = probs[[i for i, _ in kept]].argmax(dim=1)
+        heat = heatmaps(model, model_input(pixels, rt.device, rt.layout), predicted.to(rt.device), layer)
+        for (i, image), guess, h in zip(kept, predicted.tolist(), heat):
+            name = Path(dataset.paths[int(metrics['indices'][i])]).name
+            caption = f'{name} {classes[labels[i]]}->{classes[guess]} {probs[i, guess]:.2f}'
+            items.append((overlay(Image.fromarray(image.permute(1, 2, 0).numpy()), h), caption))
+    return items
+
+
+def write_overlays(model, data, indices, predicted, captions, folder, rt, layer=''):
+    """A PNG per image of `data` at `indices` into `folder`: its central square (what the
+    network sees, at up to 512 px) overlaid with the map of its `predicted` class, captioned;
+    named <image>-cam.png (-cam-2.png for a second image of the same name). Returns the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for chunk in batches(range(len(indices))):
+        pixels = torch.stack([data[indices[j]][0] for j in chunk])
+        targets = torch.tensor([predicted[j] for j in chunk], device=rt.device)
+        heat = heatmaps(model, model_input(pixels, rt.device, rt.layout), targets, layer)
+        for j, h in zip(chunk, heat):
+            path = Path(data.paths[indices[j]])
+            picture = load_rgb(str(path))
+            side = min(min(picture.size), 512)
+            square = ImageOps.fit(picture, (side, side))  # the central square, as the eval transform crops
+            tile = captioned_tiles([(overlay(square, h), captions[j])], size=side)[0]
+            file = free_name(folder, f'{path.stem}-cam', '.png', written)
+            with atomic_open(file, 'wb') as f:
+                Image.fromarray((tile.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(f, format='PNG')
+            written.append(file)
+    return written
+
+
+def free_name(folder, stem, suffix, taken):
+    """folder/stem+suffix, or stem-2, stem-3, ... when this call wrote that name already."""
+    names = itertools.chain([stem], (f'{stem}-{n}' for n in itertools.count(2)))
+    return next(folder / f'{n}{suffix}' for n in names if folder / f'{n}{suffix}' not in taken)
+
+
+def batches(items):
+    items = list(items)
+    return [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+
+
+def check_layer(model, size, name=''):
+    """find_layer() of the model, or of each model of a fold ensemble: its UserError before any work."""
+    for member in getattr(model, 'members', [model]):
+        find_layer(member, size, name)

@@ -1,0 +1,266 @@
+"""Why is it wrong: Grad-CAM pictures of where a model looked, k-fold training with out-of-fold
+predictions, the folds as one model, and the suspect labels found from the out-of-fold
+probabilities. One k-fold of SqueezeNets on demo images with flipped labels serves most tests."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import kfold
+import main
+from checkpoint import load_trained
+from config import DefaultConfig, UserError
+from conftest import as_flags, assert_one_line_error, fast_options, run_main
+from data import DogCat
+from data.demo import _draw, make_demo_data
+from data.transforms import model_input
+from explain import find_layer, heatmaps
+from report import LOOKED
+
+FOLDS = 3
+
+
+@pytest.fixture(scope='module')
+def flipped_demo(tmp_path_factory):
+    """200 demo images (stripes: cat, spots: dog), 20 of them drawn as the other class."""
+    root = tmp_path_factory.mktemp('flipped')
+    make_demo_data(root, n_train=200, n_test=6, seed=0, flip_labels=0.1)
+    return root
+
+
+@pytest.fixture(scope='module')
+def trained_folds(flipped_demo, tmp_path_factory):
+    """(kfold folder, options): a 3-fold kfold of SqueezeNets at 64 px on flipped_demo."""
+    tmp_path = tmp_path_factory.mktemp('kfold')
+    # whole images (crop_scale 1), small batches and a rate that stays up for the first
+    # epochs: a SqueezeNet from scratch learns the patterns from about 130 images
+    options = fast_options(
+        tmp_path, flipped_demo, name='flipped', image_size=64, crop_scale=1.0, max_epoch=16, lr_scheduler='cosine'
+    )
+    kfold.run_kfold(options, FOLDS, train=main.train_with)
+    return tmp_path / 'checkpoints' / 'flipped', options
+
+
+def rows(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_suspect_labels_find_most_flipped_images_near_the_top(trained_folds, flipped_demo):
+    parent, options = trained_folds
+    flipped = set((flipped_demo / 'flipped.txt').read_text().split())
+    listed = [Path(row['file']).name for row in rows(parent / 'suspect_labels.csv')]
+    found = flipped & set(listed[: 2 * len(flipped)])
+    assert len(found) > 0.5 * len(flipped), (len(found), len(flipped), listed)
+    suspect = rows(parent / 'suspect_labels.csv')[0]
+    assert suspect['label'] != suspect['likely_label'] and float(suspect['p_label']) < 0.5
+    # the same command again trains nothing, and with TensorBoard on shows the suspects there
+    saved = {file: file.stat().st_mtime_ns for file in parent.glob('fold-*/*.pth')}
+    kfold.run_kfold({**options, 'tensorboard': True}, FOLDS, train=main.train_with)
+    assert {file: file.stat().st_mtime_ns for file in parent.glob('fold-*/*.pth')} == saved
+    board = EventAccumulator(str(parent), size_guidance={'images': 0})
+    board.Reload()
+    assert 'suspect labels' in board.Tags()['images']
+
+
+def test_every_training_image_is_predicted_once_by_the_model_that_did_not_train_on_it(
+    trained_folds, flipped_demo, tmp_path, capsys
+):
+    parent, options = trained_folds
+    oof = rows(parent / 'oof.csv')
+    files = [row['file'] for row in oof]
+    assert sorted(files) == sorted(DogCat(flipped_demo / 'train', 'train', val_ratio=0).paths)
+    for k in range(1, FOLDS + 1):
+        trained_on = set(DogCat(flipped_demo / 'train', 'train', folds=FOLDS, fold=k).paths)
+        assert not trained_on & {row['file'] for row in oof if row['fold'] == str(k)}
+    # fold 2's rows are fold 2's model's own predictions, and val on fold 2 takes its split
+    held = [row for row in oof if row['fold'] == '2']
+    checkpoints = options['checkpoint_dir']
+    out = tmp_path / 'fold-2.csv'
+    main.predict(
+        *[row['file'] for row in held], out=str(out), load_model_path=str(parent / 'fold-2'), amp=False, use_gpu=False
+    )
+    assert [float(r['p_dog']) for r in rows(out)] == pytest.approx([float(r['p_dog']) for r in held], abs=1e-4)
+    capsys.readouterr()
+    main.val(load_model_path=str(parent / 'fold-2'), checkpoint_dir=checkpoints, num_workers=0)
+    assert f'{len(held)} validation images' in capsys.readouterr().out
+
+
+def test_the_folds_as_one_model_average_their_probabilities(trained_folds, flipped_demo, tmp_path):
+    parent, options = trained_folds
+    test1 = str(flipped_demo / 'test1')
+    common = dict(checkpoint_dir=options['checkpoint_dir'], use_gpu=False, num_workers=0)
+    for k in range(1, FOLDS + 1):
+        main.predict(test1, out=str(tmp_path / f'fold-{k}.csv'), load_model_path=str(parent / f'fold-{k}'), **common)
+    main.predict(test1, out=str(tmp_path / 'all.csv'), load_model_path=str(parent), **common)
+    main.test(load_model_path=str(parent), result_file=str(tmp_path / 'result.csv'), test_data_root=test1, **common)
+    folds = np.array([[float(r['p_dog']) for r in rows(tmp_path / f'fold-{k}.csv')] for k in range(1, FOLDS + 1)])
+    mean = folds.mean(axis=0)
+    assert [float(r['p_dog']) for r in rows(tmp_path / 'all.csv')] == pytest.approx(mean, abs=2e-4)
+    submitted = [float(r['label']) for r in rows(tmp_path / 'result.csv')]
+    assert submitted == pytest.approx(np.clip(mean, 0.005, 0.995), abs=2e-4)
+    assert not np.allclose(folds[0], folds[1], atol=1e-3)  # three models, not one three times
+
+
+def composites(count=32):
+    """64 px images, stripes on one half and spots on the other (on the left in every other
+    one): (images, whether the stripes are on the left)."""
+    rng = np.random.default_rng(0)
+    pictures, stripes_left = [], []
+    for j in range(count):
+        stripes, spots = (np.asarray(_draw(label, rng, (64, 65), 0)) for label in (0, 1))
+        halves = (stripes[:, :32], spots[:, 32:]) if j % 2 == 0 else (spots[:, :32], stripes[:, 32:])
+        pictures.append(torch.from_numpy(np.concatenate(halves, axis=1)).permute(2, 0, 1))
+        stripes_left.append(j % 2 == 0)
+    return model_input(torch.stack(pictures), torch.device('cpu')), torch.tensor(stripes_left)
+
+
+def test_grad_cam_of_the_predicted_class_falls_on_its_pattern(trained_folds):
+    parent, _ = trained_folds
+    cfg = DefaultConfig()
+    cfg.load_model_path = str(parent / 'fold-1')
+    model = load_trained(cfg).model
+    images, stripes_left = composites()
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=1)
+    assert 0 < predicted.sum() < len(predicted)  # both classes predicted: each pattern is seen
+    maps = heatmaps(model, images, predicted)
+    left, right = maps[..., :32].sum(dim=(1, 2)), maps[..., 32:].sum(dim=(1, 2))
+    own_left = stripes_left == (predicted == 0)  # stripes: cat (0), spots: dog (1)
+    on_pattern = torch.where(own_left, left > right, right > left)
+    assert on_pattern.float().mean() > 0.75, (on_pattern.sum(), find_layer(model, 64)[0])
+
+
+def test_the_layer_is_found_in_every_kind_of_model_and_can_be_named():
+    for name, size, layer in (
+        ('ResNet34', 64, 'net.layer4'),
+        ('ResNet34', 32, 'net.layer3'),  # layer4 is 1x1 there
+        ('SqueezeNet', 64, 'net.classifier.1'),
+        ('AlexNet', 64, 'net.features.10'),
+        ('mobilenet_v3_small', 64, 'net.features'),
+    ):
+        model = main.build_model(name, 2).eval()
+        assert find_layer(model, size)[0] == layer, name
+        maps = heatmaps(model, torch.randn(2, 3, size, size), torch.tensor([0, 1]), layer)
+        assert maps.shape == (2, size, size) and 0 <= maps.min() and maps.max() <= 1
+    with pytest.raises(
+        UserError, match=r'--cam_layer=.net.layer5.: ResNet34 has no layer of that name; did you mean .*net.layer4'
+    ):
+        find_layer(main.build_model('ResNet34', 2), 64, 'net.layer5')
+
+
+def test_dashboards_show_where_the_model_looked_and_leave_training_as_it_was(tmp_path, one_picture, monkeypatch):
+    import report
+    from utils.visualize import Visualizer
+
+    sent = {}
+    monkeypatch.setattr(Visualizer, '_call', lambda self, *args, **kwargs: None)  # no server needed
+    monkeypatch.setattr(Visualizer, 'captioned_images', lambda self, name, items, **kw: sent.setdefault(name, items))
+    # bf16 autocast where this CPU has it (--amp=auto): the maps are computed in fp32 all the same
+    options = dict(model='ResNet34', max_epoch=2, vis=True, tensorboard=True, amp='auto')
+    main.train(**fast_options(tmp_path / 'shown', one_picture, **options))
+    (run,) = (tmp_path / 'shown' / 'checkpoints').glob('2*')
+    board = EventAccumulator(str(run), size_guidance={'images': 0})
+    board.Reload()
+    assert len(board.Images(LOOKED)) == 2 and len(board.Images('most wrong (validation)')) == 2
+    looked, wrong = sent[LOOKED], sent['most wrong (validation)']
+    assert len(looked) == len(wrong) > 0 and all(isinstance(picture, Image.Image) for picture, _ in looked)
+    for _, caption in looked:
+        true, guess = re.fullmatch(r'\S+ (cat|dog)->(cat|dog) \d\.\d\d', caption).groups()
+        assert true != guess
+    # the same run without the maps ends with the same weights and statistics
+    monkeypatch.setattr(report.Reporter, 'where_it_looked', lambda *args: [])
+    main.train(**fast_options(tmp_path / 'plain', one_picture, **options))
+    (other,) = (tmp_path / 'plain' / 'checkpoints').glob('2*')
+    ours, theirs = (torch.load(r / 'last.pth', weights_only=True)['model'] for r in (run, other))
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_predict_explain_writes_a_picture_per_image_beside_the_csv(trained_folds, flipped_demo, tmp_path):
+    parent, options = trained_folds
+    test1 = flipped_demo / 'test1'
+    common = dict(checkpoint_dir=options['checkpoint_dir'], use_gpu=False, num_workers=0)
+    out = tmp_path / 'mine' / 'predictions.csv'
+    main.predict(str(test1), out=str(out), explain=True, load_model_path=str(parent / 'fold-1'), **common)
+    pictures = sorted(p.name for p in out.parent.glob('*.png'))
+    assert pictures == sorted(f'{p.stem}-cam.png' for p in test1.glob('*.jpg'))
+    assert Image.open(out.parent / pictures[0]).size[0] >= 64
+    main.predict(str(test1 / '1.jpg'), explain=True, load_model_path=str(parent), **common)  # the folds as one
+    assert (parent / 'explained' / '1-cam.png').is_file()
+    with pytest.raises(UserError, match='--cam_layer'):
+        main.predict(str(test1), explain=True, cam_layer='net.nothing', load_model_path=str(parent), **common)
+
+
+def test_kfold_resumes_the_fold_it_was_in(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, max_epoch=2)
+    trained = []
+
+    def train(run, stop_at=None):
+        trained.append(run)
+
+        def on_epoch(epoch, metrics, rt):
+            if (run['fold'], epoch) == stop_at:
+                raise KeyboardInterrupt
+
+        return main.train_with(run, on_epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        kfold.run_kfold(options, 3, train=lambda run: train(run, stop_at=(2, 0)))
+    (parent,) = (tmp_path / 'checkpoints').glob('kfold-*')
+    first = (parent / 'fold-1' / 'last.pth').stat().st_mtime_ns
+    (parent / 'fold-3').mkdir()  # a fold killed before its first epoch was saved
+    (parent / 'fold-3' / 'config.json').write_text('{}')
+    trained.clear()
+    kfold.run_kfold(options, 3, train=train)  # the same command
+    assert [(run['fold'], run.get('resume'), run.get('name')) for run in trained] == [
+        (2, str(parent / 'fold-2'), None),
+        (3, None, 'fold-3'),
+    ]
+    assert (parent / 'fold-1' / 'last.pth').stat().st_mtime_ns == first
+    epochs = [json.loads(line)['epoch'] for line in (parent / 'fold-2' / 'metrics.jsonl').read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert len(rows(parent / 'oof.csv')) == 40 and list((tmp_path / 'checkpoints').glob('kfold-*')) == [parent]
+
+
+def test_demo_data_lists_the_labels_it_flips(tmp_path):
+    make_demo_data(tmp_path / 'plain', n_train=20, n_test=0, seed=3)
+    make_demo_data(tmp_path / 'flipped', n_train=20, n_test=0, seed=3, flip_labels=0.2)
+    flipped = (tmp_path / 'flipped' / 'flipped.txt').read_text().split()
+    assert len(set(flipped)) == 4 and all((tmp_path / 'flipped' / 'train' / name).is_file() for name in flipped)
+    assert not (tmp_path / 'plain' / 'flipped.txt').exists()
+    # the images drawn before the first flipped one are those of the same seed without flips
+    order = [f'{("cat", "dog")[i % 2]}.{i // 2}.jpg' for i in range(20)]
+    before = order[: min(map(order.index, flipped))]
+    assert before and all(
+        (tmp_path / 'plain' / 'train' / name).read_bytes() == (tmp_path / 'flipped' / 'train' / name).read_bytes()
+        for name in before
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    'case, flags, message',
+    [
+        ('one class', ['--folds=2'], 'holds one class only'),
+        ('too few', ['--folds=21'], 'has 20 images of cat, fewer than --folds=21'),
+        ('one fold', ['--folds=1'], '--folds=1 is invalid'),
+    ],
+)
+def test_kfold_refuses_what_it_cannot_split_in_one_line(tmp_path, tiny_data, case, flags, message):
+    data = tiny_data
+    if case == 'one class':
+        data = tmp_path / 'cats'
+        (data / 'train').mkdir(parents=True)
+        for file in (tiny_data / 'train').glob('cat.*.jpg'):
+            (data / 'train' / file.name).write_bytes(file.read_bytes())
+    options = fast_options(tmp_path, data)
+    del options['result_file'], options['test_data_root']
+    assert_one_line_error(run_main('kfold', *flags, *as_flags(options)), message)
+    assert not (tmp_path / 'checkpoints').exists()  # refused before anything is made
