@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import main
+import report
 import utils.visualize
 from conftest import CHROMIUM, as_flags, fast_options, headless, newest_run, run_main
 from tools.visdom_server import start
@@ -95,13 +96,13 @@ def test_most_wrong_captions_name_the_file_and_the_probability_or_both_classes(t
     p = torch.linspace(0.9, 0.6, len(labels))  # every image said to be what it is not, less and less sure
     probs = torch.stack([torch.where(labels == 0, 1 - p, p), torch.where(labels == 0, p, 1 - p)], dim=1)
     metrics = {'probs': probs, 'labels': labels, 'indices': torch.arange(len(labels))}
-    two = main.most_wrong(data, metrics, ['cat', 'dog'], count=5)
+    two = report.most_wrong(data, metrics, ['cat', 'dog'], count=5)
     captions = [caption for _, caption in two]
     assert all(re.fullmatch(r'(cat|dog)\.\d+\.jpg P\(dog\)=\d\.\d\d', c) for c in captions), captions
     assert [float(c[-4:]) for c in captions] == [
         round(1 - float(q), 2) if t else round(float(q), 2) for q, t in zip(p[:5], labels[:5])
     ]
-    three = main.most_wrong(
+    three = report.most_wrong(
         data, {**metrics, 'probs': torch.cat([probs, torch.zeros(len(labels), 1)], 1)}, ['cat', 'dog', 'fox'], count=2
     )
     assert [c for _, c in three][
