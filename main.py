@@ -259,7 +259,8 @@ def export(*run, format='onnx', **kwargs):
     cfg = options(kwargs)
     if run:
         cfg.load_model_path = str(run[0])
-    export_model(cfg, load_trained(cfg, ('train_data_root', 'val_data_root', 'val_ratio', 'seed')), format)
+    split = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')  # checked on val's images
+    export_model(cfg, load_trained(cfg, split), format)
 
 
 def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
