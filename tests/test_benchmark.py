@@ -28,7 +28,8 @@ def test_benchmark_smoke_prints_every_ratio_with_its_figures():
         '3. test / bare inference, SqueezeNet',
         '4. peak RSS, 2000 files / 100 files',
         '5. whole `train` run / classic pipeline, SqueezeNet',
+        '6. epoch with Grad-CAM / without, SqueezeNet',
     ):
         line = next(line for line in result.stdout.splitlines() if label in line)
         assert re.search(r'\d+\.\d\d +\( *\d+\.\d vs +\d+\.\d (images/s|MB|s)\)', line), line
-    assert '6 ratios measured' in result.stdout
+    assert '7 ratios measured' in result.stdout

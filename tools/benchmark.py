@@ -33,7 +33,7 @@ from data.demo import make_demo_data
 from data.transforms import MEAN, STD
 from models import build_model
 from recipe import Training
-from report import Reporter
+from report import Reporter, epoch_record
 from utils.runtime import Runtime, compute_dtype, cpu_has_bf16
 
 MAIN = ROOT / 'main.py'  # run as a user runs it, never imported: it is the top of the project
@@ -137,13 +137,58 @@ def loop_efficiency(root, args, model_name, vis_port, out):
 
     epochs = iter(range(args.rounds + 1))
     real_epoch(next(epochs))  # warm-up: worker start
+    rates = []  # the real loop's images/s in each round, for line 6
+
+    def measured_epoch():
+        rates.append(real_epoch(next(epochs)))
+        return rates[-1]
+
     out[f'loop {model_name}'] = alternating(
         f'1. loop efficiency, {model_name}, {len(train)}-image epochs',
         args.rounds,
-        lambda: real_epoch(next(epochs)),
+        measured_epoch,
         lambda: bare_steps(steps),
     )
     reporter.close(cfg.to_dict(), 0.0)
+    return statistics.median(rates)
+
+
+def pictures(root, args, model_name, vis_port, loop_rate, out):
+    """What the dashboards' Grad-CAM pictures (the most-wrong validation images with the map of
+    the class predicted, every epoch) add to an epoch: the Reporter's end of epoch, visdom and
+    TensorBoard on, timed with them and without, in turns. The pictures cost the same whatever
+    the training set's size, so their extra seconds are set against a Kaggle epoch: 17,500
+    training images at the real loop's rate measured in line 1 (its validation left out, which
+    only makes the share look larger)."""
+    cfg = options(root, args, model_name, vis_port=vis_port, env='benchmark')
+    rt = runtime_of(cfg, args)
+    model = engine.on_device(build_model(model_name), rt)  # untrained: about half the images are wrong
+    val_data = DogCat(root / 'train', 'val', cfg.image_size, cfg.val_ratio)
+    training = Training(model, model, nn.CrossEntropyLoss(), None, None, None, None, None, None)
+    metrics = engine.validate(training, engine.make_loader(val_data, cfg, rt), rt)
+    record = epoch_record(0, metrics, lr=cfg.lr, train_loss=1.0, classes=val_data.classes, seconds=1.0, seen=1,
+                          skipped_files=[])  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # the curves' addresses
+        reporter = Reporter(cfg, rt, root / 'board-pictures', 1, 0)
+
+    def end_of_epoch(layer):
+        reporter.cam_layer = layer  # None: no Grad-CAM pictures
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # the epoch's line
+            reporter.epoch(record, metrics, val_data, training)
+        return time.perf_counter() - started
+
+    end_of_epoch(''), end_of_epoch(None)  # warm-up: importing Captum, finding the layer
+    pairs = [(end_of_epoch(''), end_of_epoch(None)) for _ in range(args.rounds)]
+    extra = statistics.median(a - b for a, b in pairs)
+    reporter.close(cfg.to_dict(), 0.0)
+    kaggle = 17_500 / loop_rate
+    out['pictures'] = ratio(
+        f'6. epoch with Grad-CAM / without, {model_name}',
+        17_500 / (kaggle + extra),
+        17_500 / kaggle,
+    )
+    print(f'     (the pictures: {extra:.2f} s an epoch; a Kaggle epoch: 17,500 images at {loop_rate:.1f} images/s)')
 
 
 def loader_headroom(root, args, out):
@@ -413,12 +458,12 @@ def main_():
             server = None
             print('  (no visdom server could start: the visualizer runs against a closed port)')
         try:
-            for name in args.model.split(','):
-                loop_efficiency(root, args, name, port, out)
+            rates = {name: loop_efficiency(root, args, name, port, out) for name in args.model.split(',')}
             loader_headroom(root, args, out)
             inference(root, args, args.model.split(',')[0], out)
             memory(root, args, out)
             whole_run(root, args, args.model.split(',')[0], port, out)
+            pictures(root, args, args.model.split(',')[0], port, rates[args.model.split(',')[0]], out)
         finally:
             if server is not None:
                 server.terminate()
