@@ -5,6 +5,8 @@ The study lives in <sweep>/study.db unless --storage names another; any number o
 started with the same command share it and split the trials, and the same command started
 again continues it. Each trial reports its best validation figure every epoch, and a median
 pruner stops those that fall behind; a trial whose loss becomes NaN or infinite is pruned too.
+Under torchrun every process trains each trial: rank 0 alone talks to the study and hands the
+others the trial's options and, after every epoch, whether to stop.
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ from config import NOT_RECIPE, DefaultConfig, UserError, unknown
 from models import check_options
 from utils.files import atomic_open
 from utils.run_folders import point_latest
+from utils.runtime import runtime
 
 FORMS = 'name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C'
 METRICS = {'log_loss': ('log loss', 'minimize'), 'accuracy': ('accuracy', 'maximize')}
@@ -95,11 +98,6 @@ def parse_dimension(word, fixed, taken):
 def run_sweep(options, space, trials, metric, storage, train):
     """Run trials of train(options, on_epoch) until the study holds `trials` finished ones."""
     options = {key.replace('-', '_'): value for key, value in options.items()}
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        raise UserError(
-            'sweep does not run under torchrun: start the same sweep command once per GPU '
-            '(CUDA_VISIBLE_DEVICES=N), and the processes share its trials'
-        )
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UserError(f'--trials={trials!r} is invalid; it takes a whole number >= 1')
     if metric not in METRICS:
@@ -125,7 +123,40 @@ def run_sweep(options, space, trials, metric, storage, train):
     folder = base.path('checkpoint_dir') / name
     if (folder / 'config.json').exists():
         raise UserError(f'--name={name}: {folder} is a training run, not a sweep; choose another name')
-    label, direction = METRICS[metric]
+    study = dict(storage=storage, command=command, metric=metric, trials=trials, train=train)
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return lead(folder, base, fixed, dimensions, **study)
+    with runtime(base.use_gpu) as rt:  # one process group, which every trial's training uses
+        if rt.is_main:
+            lead(folder, base, fixed, dimensions, **study, share=rt.broadcast)
+            rt.broadcast(None)  # the end: the other processes stop waiting for a trial
+        else:
+            follow(rt, train)
+
+
+def follow(rt, train):
+    """A process of rank > 0 under torchrun: trains each trial's options that rank 0 hands it,
+    and stops a trial when rank 0 says so."""
+    while (run := rt.broadcast(None)) is not None:
+
+        def report(epoch, metrics, rt):
+            if rt.broadcast(None) is not None:
+                raise Stopped
+
+        try:
+            train(run, report)
+        except Stopped:
+            pass
+        except UserError as e:
+            if not str(e).startswith(DIVERGED):  # a diverged trial: rank 0 prunes it too
+                raise
+
+
+def lead(folder, base, fixed, dimensions, *, storage, command, metric, trials, train, share=lambda obj: obj):
+    """The sweep as rank 0 (or the only process) runs it: trials of the study until it holds
+    `trials` finished ones. Under torchrun share() hands each trial's options, and after each
+    epoch whether to stop, to the other processes (it returns rank 0's object on every rank)."""
+    name, (label, direction) = folder.name, METRICS[metric]
     study = open_study(folder, storage, name, direction, command, metric)
 
     import optuna
@@ -148,17 +179,21 @@ def run_sweep(options, space, trials, metric, storage, train):
         values, state, note = [], 'failed', ''
 
         def report(epoch, metrics, rt):
+            stop = None
             if not math.isfinite(metrics[metric]):
-                raise optuna.TrialPruned(f'the validation {label} became {metrics[metric]} in epoch {epoch + 1}')
-            values.append(metrics[metric])
-            trial.report(pick(values), epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f'behind the median after epoch {epoch + 1}')
+                stop = f'the validation {label} became {metrics[metric]} in epoch {epoch + 1}'
+            else:
+                values.append(metrics[metric])
+                trial.report(pick(values), epoch)
+                if trial.should_prune():
+                    stop = f'behind the median after epoch {epoch + 1}'
+            if share(stop) is not None:  # every epoch, so that the other processes stop with this one
+                raise optuna.TrialPruned(stop)
 
         run = {**fixed, **params, 'checkpoint_dir': str(folder), 'name': f'trial-{trial.number}'}
         run.setdefault('env', f'{name}-trial-{trial.number}')  # visdom: trials of two sweeps apart
         try:
-            train(run, report)
+            train(share(run), report)
             state = 'complete'
             return pick(values)
         except optuna.TrialPruned as e:
@@ -249,6 +284,10 @@ def open_study(folder, storage, name, direction, command, metric):
 
 class Surplus(Exception):
     """A trial started after the study already held all the trials asked for."""
+
+
+class Stopped(Exception):
+    """Rank 0 pruned the trial: the other processes of a torchrun stop it too."""
 
 
 def write_trial(folder, number, state, value, metric, params, note):

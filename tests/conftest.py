@@ -120,16 +120,16 @@ def run_main(*args, cwd=ROOT, timeout=300):
     )
 
 
-def torchrun(*args, processes=2, timeout=300, input=None):
-    """`torchrun --standalone --nproc_per_node=N main.py ARGS`; the whole process group is
-    killed on the way out, whatever happens."""
+def torchrun(*args, processes=2, timeout=300, input=None, script=ROOT / 'main.py'):
+    """`torchrun --standalone --nproc_per_node=N main.py ARGS` (or another script); the whole
+    process group is killed on the way out, whatever happens."""
     command = [
         sys.executable,
         '-m',
         'torch.distributed.run',
         '--standalone',
         f'--nproc_per_node={processes}',
-        str(ROOT / 'main.py'),
+        str(script),
         *args,
     ]
     process = subprocess.Popen(

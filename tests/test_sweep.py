@@ -21,7 +21,7 @@ import engine
 import main
 import sweep
 from config import UserError
-from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
 
 SPACE = 'lr=1e-4..1e-2:log batch_size=4..8 label_smoothing=0|0.1'
 
@@ -176,16 +176,25 @@ def test_a_trial_whose_loss_becomes_nan_is_pruned_and_keeps_its_folder(tmp_path,
             assert trial.state.name == 'COMPLETE' and record['state'] == 'complete'
 
 
-def test_the_median_pruner_stops_a_trial_that_falls_behind(tmp_path, tiny_data, monkeypatch):
-    # each epoch validates for real, then reports a log loss set by the trial's rate: 0.1 is the bad one
-    real = engine.validate
+def bad_rate_falls_behind(real):
+    """engine.validate that validates for real, then reports a log loss set by the trial's rate:
+    0.1 is the bad one."""
 
     def validate(training, *args, **kwargs):
         metrics = real(training, *args, **kwargs)
         return {**metrics, 'log_loss': 2.0 if training.optimizer.param_groups[0]['lr'] == 0.1 else 0.5}
 
-    monkeypatch.setattr(engine, 'validate', validate)
+    return validate
+
+
+def test_the_median_pruner_stops_a_trial_that_falls_behind(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(engine, 'validate', bad_rate_falls_behind(engine.validate))
     _, folder = sweep_here(3, 'lr=0.1|1e-3', sweep_options(tmp_path, tiny_data, batch_size=8, max_epoch=3))
+    assert_pruned_behind_the_median(folder)
+
+
+def assert_pruned_behind_the_median(folder):
+    """The trials of lr=0.1|1e-3 under bad_rate_falls_behind: 0.1 pruned once two trials completed."""
     trials, complete = trials_of(folder), []
     for number, trial in sorted(trials.items()):
         # MedianPruner(n_startup_trials=2, n_warmup_steps=1): from the second epoch on, worse than
@@ -201,6 +210,37 @@ def test_the_median_pruner_stops_a_trial_that_falls_behind(tmp_path, tiny_data, 
         else:
             complete.append(trial)
     assert any(t.state.name == 'PRUNED' for t in trials.values())  # the seeds draw 1e-3 twice, then 0.1
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_trains_each_trial_and_stops_when_rank_0_prunes(tmp_path, tiny_data):
+    # main.py in two processes, each with the validation of the median pruner's test
+    script = tmp_path / 'patched_main.py'
+    script.write_text(
+        'import runpy, sys\n'
+        f'sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})\n'
+        'import engine, test_sweep\n'
+        'engine.validate = test_sweep.bad_rate_falls_behind(engine.validate)\n'
+        f'runpy.run_path({str(ROOT / "main.py")!r}, run_name="__main__")\n'
+    )
+    options = sweep_options(tmp_path, tiny_data, batch_size=8, max_epoch=3)
+    # a process left waiting for the other hangs: a timeout well above the run's time
+    result = torchrun('sweep', *as_flags(options), '--trials=3', '--space=lr=0.1|1e-3', script=script, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = [p for p in (tmp_path / 'checkpoints').iterdir() if p.is_dir()]
+    assert_pruned_behind_the_median(folder)  # the other process stopped with rank 0, or it would hang
+    assert result.stdout.count('in each of 2 processes') == 3  # each trial trained data-parallel
+    assert re.findall(r'^trial (\d) (\w+)', result.stdout, re.M) == [
+        ('0', 'complete'),
+        ('1', 'complete'),
+        ('2', 'pruned'),
+    ]
+    for number in range(3):  # rank 0 alone wrote the trial's run, with both processes' options
+        config = json.loads((folder / f'trial-{number}' / 'config.json').read_text())
+        assert (
+            config['device'] == 'cpu x 2 processes'
+            and config['options']['lr'] == trials_of(folder)[number].params['lr']
+        )
 
 
 @pytest.mark.filterwarnings('ignore:.*eartbeat')  # optuna's own notes on the storage opened by hand
@@ -252,12 +292,6 @@ def test_a_malformed_space_is_one_sentence_naming_the_dimension_before_anything_
         main.sweep(trials=2, space=space, **options)
     assert '\n' not in str(error.value) and all(fragment in str(error.value) for fragment in fragments)
     assert not (tmp_path / 'checkpoints').exists()  # no folder, no study
-
-
-def test_under_torchrun_a_sweep_says_to_start_one_per_gpu_instead(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setenv('WORLD_SIZE', '2')  # as torchrun sets it
-    with pytest.raises(UserError, match='sweep does not run under torchrun: start the same sweep command once per GPU'):
-        main.sweep(trials=2, space='hflip=True|False', **sweep_options(tmp_path, tiny_data))
 
 
 @pytest.mark.slow

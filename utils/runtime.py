@@ -79,7 +79,10 @@ def runtime(use_gpu, amp='False', channels_last=False):
 
     torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process.
     On CUDA each process takes the GPU of its local rank and talks over NCCL; otherwise gloo.
-    The precision (--amp) and the memory layout (--channels_last) are decided here, once.
+    A group already made by an outer block (a sweep's, held across its trials) is used and left
+    standing: torch names every default group alike, so a second one in the same processes
+    would not connect. The precision (--amp) and the memory layout (--channels_last) are
+    decided here, once.
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
     world_size = int(os.environ.get('WORLD_SIZE', 1))
@@ -88,23 +91,27 @@ def runtime(use_gpu, amp='False', channels_last=False):
         yield Runtime(device, dtype=compute_dtype(device, amp), layout=layout)
         return
     rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    owner = not dist.is_initialized()
     if use_gpu and torch.cuda.is_available():
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-        dist.init_process_group('nccl', device_id=device)
+        if owner:
+            dist.init_process_group('nccl', device_id=device)
     else:
-        if use_gpu and rank == 0:
+        if use_gpu and rank == 0 and owner:
             print(
                 'warning: use_gpu=True but there is no CUDA device; the processes run on the CPU over gloo',
                 file=sys.stderr,
             )
         device = torch.device('cpu')
-        dist.init_process_group('gloo')
+        if owner:
+            dist.init_process_group('gloo')
     try:
         yield Runtime(device, rank, world_size, compute_dtype(device, amp), layout)
     finally:
-        dist.destroy_process_group()
+        if owner:
+            dist.destroy_process_group()
 
 
 def pick_device(use_gpu, announce=True):
