@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -159,6 +160,26 @@ def test_the_page_draws_the_plots_in_a_real_browser(tmp_path, one_picture, serve
     image = Image.open(shot).convert('RGB')
     colours = image.getcolors(maxcolors=image.width * image.height)  # never None: room for every pixel
     assert len(colours) > 200  # charts, text and pictures, not a blank page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')
+def test_the_most_wrong_window_shows_all_four_rows_of_captions_in_a_browser(tmp_path, server):
+    # 16 pictures in four rows: grey, then red in the last row, each captioned in black below it
+    items = [(Image.new('RGB', (64, 64), 'red' if i >= 12 else 'grey'), f'dog.{i}.jpg P(dog)=0.01') for i in range(16)]
+    vis = Visualizer('rows', 'http://127.0.0.1', server)
+    vis.captioned_images('most wrong (validation)', items)
+    vis.close()
+    shot = tmp_path / 'page.png'
+    flags = headless(tmp_path / 'chromium', '--window-size=1200,1000', '--virtual-time-budget=20000')
+    subprocess.run([CHROMIUM, *flags, f'--screenshot={shot}', f'http://127.0.0.1:{server}/env/rows'], timeout=120)
+    page = torch.from_numpy(np.array(Image.open(shot).convert('RGB'))).int()
+    red = (page[..., 0] > 200) & (page[..., 1] < 60) & (page[..., 2] < 60)
+    rows, columns = red.any(dim=1).nonzero()[:, 0], red.any(dim=0).nonzero()[:, 0]
+    assert len(rows) > 20, 'the last row of pictures is not on the page'
+    bottom, left, right = rows.max().item(), columns.min().item(), columns.max().item()
+    # under the red pictures, their captions: dark text on white, within the window
+    below = page[bottom + 1 : bottom + 1 + 3 * 11, left : right + 1]
+    assert (below.amax(dim=-1) < 100).sum() > 50, 'the last row of captions is cut off'
 
 
 def test_without_a_server_training_runs_with_one_warning(tmp_path, tiny_data):
