@@ -1,5 +1,6 @@
 """The runs verb: the training runs in checkpoint_dir, newest first, and the options that set
-them apart; a folder of runs (a sweep's trials) as one entry with its runs beneath it. It reads
+them apart; a folder of runs (a sweep's trials, a kfold's folds) as one entry with its runs beneath
+it. It reads
 the runs' JSON files only, so it answers at once."""
 
 import collections
@@ -12,7 +13,8 @@ from config import NOT_RECIPE
 def list_runs(checkpoint_dir):
     """[{name, model, classes, epochs, max_epoch, best_accuracy, log_loss, started, interrupted,
     options, trial}] of the runs in checkpoint_dir, newest first. A folder that holds run folders
-    (a sweep's trials) is one entry {name, started, sweep, members}, its runs in `members`."""
+    (a sweep's trials, a kfold's folds) is one entry {name, started, sweep, kfold, members}, its
+    runs in `members`."""
     runs = []
     for folder in sorted(checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else []:
         if folder.is_symlink() or not folder.is_dir():
@@ -23,10 +25,12 @@ def list_runs(checkpoint_dir):
         members = [run for sub in sorted(folder.iterdir()) if (sub / 'config.json').is_file() for run in read_run(sub)]
         if members:
             sweep = read_json(folder / 'sweep.json') if (folder / 'sweep.json').is_file() else None
+            made = read_json(folder / 'kfold.json') if (folder / 'kfold.json').is_file() else None
             for member in members if sweep else []:
                 member['trial'] = member['trial'] or {'state': 'running'}  # trial.json comes at its end
             members.sort(key=lambda r: (r['started'], r['name']))  # in the order they ran
-            runs.append({'name': folder.name, 'started': members[-1]['started'], 'sweep': sweep, 'members': members})
+            runs.append({'name': folder.name, 'started': members[-1]['started'], 'sweep': sweep, 'kfold': made,
+                         'members': members})  # fmt: skip
     return newest_first(runs)
 
 
@@ -83,17 +87,28 @@ def print_runs(checkpoint_dir):
         if 'members' not in entry:
             print(run_line(entry, differing))
             continue
-        members, sweep = entry['members'], entry['sweep']
-        states = collections.Counter(member['trial']['state'] for member in members if member['trial'])
-        counts = ', '.join(f'{n} {state}' for state, n in sorted(states.items()))
-        kind = (
-            f'sweep of {len(members)} trials ({counts}), {sweep["metric"]} on ' + ' '.join(sweep['space'])
-            if sweep
-            else f'{len(members)} runs'
-        )
-        print(f'{entry["name"]}/  {kind}')
+        print(f'{entry["name"]}/  {group_line(entry)}')
+        members = entry['members']
         for member in members:
             print('  ' + run_line(member, differing_options(members)))
+
+
+def group_line(entry):
+    """What a folder of runs is: a sweep with its trials' states, a kfold with its out-of-fold
+    figures, or runs."""
+    members, sweep, made = entry['members'], entry['sweep'], entry['kfold']
+    if sweep:
+        states = collections.Counter(member['trial']['state'] for member in members if member['trial'])
+        counts = ', '.join(f'{n} {state}' for state, n in sorted(states.items()))
+        return f'sweep of {len(members)} trials ({counts}), {sweep["metric"]} on ' + ' '.join(sweep['space'])
+    if made:
+        oof = made.get('oof')
+        return f'kfold of {len(members)}/{made["folds"]} folds, ' + (
+            f'out-of-fold acc {oof["accuracy"]:.2%}  log loss {oof["log_loss"]:.4f}  {oof["suspects"]} suspect labels'
+            if oof
+            else 'no out-of-fold predictions yet'
+        )
+    return f'{len(members)} runs'
 
 
 def run_line(entry, differing):

@@ -17,7 +17,7 @@ import kfold
 import main
 from checkpoint import load_trained
 from config import DefaultConfig, UserError
-from conftest import as_flags, assert_one_line_error, fast_options, run_main
+from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
 from data import DogCat
 from data.demo import _draw, make_demo_data
 from data.transforms import model_input
@@ -91,6 +91,19 @@ def test_every_training_image_is_predicted_once_by_the_model_that_did_not_train_
     capsys.readouterr()
     main.val(load_model_path=str(parent / 'fold-2'), checkpoint_dir=checkpoints, num_workers=0)
     assert f'{len(held)} validation images' in capsys.readouterr().out
+
+
+def test_runs_lists_a_kfold_as_one_entry_with_its_out_of_fold_figures(trained_folds, capsys):
+    parent, options = trained_folds
+    oof = json.loads((parent / 'kfold.json').read_text())['oof']
+    capsys.readouterr()
+    main.runs(checkpoint_dir=options['checkpoint_dir'])
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the config: line
+    assert lines[0] == (
+        f'flipped/  kfold of 3/3 folds, out-of-fold acc {oof["accuracy"]:.2%}  log loss {oof["log_loss"]:.4f}  '
+        f'{oof["suspects"]} suspect labels'
+    )
+    assert [line.split()[0] for line in lines[1:]] == ['fold-1', 'fold-2', 'fold-3']
 
 
 def test_the_folds_as_one_model_average_their_probabilities(trained_folds, flipped_demo, tmp_path):
@@ -181,6 +194,26 @@ def test_dashboards_show_where_the_model_looked_and_leave_training_as_it_was(tmp
     (other,) = (tmp_path / 'plain' / 'checkpoints').glob('2*')
     ours, theirs = (torch.load(r / 'last.pth', weights_only=True)['model'] for r in (run, other))
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['compiled', 'torchrun'])
+def test_grad_cam_pictures_after_compile_and_under_torchrun_from_rank_0(tmp_path, one_picture, mode):
+    # a layer named as the plain model names it: the compiled and the DDP-wrapped model name it otherwise
+    options = fast_options(tmp_path, one_picture, max_epoch=2, tensorboard=True, cam_layer='net.features.7')
+    if mode == 'compiled':
+        main.train(**options, compile=True)
+    else:
+        result = torchrun('train', *as_flags(options))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert 'warning' not in result.stderr
+    run = newest_run(tmp_path / 'checkpoints')
+    assert len(list(run.glob('events.out.tfevents.*'))) == 1  # rank 0's alone
+    board = EventAccumulator(str(run), size_guidance={'images': 0})
+    board.Reload()
+    looked, wrong = board.Images(LOOKED), board.Images('most wrong (validation)')
+    assert [e.step for e in looked] == [e.step for e in wrong] and len(looked) == 2  # every epoch
+    assert all(a.encoded_image_string != b.encoded_image_string for a, b in zip(looked, wrong))  # the maps drawn
 
 
 def test_predict_explain_writes_a_picture_per_image_beside_the_csv(trained_folds, flipped_demo, tmp_path):

@@ -137,7 +137,7 @@ def print_help(main_file):
         meanings = dict(line.split(': ', 1) for line in doc if line.startswith('--'))
         for option, default in verb.options.items():
             print(f'{"":14}--{option:<12} {default!r:<14} {meanings.get("--" + option, "")}')
-    print('\noptions of train, val, test, predict and runs (default, meaning):')
+    print('\noptions of DefaultConfig, which every verb but demo_data and help takes (default, meaning):')
     for name, (default, comment) in option_help().items():
         print(f'  --{name:<16} {default!r:<18} {comment}')
 
