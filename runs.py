@@ -1,7 +1,6 @@
 """The runs verb: the training runs in checkpoint_dir, newest first, and the options that set
-them apart; a folder of runs (a sweep's trials, a kfold's folds) as one entry with its runs beneath
-it. It reads
-the runs' JSON files only, so it answers at once."""
+them apart; a folder of runs (a sweep's trials, a kfold's folds) as one entry with its runs
+beneath it. It reads the runs' JSON files only, so it answers at once."""
 
 import collections
 import json

@@ -123,26 +123,33 @@ def run_sweep(options, space, trials, metric, storage, train):
     folder = base.path('checkpoint_dir') / name
     if (folder / 'config.json').exists():
         raise UserError(f'--name={name}: {folder} is a training run, not a sweep; choose another name')
-    study = dict(storage=storage, command=command, metric=metric, trials=trials, train=train)
+    direction = METRICS[metric][1]
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
-        return lead(folder, base, fixed, dimensions, **study)
+        study = open_study(folder, storage, name, direction, command, metric)
+        return lead(study, folder, base, fixed, dimensions, metric=metric, trials=trials, train=train)
     with runtime(base.use_gpu) as rt:  # one process group, which every trial's training uses
-        if rt.is_main:
-            lead(folder, base, fixed, dimensions, **study, share=rt.broadcast)
-            rt.broadcast(None)  # the end: the other processes stop waiting for a trial
-        else:
-            follow(rt, train)
+        if not rt.is_main:
+            return follow(rt, train)
+        try:
+            study = open_study(folder, storage, name, direction, command, metric)
+        except UserError as e:
+            rt.broadcast(str(e))  # the other processes end with it, rather than wait to be killed
+            raise
+        lead(study, folder, base, fixed, dimensions, metric=metric, trials=trials, train=train, share=rt.broadcast)
+        rt.broadcast(None)  # the end: the other processes stop waiting for a trial
 
 
 def follow(rt, train):
     """A process of rank > 0 under torchrun: trains each trial's options that rank 0 hands it,
-    and stops a trial when rank 0 says so."""
+    and stops a trial when rank 0 says so; rank 0's text instead of options is its error."""
+
+    def report(epoch, metrics, trial_rt):
+        if rt.broadcast(None) is not None:
+            raise Stopped
+
     while (run := rt.broadcast(None)) is not None:
-
-        def report(epoch, metrics, rt):
-            if rt.broadcast(None) is not None:
-                raise Stopped
-
+        if isinstance(run, str):
+            raise UserError(run)
         try:
             train(run, report)
         except Stopped:
@@ -152,12 +159,11 @@ def follow(rt, train):
                 raise
 
 
-def lead(folder, base, fixed, dimensions, *, storage, command, metric, trials, train, share=lambda obj: obj):
-    """The sweep as rank 0 (or the only process) runs it: trials of the study until it holds
+def lead(study, folder, base, fixed, dimensions, *, metric, trials, train, share=lambda obj: obj):
+    """The sweep as rank 0 (or the only process) runs it: trials of `study` until it holds
     `trials` finished ones. Under torchrun share() hands each trial's options, and after each
     epoch whether to stop, to the other processes (it returns rank 0's object on every rank)."""
     name, (label, direction) = folder.name, METRICS[metric]
-    study = open_study(folder, storage, name, direction, command, metric)
 
     import optuna
     from optuna.study import MaxTrialsCallback
