@@ -37,6 +37,14 @@ def unknown(kind, word, valid, prefix=''):
     return UserError(f'unknown {kind} {prefix}{word}{hint}')
 
 
+def whole_number(name, value, low=0, high=None):
+    """`value` of the option --name, or a UserError unless it is a whole number from low (to high)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        accepts = f'from {low} to {high}' if high is not None else f'>= {low}'
+        raise UserError(f'--{name}={value!r} is invalid; it takes a whole number {accepts}')
+    return value
+
+
 @dataclass
 class DefaultConfig:
     env: str = ''  # visdom environment the curves go to (empty: one named after the run)

@@ -14,22 +14,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import engine
-from checkpoint import load_trained, restore, resume_point, save_epoch, training_state
-from config import DefaultConfig, UserError
+from config import DefaultConfig, UserError, whole_number
 from data import DogCat
 from data.demo import make_demo_data
 from data.transforms import model_input
 from models import build_model, check_options
-from predict import find_images, infer_dataset, predict_files, validation_data, write_submission
-from recipe import make_training
-from report import Reporter, confusion_table, epoch_record
-from runs import print_runs
+from training import engine
+from training.checkpoint import load_trained, load_weights, restore, resume_point, save_epoch, training_state
+from training.recipe import make_training
+from training.report import Reporter, confusion_table, epoch_record
 from utils import interrupts_deferred
 from utils.cli import print_help, run
 from utils.files import writable_folder
 from utils.run_folders import new_run_dir, note_interrupted, point_latest, write_config
-from utils.runtime import precision, runtime, seed_everything
+from utils.runtime import runtime_of, seed_everything
+from verbs.predict import find_images, predict_files, write_submission
+from verbs.runs import print_runs
 
 
 def train(**kwargs):
@@ -44,7 +44,7 @@ def train_with(kwargs, on_epoch=None):
     resume = resume_point(cfg)  # a new run, or where --resume's run stands; its options taken into cfg
     root = cfg.require_dir('train_data_root')
     writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
-    with runtime(cfg.use_gpu, cfg.amp, cfg.channels_last) as rt:
+    with runtime_of(cfg) as rt:
         return fit(cfg, root, resume, rt, on_epoch)
 
 
@@ -78,7 +78,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     if cfg.freeze_features:
         model.freeze_features()
     if cfg.load_model_path:
-        model.load(cfg.path('load_model_path'))
+        load_weights(model, cfg.path('load_model_path'))
     if cfg.sync_bn and rt.distributed:
         if device.type != 'cuda':
             raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
@@ -94,7 +94,8 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     print(
         f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {device}'
         + (f' in each of {rt.world_size} processes' if rt.distributed else '')
-        + f', computing in {precision(device, cfg.amp)}'
+        + f', computing in {rt.precision}'
+        + (f' (--amp={cfg.amp})' if rt.dtype is not None else '')
     )
 
     # step 3: objective, optimizer, learning-rate schedule, and what else the options add
@@ -216,8 +217,8 @@ def val(**kwargs):
     split = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')
     trained = load_trained(cfg, () if given_data else split)
     classes = trained.classes
-    data = validation_data(cfg, classes)
-    m = engine.score(infer_dataset(cfg, trained.model, data)[0])
+    data = engine.validation_data(cfg, classes)
+    m = engine.score(engine.infer_dataset(cfg, trained.model, data)[0])
     print(
         f'{len(m["labels"])} validation images: loss {m["loss"]:.4f}  accuracy {m["accuracy"]:.2%}  '
         f'Kaggle log loss {m["log_loss"]:.4f}'
@@ -254,7 +255,7 @@ def export(*run, format='onnx', **kwargs):
 
     --format: onnx (checked against PyTorch on the run's validation images before it is kept)
     """
-    from export import export_model  # onnx and onnxruntime load only here
+    from verbs.export import export_model  # onnx and onnxruntime load only here
 
     cfg = options(kwargs)
     if run:
@@ -270,7 +271,7 @@ def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
     --port: the port to listen on
     --max_mb: the largest image accepted, in MB
     """
-    from serve import serve_model  # the web stack loads only here
+    from verbs.serve import serve_model  # the web stack loads only here
 
     cfg = options(kwargs)
     if run:
@@ -286,7 +287,7 @@ def sweep(trials=10, space='', metric='log_loss', storage='', **kwargs):
     --metric: log_loss (of the best epoch, minimised) or accuracy (maximised)
     --storage: an Optuna storage URL to share the study (default: study.db in the sweep's folder)
     """
-    from sweep import run_sweep  # optuna loads only here
+    from verbs.sweep import run_sweep  # optuna loads only here
 
     run_sweep(kwargs, space, trials, metric, storage, train=train_with)
 
@@ -296,7 +297,7 @@ def kfold(folds=5, **kwargs):
 
     --folds: how many stratified folds: checkpoints/<--name or kfold-<time>-<model>>/fold-1 ... fold-K
     """
-    from kfold import run_kfold  # cleanlab loads only here
+    from verbs.kfold import run_kfold  # cleanlab loads only here
 
     run_kfold(kwargs, folds, train=train_with)
 
@@ -316,8 +317,7 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     from data.demo import CLASSES
 
     for name, value in (('n_train', n_train), ('n_test', n_test), ('seed', seed), ('classes', classes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f'--{name}={value!r} is invalid; it takes a whole number >= 0')
+        whole_number(name, value)
     root = str(root)  # fire reads --root=5 as a number
     if layout not in ('kaggle', 'folders'):
         raise UserError(f'--layout={layout!r} is invalid; it takes kaggle or folders')
@@ -337,7 +337,9 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
 
 def runs(**kwargs):
     """List the training runs, newest first: epochs, best validation accuracy and log loss, when."""
-    print_runs(options(kwargs).path('checkpoint_dir'))
+    cfg = DefaultConfig()
+    cfg.check_values(kwargs)  # no `config:` line: runs trains nothing
+    print_runs(cfg.path('checkpoint_dir'))
 
 
 def help():

@@ -11,6 +11,7 @@ from utils.files import load_checkpoint
 
 from .alexnet import AlexNet
 from .basic_module import BasicModule
+from .ensemble import FoldEnsemble
 from .resnet34 import ResNet34
 from .squeezenet import SqueezeNet
 from .torchvision_model import TorchvisionModel, image_size_rule, torchvision_names
@@ -77,6 +78,7 @@ def imagenet_state(weights):
 __all__ = [
     'AlexNet',
     'BasicModule',
+    'FoldEnsemble',
     'MODELS',
     'ResNet34',
     'SqueezeNet',

@@ -58,18 +58,11 @@ class BasicModule(nn.Module):
         return Path(path)
 
     def load(self, path):
-        """Load weights written by save(), or the model part of a training checkpoint."""
-        return self.load_state(load_checkpoint(path), source=path)
+        """Load weights written by save() (a run's checkpoint: training.checkpoint.load_weights)."""
+        return self.load_state_dict_from(load_checkpoint(path), source=path)
 
-    def load_state(self, state, source='the checkpoint'):
-        """Like load(), from a dict already read from `source`."""
-        if isinstance(state.get('model'), dict):  # a run's checkpoint (checkpoint.py): its weights
-            made_as = state.get('config', {}).get('model')
-            if made_as and made_as != self.model_name:
-                raise UserError(
-                    f'{source} is a checkpoint of {made_as}, not of {self.model_name}; pass --model={made_as}'
-                )
-            state = state['model']
+    def load_state_dict_from(self, state, source='the checkpoint'):
+        """load_state_dict(state), its failure a UserError naming `source`."""
         try:
             self.load_state_dict(state)
         except RuntimeError:

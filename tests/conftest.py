@@ -88,7 +88,7 @@ def scripted_validation(monkeypatch, accuracies, losses):
     a test about what a run does with its best epoch then holds on every CPU, where a real
     trajectory on a tiny set changes with the machine's kernels. Runs one after the other (a
     resume, say) take their epochs from the same script in turn."""
-    import engine
+    from training import engine
 
     real, script = engine.validate, iter(zip(accuracies, losses))
 

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, as_flags, fast_options, newest_run, run_main, torchrun
 from models import ResNet34
+from training.checkpoint import load_weights
 from utils.files import load_checkpoint
 
 pytestmark = pytest.mark.slow  # real processes and servers: `pytest -m 'not slow'` leaves them out
@@ -40,7 +41,7 @@ def test_two_processes_train_and_write_one_checkpoint_that_loads_alone(two_proce
     state = load_checkpoint(newest_run(folder / 'checkpoints') / 'last.pth')
     assert state['epoch'] == 1
     assert not any(key.startswith('module.') for key in state['model'])
-    ResNet34().load(newest_run(folder / 'checkpoints') / 'last.pth')
+    load_weights(ResNet34(), newest_run(folder / 'checkpoints') / 'last.pth')
     assert len((newest_run(folder / 'checkpoints') / 'metrics.jsonl').read_text().splitlines()) == 2
 
 

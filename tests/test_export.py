@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-import export
 import main
-from checkpoint import load_trained
 from config import DefaultConfig, UserError
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from data import DogCat
 from data.decode import UNREADABLE, load_pixels
 from data.transforms import eval_transform, model_input
 from tools.predict_onnx import find_images, prepared
+from training.checkpoint import load_trained
+from verbs import export
 
 # runs a script with torch and torchvision impossible to import
 WITHOUT_TORCH = """

@@ -3,6 +3,7 @@ import torch
 
 from config import UserError
 from models import MODELS, AlexNet, ResNet34, SqueezeNet
+from training.checkpoint import load_weights
 
 
 @pytest.mark.parametrize('name, size', [('ResNet34', 32), ('SqueezeNet', 32), ('AlexNet', 64)])
@@ -47,7 +48,7 @@ def test_loading_weights_of_another_model_is_a_clear_error(tmp_path):
 def test_loading_a_training_checkpoint_of_another_model_names_it(tmp_path):
     torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'ck.pth')
     with pytest.raises(UserError, match='checkpoint of SqueezeNet, not of AlexNet; pass --model=SqueezeNet'):
-        AlexNet().load(tmp_path / 'ck.pth')
+        load_weights(AlexNet(), tmp_path / 'ck.pth')
 
 
 class RunsCode:

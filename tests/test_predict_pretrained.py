@@ -12,6 +12,7 @@ import main
 from config import UserError
 from conftest import as_flags, fast_options, imagenet_weights_in_cache, newest_run, run_main
 from models import SqueezeNet, build_model
+from training.checkpoint import load_weights
 
 
 @pytest.fixture(scope='module')
@@ -112,7 +113,7 @@ def test_missing_weights_offline_say_which_file_goes_where(tmp_path, monkeypatch
 def test_frozen_features_stay_fixed_while_the_head_learns(tmp_path, tiny_data, monkeypatch):
     imagenet_squeezenet_in_cache(tmp_path / 'torch-home', monkeypatch)
     main.train(**fast_options(tmp_path, tiny_data, pretrained=True, freeze_features=True))
-    trained = SqueezeNet().load(newest_run(tmp_path / 'checkpoints') / 'last.pth')
+    trained = load_weights(SqueezeNet(), newest_run(tmp_path / 'checkpoints') / 'last.pth')
     torch.manual_seed(0)  # as train() does with --seed=0 before it builds the model
     start = build_model('SqueezeNet', pretrained=True)
     for name, tensor in trained.state_dict().items():
@@ -140,7 +141,7 @@ def test_train_with_pretrained_through_the_command_line(tmp_path, tiny_data, mon
     assert result.returncode == 0, result.stderr
     # four Adam steps of lr 0.001 move a weight by a few thousandths: the features trained from
     # the cached ImageNet weights, not from a fresh initialisation, which is far from them
-    trained = SqueezeNet().load(newest_run(tmp_path / 'checkpoints') / 'last.pth').net.state_dict()
+    trained = load_weights(SqueezeNet(), newest_run(tmp_path / 'checkpoints') / 'last.pth').net.state_dict()
     torch.manual_seed(0)
     fresh = squeezenet1_1(num_classes=1000).state_dict()
     features = [name for name in cached if name.startswith('features.') and name.endswith('weight')]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import main
-import report
 from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from training import report
+from training.checkpoint import load_weights
 from utils.files import load_checkpoint
 
 
@@ -87,7 +88,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stoppe
 def test_squeezenet_learns_at_the_default_learning_rate(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=2))  # SqueezeNet at --lr=0.001
     assert all(abs(r['train_loss'] - math.log(2)) > 1e-3 for r in records(tmp_path))
-    model = main.build_model('SqueezeNet').load(newest_run(tmp_path / 'checkpoints') / 'last.pth').eval()
+    model = load_weights(main.build_model('SqueezeNet'), newest_run(tmp_path / 'checkpoints') / 'last.pth').eval()
     with torch.no_grad():
         answers = model(torch.randn(8, 3, 32, 32)).softmax(1)[:, 1]
     assert answers.std() > 1e-4  # not one answer for every image
@@ -105,9 +106,11 @@ def test_a_run_that_learns_nothing_says_so_with_what_to_try(capsys):
         'images_per_second': 10,
         'skipped': 0,
     }
-    report.warn_if_stuck(record)
-    assert 'the training loss is ln(3) = 1.0986' in capsys.readouterr().out
-    report.warn_if_stuck({**record, 'train_loss': math.log(3) - 0.01})
+    report.warn_if_stuck(record, torch.tensor([[0.3, 0.3, 0.4]] * 6))  # one answer for every image
+    out = capsys.readouterr().out
+    assert 'the model gives every validation image the same probabilities' in out and 'ln(3) = 1.0986' in out
+    # a training loss at ln(3) while the answers differ (a new user's 65% epoch): no alarm
+    report.warn_if_stuck(record, torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.3, 0.3, 0.4]]))
     assert capsys.readouterr().out == ''
 
 

@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-import engine
 import main
-from checkpoint import NO_PROGRESS, load_trained
 from config import DefaultConfig, UserError
 from conftest import as_flags, fast_options, newest_run, scripted_validation, torchrun
 from data import ImageFiles
 from data.transforms import eval_transform
-from recipe import WARMUP_START, Training, batch_mixing
-from report import Reporter
+from training import engine
+from training.checkpoint import NO_PROGRESS, load_trained
+from training.recipe import WARMUP_START, Training, batch_mixing
+from training.report import Reporter
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
 
@@ -57,7 +57,7 @@ def test_step_schedule_decays_by_lr_decay_every_lr_step_size_epochs(tmp_path, ti
     'name, kind', [('adam', torch.optim.Adam), ('adamw', torch.optim.AdamW), ('sgd', torch.optim.SGD)]
 )
 def test_optimizer_choice_and_no_decay_for_biases_and_norms(name, kind):
-    from recipe import make_optimizer
+    from training.recipe import make_optimizer
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
@@ -449,9 +449,9 @@ def test_validation_scores_the_model_and_its_average_apart(tmp_path, better):
 
 
 def test_fp16_loss_scaling_resumes_where_it_stood(tmp_path):
-    from checkpoint import Resume, restore, training_state
     from models import SqueezeNet
-    from recipe import make_training
+    from training.checkpoint import Resume, restore, training_state
+    from training.recipe import make_training
 
     fp16 = Runtime(torch.device('cpu'), dtype=torch.float16)
     cfg = DefaultConfig()

@@ -21,6 +21,7 @@ from config import UserError
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main
 from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
+from training.checkpoint import load_weights
 from utils.files import atomic_open, atomic_save, load_checkpoint
 
 
@@ -141,7 +142,10 @@ def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
         'notes.pth is not a PyTorch checkpoint',
     )
 
-    torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'sq.pth')
+    torch.save(
+        {'model': SqueezeNet().state_dict(), 'classes': ['cat', 'dog'], 'config': {'model': 'SqueezeNet'}},
+        tmp_path / 'sq.pth',
+    )
     assert_one_line_error(
         run_main('test', f'--load_model_path={tmp_path}/sq.pth', '--model=AlexNet'),
         "--model='AlexNet' conflicts with",
@@ -161,7 +165,10 @@ def test_bad_checkpoints_through_the_command_line(tmp_path, tiny_data):
 def test_an_output_folder_that_cannot_be_written_stops_the_run_before_its_work(tmp_path, tiny_data):
     taken = tmp_path / 'taken'  # a file where a folder should be: mkdir fails even for root
     taken.write_text('not a folder')
-    torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'sq.pth')
+    torch.save(
+        {'model': SqueezeNet().state_dict(), 'classes': ['cat', 'dog'], 'config': {'model': 'SqueezeNet'}},
+        tmp_path / 'sq.pth',
+    )
     result = run_main(
         'test',
         f'--load_model_path={tmp_path}/sq.pth',
@@ -321,7 +328,7 @@ def test_sigkill_mid_save_or_mid_epoch_leaves_a_loadable_last_checkpoint(tmp_pat
         assert not stale & set(writing()), 'a new run removes what a killed save left'
         state = load_checkpoint(last)
         assert set(state) >= {'model', 'optimizer', 'config'}
-        ResNet34().load(last)
+        load_weights(ResNet34(), last)
     assert kills == ['mid-save', 'mid-epoch', 'mid-save']
 
 

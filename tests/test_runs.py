@@ -67,12 +67,13 @@ def test_runs_lists_both_newest_first_with_their_figures(two_runs):
     folder, kept = two_runs
     result = run_main('runs', f'--checkpoint_dir={folder / "checkpoints"}')
     assert result.returncode == 0, result.stderr
+    assert 'config:' not in result.stdout and not result.stderr  # it trains nothing, and asks for no GPU
     names = {run.name for run, _, _ in kept}
     lines = [line for line in result.stdout.splitlines() if line.split()[0] in names]
     assert [line.split()[0] for line in lines] == [kept[1][0].name, kept[0][0].name]
     for line, (run, _, metrics) in zip(lines, reversed(kept)):
         records = [json.loads(r) for r in metrics.splitlines()]
-        best = max(records, key=lambda r: r['val_accuracy'])
+        best = max(reversed(records), key=lambda r: r['val_accuracy'])  # best.pth's: the later of a tie
         asked = json.loads((run / 'config.json').read_text())['options']['max_epoch']
         assert (
             f'SqueezeNet  cat,dog  {len(records)}/{asked} epochs  best acc {best["val_accuracy"]:.2%}  '
@@ -191,7 +192,10 @@ def test_a_checkpoint_folder_from_before_runs_is_still_usable_by_path(tmp_path, 
     old = tmp_path / 'checkpoints'  # files directly in checkpoints/, as written before run folders
     old.mkdir()
     model = SqueezeNet()
-    torch.save({'model': model.state_dict(), 'config': {'model': 'SqueezeNet', 'image_size': 32}}, old / 'best.pth')
+    torch.save(
+        {'model': model.state_dict(), 'classes': ['cat', 'dog'], 'config': {'model': 'SqueezeNet', 'image_size': 32}},
+        old / 'best.pth',
+    )
     options = fast_options(tmp_path, tiny_data)
     del options['model'], options['image_size'], options['result_file']
     main.test(**options)  # no latest run: the old best.pth

@@ -17,11 +17,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-import engine
 import main
-import sweep
 from config import UserError
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
+from training import engine
+from training.checkpoint import model_file
+from utils.files import load_checkpoint
+from verbs import sweep
 
 SPACE = 'lr=1e-4..1e-2:log batch_size=4..8 label_smoothing=0|0.1'
 
@@ -84,7 +86,8 @@ def test_a_sweep_runs_its_trials_as_runs_with_distinct_options_in_range(swept):
         assert {key: made[key] for key in params} == params  # the run trained with what was drawn
         assert epochs_of(run) == [1, 2]
         records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
-        assert trials[number].value == min(r['val_log_loss'] for r in records)  # its best epoch's
+        kept = load_checkpoint(run / 'best.pth')['epoch']  # the epoch of the best accuracy, the later of a tie
+        assert trials[number].value == records[kept]['val_log_loss']  # the figure of the weights it saved
         assert trial_record(folder, number) == {
             'number': number,
             'state': 'complete',
@@ -94,7 +97,8 @@ def test_a_sweep_runs_its_trials_as_runs_with_distinct_options_in_range(swept):
             'note': '',
         }
     best = min(trials.values(), key=lambda t: t.value)
-    assert newest_run(ROOT / options['checkpoint_dir']) == folder / f'trial-{best.number}'
+    assert newest_run(ROOT / options['checkpoint_dir']) == folder  # the newest run: the sweep
+    assert model_file(folder) == folder / f'trial-{best.number}' / 'best.pth'  # its model: the best trial's
     assert f'best: trial {best.number}, log loss {best.value:.4f}' in out
     again = out.split('best: ')[1].splitlines()[1]
     assert again.startswith('python main.py train ') and f'--lr={best.params["lr"]!r}' in again.split()
@@ -129,7 +133,7 @@ def test_runs_lists_a_sweep_as_one_entry_with_its_trials(swept, tmp_path, capsys
     (running / 'config.json').write_text(json.dumps({**made, 'started': '2099-01-01 00:00:00'}))
     capsys.readouterr()
     main.runs(checkpoint_dir=str(checkpoints))
-    lines = capsys.readouterr().out.splitlines()[1:]  # after the config line
+    lines = capsys.readouterr().out.splitlines()  # no config: line, runs trains nothing
     assert lines[0].startswith(f'{folder.name}/  sweep of 4 trials (3 complete, 1 running), log_loss on {SPACE}')
     trials = trials_of(folder)
     for line, number in zip(lines[1:4], range(3)):
@@ -153,8 +157,11 @@ def test_a_trial_works_with_val_and_resume_as_any_run(swept, tmp_path, tiny_data
     out = capsys.readouterr().out
     losses = [json.loads(line)['val_log_loss'] for line in (trial / 'metrics.jsonl').read_text().splitlines()]
     assert any(f'12 validation images: loss {loss:.4f}' in out for loss in losses)  # its best.pth's epoch
-    main.val(checkpoint_dir=str(checkpoints), use_gpu=False, num_workers=0)  # latest: the best trial
-    assert f'using {newest_run(checkpoints) / "best.pth"} (the newest run)' in capsys.readouterr().out
+    main.val(checkpoint_dir=str(checkpoints), use_gpu=False, num_workers=0)  # latest: the sweep, its best trial
+    best = min(trials_of(folder).values(), key=lambda t: t.value).number
+    assert (
+        f'using {checkpoints / folder.name / f"trial-{best}" / "best.pth"} (the newest run)' in capsys.readouterr().out
+    )
     main.train(**fast_options(tmp_path, tiny_data, resume=str(trial), max_epoch=3))
     assert f'run folder {trial}' in capsys.readouterr().out and epochs_of(trial) == [1, 2, 3]
     main.train(**fast_options(tmp_path, tiny_data, resume=f'{folder.name}/trial-1', max_epoch=4))  # by name
@@ -193,6 +200,14 @@ def test_the_median_pruner_stops_a_trial_that_falls_behind(tmp_path, tiny_data, 
     assert_pruned_behind_the_median(folder)
 
 
+def test_a_trial_that_trained_all_its_epochs_is_complete_however_it_compares(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(engine, 'validate', bad_rate_falls_behind(engine.validate))
+    _, folder = sweep_here(3, 'lr=0.1|1e-3', sweep_options(tmp_path, tiny_data, batch_size=8, max_epoch=2))
+    trials = trials_of(folder)
+    assert [t.state.name for t in trials.values()] == ['COMPLETE'] * 3
+    assert [t.params['lr'] for t in trials.values()] == [1e-3, 1e-3, 0.1]  # behind the median after epoch 2 of 2
+
+
 def assert_pruned_behind_the_median(folder):
     """The trials of lr=0.1|1e-3 under bad_rate_falls_behind: 0.1 pruned once two trials completed."""
     trials, complete = trials_of(folder), []
@@ -219,7 +234,7 @@ def test_under_torchrun_every_process_trains_each_trial_and_stops_when_rank_0_pr
     script.write_text(
         'import runpy, sys\n'
         f'sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})\n'
-        'import engine, test_sweep\n'
+        'import test_sweep\nfrom training import engine\n'
         'engine.validate = test_sweep.bad_rate_falls_behind(engine.validate)\n'
         f'runpy.run_path({str(ROOT / "main.py")!r}, run_name="__main__")\n'
     )
@@ -385,13 +400,15 @@ def test_ctrl_c_stops_a_sweep_and_the_same_command_continues_it(tmp_path, tiny_d
     trials = trials_of(folder)
     assert [t.state.name for t in trials.values()] == ['COMPLETE', 'FAIL', 'COMPLETE', 'COMPLETE']
     assert trial_record(folder, 1)['state'] == 'failed' and trial_record(folder, 1)['note'] == 'interrupted'
+    assert trials[2].params == trials[1].params  # the cut trial's options, tried again first
     assert (folder / 'trial-0' / 'metrics.jsonl').read_text() == first  # trial 0 was not run again
 
 
 @pytest.mark.slow
 def test_optuna_loads_only_when_a_sweep_runs():
     code = (
-        "import sys, main, sweep; print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'sqlalchemy')))"
+        'import sys, main, verbs.sweep; '
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'sqlalchemy')))"
     )
     found = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert found.returncode == 0 and found.stdout.strip() == '[]', found.stderr + found.stdout[:200]

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import engine
 import main
 from config import UserError
 from conftest import fast_options, newest_run, scripted_validation
 from models import SqueezeNet
+from training import engine
+from training.checkpoint import load_weights
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
 
@@ -137,7 +138,10 @@ def checkpoint_that_always_says(tmp_path, p_dog_logit):
     torch.nn.init.zeros_(head.weight)
     head.bias.data = torch.tensor([max(0.0, -p_dog_logit), max(0.0, p_dog_logit)])
     path = tmp_path / 'fixed.pth'
-    torch.save({'model': model.state_dict(), 'config': {'model': 'SqueezeNet', 'image_size': 32}}, path)
+    torch.save(
+        {'model': model.state_dict(), 'classes': ['cat', 'dog'], 'config': {'model': 'SqueezeNet', 'image_size': 32}},
+        path,
+    )
     return path
 
 
@@ -225,8 +229,8 @@ def test_amp_is_bf16_where_the_gpu_has_it_and_scaled_fp16_before(monkeypatch, am
     )  # pre-Ampere GPUs only emulate bf16
     assert runtime.amp_dtype(torch.device('cuda')) == dtype and asked == [False]
     monkeypatch.setattr(runtime, 'amp_dtype', lambda device: dtype)  # the CPU standing in for the GPU
-    assert runtime.grad_scaler(torch.device('cpu'), True).is_enabled() == scaled
-    assert not runtime.grad_scaler(torch.device('cpu'), False).is_enabled()
+    assert as_amp(torch.device('cpu'), True).grad_scaler().is_enabled() == scaled
+    assert not as_amp(torch.device('cpu'), False).grad_scaler().is_enabled()
 
 
 @pytest.mark.parametrize('instructions', [(), ('_is_avx512_bf16_supported',), ('_is_amx_tile_supported',)])
@@ -238,14 +242,21 @@ def test_amp_on_a_cpu_is_bf16_only_with_bf16_instructions(monkeypatch, capsys, i
     runtime._warn_once.cache_clear()
     cpu = torch.device('cpu')
     for _ in range(2):
-        with runtime.autocast(cpu, True):
+        with as_amp(cpu, True).autocast():
             assert torch.is_autocast_enabled('cpu') == bool(instructions)
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if instructions else torch.float32)
     warnings = capsys.readouterr().err.count('this CPU has no bf16 instructions')
     assert warnings == (0 if instructions else 1)  # said once, not at every step
-    assert not runtime.grad_scaler(cpu, True).is_enabled()
-    with runtime.autocast(cpu, False):
+    assert not as_amp(cpu, True).grad_scaler().is_enabled()
+    with as_amp(cpu, False).autocast():
         assert not torch.is_autocast_enabled('cpu')
+
+
+def as_amp(device, amp):
+    """The Runtime that --amp=amp makes on `device`."""
+    from utils import runtime
+
+    return runtime.Runtime(device, dtype=runtime.compute_dtype(device, amp))
 
 
 def cpu_flags():
@@ -263,7 +274,7 @@ def test_bf16_detection_agrees_with_the_cpu_and_autocast_computes_in_bf16_where_
     has_bf16 = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
     assert runtime.cpu_has_bf16() == has_bf16
     model = torch.nn.Linear(4, 4)
-    with runtime.autocast(torch.device('cpu'), True):
+    with as_amp(torch.device('cpu'), True).autocast():
         out = model(torch.ones(2, 4))
     assert out.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
 
@@ -334,7 +345,7 @@ def test_compiled_training_saves_a_plain_checkpoint(tmp_path, tiny_data):
     assert counters['stats']['unique_graphs'] > 0  # dynamo captured the model: it was compiled
     state = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')
     assert not any('_orig_mod' in key for key in state['model'])
-    SqueezeNet().load(newest_run(tmp_path / 'checkpoints') / 'last.pth')
+    load_weights(SqueezeNet(), newest_run(tmp_path / 'checkpoints') / 'last.pth')
 
 
 class Niceness:
@@ -394,21 +405,21 @@ def test_amp_auto_is_bf16_exactly_where_the_cpu_computes_it_and_never_fp16(monke
     cpu = torch.device('cpu')
     native = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
     assert runtime.compute_dtype(cpu, 'auto') == (torch.bfloat16 if native else None)
-    assert runtime.precision(cpu, 'auto') == ('bf16 mixed precision (--amp=auto)' if native else 'fp32')
-    assert runtime.compute_dtype(cpu, 'False') is None and not runtime.grad_scaler(cpu, 'auto').is_enabled()
+    assert as_amp(cpu, 'auto').precision == ('bf16 mixed precision' if native else 'fp32')
+    assert runtime.compute_dtype(cpu, 'False') is None and not as_amp(cpu, 'auto').grad_scaler().is_enabled()
     for ampere in (True, False):  # a GPU that only emulates bf16 computes auto in fp32, not fp16
         monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True, a=ampere: a)
         assert runtime.compute_dtype(torch.device('cuda'), 'auto') == (torch.bfloat16 if ampere else None)
 
 
 def test_the_default_run_says_how_it_computes_and_resumes_across_precisions(tmp_path, tiny_data, capsys):
-    from utils.runtime import precision
-
     main.train(**fast_options(tmp_path, tiny_data, amp=False))
     assert 'computing in fp32' in capsys.readouterr().out
     options = fast_options(tmp_path, tiny_data, max_epoch=2, resume='latest')
     del options['amp']  # the default: auto
     main.train(**options)
     out = capsys.readouterr().out
-    assert f'computing in {precision(torch.device("cpu"), "auto")}' in out and 'resuming' in out
+    native = bool({'avx512_bf16', 'amx_bf16', 'amx_tile'} & set(cpu_flags()))
+    assert ('computing in bf16 mixed precision (--amp=auto)' if native else 'computing in fp32') in out
+    assert 'resuming' in out
     assert load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['config']['amp'] == 'auto'

@@ -228,9 +228,16 @@ def test_pretrained_torchvision_model_gets_a_head_for_n_classes(tmp_path, monkey
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ['net.fc.weight', 'net.fc.bias']
 
 
-def test_a_checkpoint_from_before_classes_were_stored_loads_as_cat_and_dog(tmp_path, tiny_data):
+def test_a_checkpoint_of_cat_and_dog_tests_them_and_refuses_data_of_other_classes(tmp_path, tiny_data):
     old = tmp_path / 'old.pth'
-    torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet', 'image_size': 32}}, old)
+    torch.save(
+        {
+            'model': SqueezeNet().state_dict(),
+            'classes': ['cat', 'dog'],
+            'config': {'model': 'SqueezeNet', 'image_size': 32},
+        },
+        old,
+    )
     main.test(**{**fast_options(tmp_path, tiny_data, load_model_path=str(old)), 'model': 'SqueezeNet'})
     assert (tmp_path / 'result.csv').read_text().startswith('id,label\n1,')
     with pytest.raises(UserError, match='holds the classes cat, dog, fox'):

@@ -25,15 +25,15 @@ import torch
 from torch import nn
 from torchvision import transforms as classic
 
-import engine
 from config import ROOT, DefaultConfig
 from data import DogCat, ImageFiles
 from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
 from data.transforms import MEAN, STD
 from models import build_model
-from recipe import Training
-from report import Reporter, epoch_record
+from training import engine
+from training.recipe import Training
+from training.report import Reporter, epoch_record
 from utils.runtime import Runtime, compute_dtype, cpu_has_bf16
 
 MAIN = ROOT / 'main.py'  # run as a user runs it, never imported: it is the top of the project
@@ -177,21 +177,21 @@ def pictures(root, args, model_name, loop_rate, out):
     with contextlib.redirect_stdout(io.StringIO()):  # the curves' addresses
         reporter = Reporter(cfg, rt, root / 'board-pictures', 1, 0)
 
-    def end_of_epoch(layer):
-        reporter.cam_layer = layer  # None: no Grad-CAM pictures
+    def end_of_epoch(cams):
+        reporter.cams = cams
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the epoch's line
             reporter.epoch(record, metrics, val_data, training)
         return time.perf_counter() - started
 
-    end_of_epoch(''), end_of_epoch(None)  # warm-up: importing Captum, finding the layer
+    end_of_epoch(True), end_of_epoch(False)  # warm-up: importing Captum, finding the layer
     pairs = []
     for i in range(args.rounds):
         if i % 2 == 0:
-            pairs.append((end_of_epoch(''), end_of_epoch(None)))
+            pairs.append((end_of_epoch(True), end_of_epoch(False)))
         else:
-            without = end_of_epoch(None)
-            pairs.append((end_of_epoch(''), without))
+            without = end_of_epoch(False)
+            pairs.append((end_of_epoch(True), without))
     extra = statistics.median(a - b for a, b in pairs)
     reporter.close(cfg.to_dict(), 0.0)
     kaggle = 17_500 / loop_rate

@@ -54,14 +54,14 @@ def main(argv=None):
             probs += np.exp(log_softmax(logits)).tolist()
     if not names:
         sys.exit(f'error: none of the {len(files)} images could be read')
-    for name, p in zip(names, probs):  # as predict prints them: P(second) with two classes, else P(its class)
+    for name, p in zip(names, probs):  # as predict prints them: the class and its probability
         label = predicted(classes, p)
-        print(f'{name}  {classes[label]}  {p[1] if len(classes) == 2 else p[label]:.4f}')
+        print(f'{name}  {classes[label]}  {p[label]:.4f}')
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')  # a CSV is whole or absent, as predict's
         with open(tmp, 'w', newline='') as f:
-            csv.writer(f).writerows(prediction_rows(classes, names, probs))
+            csv.writer(f, lineterminator='\n').writerows(prediction_rows(classes, names, probs))
         os.replace(tmp, out)
         print(f'wrote {len(names)} predictions to {out.resolve()}')
     if skipped:

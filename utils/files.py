@@ -1,6 +1,9 @@
 """Files that are never left half-written (checkpoints, the submission), and checkpoint loading."""
 
 import contextlib
+import csv
+import itertools
+import json
 import os
 import pickle
 import secrets
@@ -43,6 +46,25 @@ def atomic_open(path, mode='wb'):
                 f'the previous {path.name}, if any, is unchanged'
             ) from None
         raise
+
+
+def write_json(path, record):
+    """`record` as indented JSON at `path`, atomically."""
+    with atomic_open(path, 'w') as f:
+        json.dump(record, f, indent=2)
+        f.write('\n')
+
+
+def write_csv(path, rows):
+    """`rows` (the header first) as a CSV file at `path`, atomically."""
+    with atomic_open(path, 'w') as f:
+        csv.writer(f, lineterminator='\n').writerows(rows)
+
+
+def numbered(folder, stem, suffix=''):
+    """folder/stem+suffix, then stem-2, stem-3, ...: the names to try when one is taken."""
+    names = itertools.chain([stem], (f'{stem}-{n}' for n in itertools.count(2)))
+    return (Path(folder) / f'{name}{suffix}' for name in names)
 
 
 def writable_folder(folder, option):

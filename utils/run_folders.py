@@ -1,22 +1,31 @@
-"""One folder per training run under checkpoint_dir, and `latest`, which names the newest.
+"""One folder per training run under checkpoint_dir, `latest`, which names the newest, and the
+JSON files that runs and folders of runs hold, each defined here and read back through here.
 
 A run folder holds config.json (how the run was made), last.pth, best.pth and metrics.jsonl.
-A new run never writes into another run's folder; --resume continues a run in its own. A run is
-removed by deleting its folder; `latest` then falls back to the newest run left.
+A new run never writes into another run's folder; --resume continues a run in its own. A folder
+of runs (a sweep's trials, a kfold's folds) counts as one run where `latest` is concerned. A run
+is removed by deleting its folder; `latest` then falls back to the newest run left.
 """
 
-import itertools
+import dataclasses
 import json
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from config import ROOT, UserError
-from utils.files import atomic_open
+from utils.files import atomic_open, numbered, write_json
 
 LATEST = 'latest'
+
+
+def check_folder_name(name, what):
+    """Refuse a --name that is not a plain folder name (`what`: run, sweep, kfold)."""
+    if name in ('', '.', '..') or '/' in name or '\\' in name:
+        raise UserError(f'--name={name}: a {what} name is a folder name, without / or \\')
 
 
 def new_run_dir(checkpoint_dir, model, name=''):
@@ -25,22 +34,18 @@ def new_run_dir(checkpoint_dir, model, name=''):
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if name:
         check_name_free(checkpoint_dir, name)
-        candidates = [name]
-    else:
-        stem = f'{time.strftime("%Y%m%d-%H%M%S")}-{model}'
-        candidates = itertools.chain([stem], (f'{stem}-{n}' for n in itertools.count(2)))
-    for candidate in candidates:
+    stem = name or f'{time.strftime("%Y%m%d-%H%M%S")}-{model.replace("/", "-")}'
+    for candidate in [checkpoint_dir / name] if name else numbered(checkpoint_dir, stem):
         try:
-            (checkpoint_dir / candidate).mkdir()
-            return (checkpoint_dir / candidate).resolve()
+            candidate.mkdir()
+            return candidate.resolve()
         except FileExistsError:
             continue
     check_name_free(checkpoint_dir, name)  # taken meanwhile by another run
 
 
 def check_name_free(checkpoint_dir, name):
-    if name in ('.', '..') or Path(name).name != name or '/' in name or '\\' in name:
-        raise UserError(f'--name={name}: a run name is a folder name, without / or \\')
+    check_folder_name(name, 'run')
     if name == LATEST or (checkpoint_dir / name).exists():
         raise UserError(
             f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
@@ -49,31 +54,28 @@ def check_name_free(checkpoint_dir, name):
 
 
 def point_latest(checkpoint_dir, run_dir):
-    """Make checkpoint_dir/latest name `run_dir` (a sweep's trial: sweep/trial-3), atomically. It
-    is a one-line text file, not a symlink: TensorBoard follows symlinks and would show the
-    newest run twice."""
+    """Make checkpoint_dir/latest name `run_dir`, atomically. It is a one-line text file, not a
+    symlink: TensorBoard follows symlinks and would show the newest run twice."""
     with atomic_open(checkpoint_dir / LATEST, 'w') as f:
         f.write(run_dir.resolve().relative_to(checkpoint_dir.resolve()).as_posix() + '\n')
 
 
 def latest_run(checkpoint_dir):
-    """The newest run's folder, or None when there is none."""
+    """The newest run's folder (a run, or a folder of runs), or None when there is none."""
     pointer = checkpoint_dir / LATEST
     named = checkpoint_dir / pointer.read_text().strip() if pointer.is_file() else None
     if named is None or named.is_dir():
         return named
-    left = [folder for folder in checkpoint_dir.iterdir() if (folder / 'config.json').is_file()]
-    return max(left, key=lambda folder: (folder / 'config.json').stat().st_mtime, default=None)
+    left = runs_newest_first(checkpoint_dir)
+    return left[0] if left else None
 
 
-def note_interrupted(run_dir, epoch):
-    """Say in the run's config.json that it stopped during `epoch` (counted from 1); a resume
-    rewrites config.json without it."""
-    record = json.loads((run_dir / 'config.json').read_text())
-    record['interrupted'] = f'during epoch {epoch}'
-    with atomic_open(run_dir / 'config.json', 'w') as f:
-        json.dump(record, f, indent=2)
-        f.write('\n')
+def runs_newest_first(checkpoint_dir):
+    """The run folders and folders of runs in checkpoint_dir, the most recently written first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [f for f in checkpoint_dir.iterdir() if f.is_dir() and not f.is_symlink() and not f.name.startswith('.')]
+    return sorted(found, key=lambda folder: folder.stat().st_mtime, reverse=True)
 
 
 def find_checkpoint(checkpoint_dir, value, file, option):
@@ -95,20 +97,83 @@ def write_config(run_dir, cfg, classes, device, world_size):
     """config.json: the effective options and what else the run was made with (a resumed run
     keeps its start time and adds the time it was resumed)."""
     now = time.strftime('%Y-%m-%d %H:%M:%S')
-    earlier = json.loads((run_dir / 'config.json').read_text()) if (run_dir / 'config.json').is_file() else {}
-    record = {
-        'options': cfg.to_dict(),
-        'classes': list(classes),
-        'command': [Path(sys.executable).name, *sys.argv],
-        'started': earlier.get('started', now),
-        'resumed': earlier.get('resumed', []) + ([now] if earlier else []),
-        'device': str(device) + (f' x {world_size} processes' if world_size > 1 else ''),
-        'versions': {'python': platform.python_version(), **_versions('torch', 'torchvision')},
-        'git_commit': _git_commit(Path(__file__).resolve().parent.parent),
-    }
-    with atomic_open(run_dir / 'config.json', 'w') as f:
-        json.dump(record, f, indent=2)
-        f.write('\n')
+    earlier = read_config(run_dir) if (run_dir / 'config.json').is_file() else {}
+    write_json(
+        run_dir / 'config.json',
+        {
+            'options': cfg.to_dict(),
+            'classes': list(classes),
+            'command': [Path(sys.executable).name, *sys.argv],
+            'started': earlier.get('started', now),
+            'resumed': earlier.get('resumed', []) + ([now] if earlier else []),
+            'device': str(device) + (f' x {world_size} processes' if world_size > 1 else ''),
+            'versions': {'python': platform.python_version(), **_versions('torch', 'torchvision', 'timm')},
+            'git_commit': _git_commit(ROOT),
+        },
+    )
+
+
+def read_config(run_dir):
+    return json.loads((run_dir / 'config.json').read_text())
+
+
+def note_interrupted(run_dir, epoch):
+    """Say in the run's config.json that it stopped during `epoch` (counted from 1); a resume
+    rewrites config.json without it."""
+    write_json(run_dir / 'config.json', {**read_config(run_dir), 'interrupted': f'during epoch {epoch}'})
+
+
+class Record:
+    """A JSON file of a folder of runs, its fields those of the dataclass: save() and load()."""
+
+    FILE: ClassVar[str]
+
+    def save(self, folder):
+        write_json(folder / self.FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, folder):
+        """The record in `folder`, or None where it has none."""
+        file = folder / cls.FILE
+        return cls(**json.loads(file.read_text())) if file.is_file() else None
+
+
+@dataclasses.dataclass
+class TrialRecord(Record):
+    """trial.json in a sweep's trial folder, written when the trial ends."""
+
+    FILE: ClassVar[str] = 'trial.json'
+    number: int
+    state: str  # complete, pruned or failed
+    value: float | None  # the sweep's metric of the trial's best.pth
+    metric: str
+    params: dict
+    note: str = ''
+
+
+@dataclasses.dataclass
+class SweepRecord(Record):
+    """sweep.json in a sweep's folder: what it searches and how it ranks the trials."""
+
+    FILE: ClassVar[str] = 'sweep.json'
+    space: list
+    metric: str  # log_loss (lower is better) or accuracy (higher is better)
+
+    def best_trial(self, folder):
+        """The folder of the finished trial whose best.pth scored best, or None."""
+        sign = 1 if self.metric == 'log_loss' else -1
+        done = [(t, run) for run in folder.glob('trial-*') if (t := TrialRecord.load(run)) and t.value is not None]
+        return min(done, key=lambda pair: sign * pair[0].value)[1] if done else None
+
+
+@dataclasses.dataclass
+class KfoldRecord(Record):
+    """kfold.json in a kfold's folder: the options its folds were made with, then its figures."""
+
+    FILE: ClassVar[str] = 'kfold.json'
+    folds: int
+    options: dict
+    oof: dict | None = None  # images, accuracy, log_loss, suspects: once every fold has trained
 
 
 def _versions(*modules):

@@ -73,8 +73,13 @@ class Runtime:
         return tensor
 
 
+def runtime_of(cfg):
+    """runtime() as the options say; a missing GPU is said only where --use_gpu=True was given."""
+    return runtime(cfg.use_gpu, cfg.amp, cfg.channels_last, announce='use_gpu' in cfg.given)
+
+
 @contextlib.contextmanager
-def runtime(use_gpu, amp='False', channels_last=False):
+def runtime(use_gpu, amp='False', channels_last=False, announce=False):
     """The Runtime of this process; under torchrun, a process group for the length of the block.
 
     torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process.
@@ -87,7 +92,7 @@ def runtime(use_gpu, amp='False', channels_last=False):
     layout = torch.channels_last if channels_last else torch.contiguous_format
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if world_size == 1:
-        device = pick_device(use_gpu)
+        device = pick_device(use_gpu, announce)
         yield Runtime(device, dtype=compute_dtype(device, amp), layout=layout)
         return
     rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
@@ -99,7 +104,7 @@ def runtime(use_gpu, amp='False', channels_last=False):
         if owner:
             dist.init_process_group('nccl', device_id=device)
     else:
-        if use_gpu and rank == 0 and owner:
+        if use_gpu and announce and rank == 0 and owner:
             print(
                 'warning: use_gpu=True but there is no CUDA device; the processes run on the CPU over gloo',
                 file=sys.stderr,
@@ -114,7 +119,7 @@ def runtime(use_gpu, amp='False', channels_last=False):
             dist.destroy_process_group()
 
 
-def pick_device(use_gpu, announce=True):
+def pick_device(use_gpu, announce=False):
     """CUDA, else Apple MPS, when asked for and present; the CPU otherwise, said once."""
     if use_gpu:
         if torch.cuda.is_available():
@@ -191,22 +196,6 @@ def compute_dtype(device, amp):
     return dtype
 
 
-def precision(device, amp):
-    """How a run computes, in words for its first lines."""
-    words = Runtime(device, dtype=compute_dtype(device, amp)).precision
-    return words if words == 'fp32' else f'{words} (--amp={amp})'
-
-
-def autocast(device, amp):
-    """Mixed precision for a forward pass as --amp=amp decides it on `device`."""
-    return Runtime(device, dtype=compute_dtype(device, amp)).autocast()
-
-
 @functools.cache
 def _warn_once(message):
     print(message, file=sys.stderr)
-
-
-def grad_scaler(device, amp):
-    """Runtime.grad_scaler() as --amp=amp decides it on `device`."""
-    return Runtime(device, dtype=compute_dtype(device, amp)).grad_scaler()

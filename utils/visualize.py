@@ -16,6 +16,9 @@ CLOSE_SECONDS = 10  # at the end of a run, how long to wait for the last points 
 BACKLOG = 1000  # points waiting for a slow server; more are dropped
 
 
+WARNED = set()  # (server, port) said to have no visdom server
+
+
 class Visualizer:
     """Thin wrapper over visdom.Visdom: one window per name, points appended as they come.
 
@@ -30,7 +33,6 @@ class Visualizer:
         self.env, self.server, self.port, self.enabled = env, server, port, enabled
         self.vis = None
         self.next_try = 0.0  # time.monotonic() before which the server is not tried again
-        self.warned = False
         self.steps = {}  # window name -> x of its next point
         self.pending = None  # the sender thread's queue of (method, args, kwargs)
         self.sender = None
@@ -173,8 +175,8 @@ class Visualizer:
         except (ConnectionError, OSError):
             self.vis = None
             self.next_try = time.monotonic() + RETRY_SECONDS
-            if not self.warned:
-                self.warned = True
+            if (self.server, self.port) not in WARNED:  # once a process: a kfold's or sweep's runs share one
+                WARNED.add((self.server, self.port))
                 print(
                     f'warning: no visdom server answers at {self.server}:{self.port}; training '
                     f'goes on without live curves (python -m tools.visdom_server starts one)',

@@ -1,6 +1,6 @@
 """The loops under the verbs of main.py: a training epoch, inference over a loader (infer), its
-metrics (score), the epoch's validation, and the DataLoader that feeds them. main.py's fit() is
-the recipe that calls them; tools/benchmark.py times them."""
+metrics (score), the epoch's validation, and the data and DataLoaders that feed them. main.py's
+fit() is the recipe that calls them; tools/benchmark.py times them."""
 
 import contextlib
 import functools
@@ -17,12 +17,17 @@ from torchnet import meter
 from tqdm import tqdm
 
 from config import UserError
-from data import collate_fn
+from data import DogCat, collate_fn
 from data.transforms import model_input
+from utils.runtime import runtime_of
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep every
 # probability away from 0 and 1 so a few wrong answers cannot ruin the score.
 P_MIN, P_MAX = 0.005, 0.995
+
+
+class Diverged(UserError):
+    """The training loss became NaN or infinite: a sweep prunes such a trial."""
 
 
 def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
@@ -30,93 +35,105 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
 
     `training` (recipe.Training) holds the model and what changes with it. Under torchrun its
     model is the DistributedDataParallel wrapper and the figures returned are those of all
-    processes together. After every optimizer step (every cfg.grad_accum_steps batches) the
-    per-step schedule steps and the moving average takes in the new weights. `reporter` gets a
-    training-loss point every cfg.print_freq batches.
+    processes together. `reporter` gets a training-loss point every cfg.print_freq batches.
     """
-    model, optimizer, scaler = training.model, training.optimizer, training.scaler
-    device = rt.device
-    loss_meter = meter.AverageValueMeter()
-    skipped = []
-    # loss and image count are summed on the device and read back every print_freq steps:
-    # reading them every step (.item()) would make the GPU wait for the CPU once per batch
-    window = torch.zeros(2, device=device)
+    window = LossWindow(rt.device)
+    skipped, steps, accumulate = [], len(loader), cfg.grad_accum_steps
     debug_file = cfg.path('debug_file')
-    steps = len(loader)
-    accumulate = cfg.grad_accum_steps
-    ddp = getattr(model, '_orig_mod', model)  # DistributedDataParallel under torchrun (no_sync)
-    bar = tqdm(
-        loader,
-        desc=f'epoch {epoch + 1}/{cfg.max_epoch}',
-        unit='batch',
-        leave=False,
-        disable=None if rt.is_main else True,
-    )  # None: no bar unless on a terminal
+    # disable=None: no bar unless on a terminal
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
+               disable=None if rt.is_main else True)  # fmt: skip
     loss = None  # until a batch has loaded
     pending = False  # gradients computed since the last optimizer step
     for step, (images, targets, _, bad) in enumerate(bar, start=1):
         skipped += bad
-        weight = 1.0
-        # the batches of one optimizer step: accumulate of them, fewer at the end of the epoch
+        # the batches of one optimizer step: grad_accum_steps of them, fewer at the end of the epoch
         group_start = (step - 1) // accumulate * accumulate
         group_size = min(accumulate, steps - group_start)
         last_of_group = step == group_start + group_size
+        weight = 1.0
         if images is None and rt.distributed:
             # every image of this process's batch failed to load, but the other processes wait
             # for its gradients: take part with one blank image whose loss counts zero
             images = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
             targets, weight = torch.zeros(1, dtype=torch.long), 0.0
         if images is not None:  # None: every image of the batch failed to load
-            images = model_input(images, device, rt.layout)
-            targets = targets.to(device, non_blocking=True)
-            if training.mix is not None:
-                images, targets = training.mix(images, targets)  # targets become probabilities
-            # between optimizer steps the processes need not average their gradients yet
-            in_step = contextlib.nullcontext() if last_of_group or not rt.distributed else ddp.no_sync()
-            with in_step:
-                with rt.autocast():
-                    loss = training.criterion(model(images), targets) * weight
-                # the mean over the step's batches, as if they were one
-                scaler.scale(loss / group_size if group_size > 1 else loss).backward()
+            loss = forward_backward(training, images, targets, rt, weight / group_size, sync=last_of_group)
+            window.add(loss, len(targets), weight)
             pending = True
-            window[0] += loss.detach().float() * len(targets)
-            window[1] += len(targets) * weight
         if last_of_group and pending:
-            if cfg.clip_grad_norm:
-                scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-                nn.utils.clip_grad_norm_(
-                    [p for group in optimizer.param_groups for p in group['params']], cfg.clip_grad_norm
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(training, cfg.clip_grad_norm)
             pending = False
-            if training.step_scheduler is not None:
-                training.step_scheduler.step()
-            if training.ema is not None:
-                training.ema.update_parameters(training.model_without_ddp)
-
         if step % cfg.print_freq == 0 or step == steps:
-            loss_sum, count = rt.sum(window).tolist()  # every process joins, whatever it holds
-            window.zero_()
-            if count:
-                window_loss = loss_sum / count
-                if not math.isfinite(window_loss):
-                    first = (step - 1) // cfg.print_freq * cfg.print_freq + 1
-                    raise UserError(
-                        f'the loss became {window_loss} in epoch {epoch + 1} (steps '
-                        f'{first}-{step}); try a lower --lr. '
-                        f"The run's last.pth holds the last good epoch"
-                    )
-                loss_meter.add(loss_sum, int(count))
-                if step % cfg.print_freq == 0:
-                    bar.set_postfix(loss=f'{window_loss:.4f}')
-                    reporter.train_loss(window_loss, epoch * steps + step)
+            window_loss = window.read(rt)  # every process joins, whatever it holds
+            if window_loss is not None and not math.isfinite(window_loss):
+                first = (step - 1) // cfg.print_freq * cfg.print_freq + 1
+                raise Diverged(
+                    f'the loss became {window_loss} in epoch {epoch + 1} (steps {first}-{step}); try a lower '
+                    f"--lr. The run's last.pth holds the last good epoch"
+                )
+            if window_loss is not None and step % cfg.print_freq == 0:
+                bar.set_postfix(loss=f'{window_loss:.4f}')
+                reporter.train_loss(window_loss, epoch * steps + step)
             if rt.is_main and debug_file.exists():  # the other processes wait for this one
-                debug_prompt(training.model_without_ddp, optimizer, cfg, images, targets, loss, epoch, step)
+                debug_prompt(training.model_without_ddp, training.optimizer, cfg, images, targets, loss, epoch, step)
     bar.close()
     skipped = [i for part in rt.gather(skipped) for i in part]
-    return loss_meter.value()[0], loss_meter.n, skipped
+    return window.meter.value()[0], window.meter.n, skipped
+
+
+def forward_backward(training, images, targets, rt, scale, sync):
+    """The loss of a batch times `scale`, its gradients added to those of the step's earlier
+    batches (a share of the step's mean); sync: the step's last batch, when the processes of a
+    torchrun average their gradients."""
+    model = training.model
+    images = model_input(images, rt.device, rt.layout)
+    targets = targets.to(rt.device, non_blocking=True)
+    if training.mix is not None:
+        images, targets = training.mix(images, targets)  # targets become probabilities
+    ddp = getattr(model, '_orig_mod', model)  # DistributedDataParallel under torchrun (no_sync)
+    with contextlib.nullcontext() if sync or not rt.distributed else ddp.no_sync():
+        with rt.autocast():
+            loss = training.criterion(model(images), targets)
+        training.scaler.scale(loss * scale).backward()
+    return loss.detach()
+
+
+def optimizer_step(training, clip_grad_norm):
+    """Step the optimizer on the gradients gathered, then the per-step schedule and the average."""
+    optimizer, scaler = training.optimizer, training.scaler
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group['params']], clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if training.step_scheduler is not None:
+        training.step_scheduler.step()
+    if training.ema is not None:
+        training.ema.update_parameters(training.model_without_ddp)
+
+
+class LossWindow:
+    """The training loss summed on the device and read back every print_freq steps: reading it
+    every step (.item()) would make the GPU wait for the CPU once per batch."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(2, device=device)  # loss x images, images
+        self.meter = meter.AverageValueMeter()  # the epoch's
+
+    def add(self, loss, count, weight):
+        self.sums[0] += loss.float() * count * weight
+        self.sums[1] += count * weight
+
+    def read(self, rt):
+        """The mean loss since the last read over every process, or None when no image counted."""
+        loss_sum, count = rt.sum(self.sums).tolist()
+        self.sums.zero_()
+        if not count:
+            return None
+        self.meter.add(loss_sum, int(count))
+        return loss_sum / count
 
 
 def debug_prompt(model, optimizer, cfg, images, targets, loss, epoch, step):
@@ -228,6 +245,26 @@ def clipped_probabilities(log_probs):
     return probs / probs.sum(dim=1, keepdim=True)
 
 
+def predicted(classes, p):
+    """The index of the class predicted from probabilities `p` (a tie of two goes to the second)."""
+    return int(p[1] >= 0.5) if len(classes) == 2 else max(range(len(classes)), key=p.__getitem__)
+
+
+def infer_dataset(cfg, model, data, tta=False):
+    """infer() of `model` over `data`, on the options' device, layout and precision, by every
+    process under torchrun; returns (Predictions, Runtime)."""
+    with runtime_of(cfg) as rt:
+        return infer(on_device(model, rt), make_loader(data, cfg, rt), rt, tta), rt
+
+
+def validation_data(cfg, classes):
+    """The validation images of a trained run, as its training held them out (or --val_data_root)."""
+    if cfg.val_data_root:
+        return DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
+    root = cfg.require_dir('train_data_root')
+    return DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed, classes=classes, folds=cfg.folds, fold=cfg.fold)
+
+
 def on_device(model, rt):
     return model.to(rt.device, memory_format=rt.layout)
 
@@ -255,7 +292,13 @@ def make_loader(dataset, cfg, rt, shuffle=False):
         collate_fn=collate_fn,
         num_workers=cfg.num_workers,
         worker_init_fn=functools.partial(_start_worker, nice=cfg.nice_workers and rt.device.type == 'cpu'),
-        persistent_workers=cfg.num_workers > 0,
+        # training starts new workers every epoch, each seeded from the main process's random
+        # numbers, which fit() seeds by (seed, epoch, rank): a resumed run augments as one that
+        # never stopped; kept across epochs, they would go on from where they were
+        persistent_workers=cfg.num_workers > 0 and not shuffle,
+        # BatchNorm cannot train on a last batch of one image whose feature map is 1x1 (small
+        # images): that image is left out of this epoch, and reshuffled into the next
+        drop_last=shuffle and len(sampler) > 1 and len(sampler) % cfg.batch_size == 1,
         pin_memory=rt.device.type == 'cuda',
     )
 

@@ -1,8 +1,6 @@
 """What test and predict do with a trained model: the submission file, and the predictions for
 your own photos, on the terminal and in a CSV."""
 
-import csv
-import itertools
 import sys
 from pathlib import Path
 
@@ -10,57 +8,39 @@ from config import UserError
 from data import DogCat, ImageFiles
 from data.decode import IMAGE_SUFFIXES
 from data.transforms import eval_transform
-from engine import clipped_probabilities, infer, make_loader, on_device
-from utils.files import atomic_open, writable_folder
-from utils.runtime import runtime
-
-
-def infer_dataset(cfg, model, data):
-    """engine.infer() of `model` over `data`, on the options' device, layout and precision, by
-    every process under torchrun; returns (Predictions, Runtime)."""
-    with runtime(cfg.use_gpu, cfg.amp, cfg.channels_last) as rt:
-        return infer(on_device(model, rt), make_loader(data, cfg, rt), rt, cfg.tta), rt
-
-
-def validation_data(cfg, classes):
-    """The validation images of a trained run, as its training held them out (or --val_data_root)."""
-    if cfg.val_data_root:
-        return DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
-    root = cfg.require_dir('train_data_root')
-    return DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed, classes=classes, folds=cfg.folds, fold=cfg.fold)
+from training.engine import clipped_probabilities, infer_dataset, predicted
+from training.explain import check_layer, write_overlays
+from utils.files import numbered, writable_folder, write_csv
 
 
 def write_submission(cfg, trained):
     """Predict test_data_root and write the submission (see main.test) into the run's folder,
     or --result_file; an earlier submission is never overwritten."""
     data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
-    result_file = cfg.path('result_file') if cfg.result_file else unused_name(trained.path.parent / 'result.csv')
+    result_file = cfg.path('result_file') if cfg.result_file else unused(trained.path.parent, 'result', '.csv')
     writable_folder(result_file.parent, 'result_file')
-    predictions, rt = infer_dataset(cfg, trained.model, data)
+    predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
     if not rt.is_main:
         return
     # clipped: Kaggle's log loss punishes a confident mistake without bound (engine.P_MIN)
     probs = clipped_probabilities(predictions.log_probs)
     ids = [data.ids[i] for i in predictions.indices.tolist()]  # in the folder's order: by number, else by name
     classes = trained.classes
-    with atomic_open(result_file, 'w') as f:
-        writer = csv.writer(f, lineterminator='\n')
-        if len(classes) == 2:  # Kaggle's binary format: the probability of the second class
-            writer.writerow(['id', 'label'])
-            writer.writerows((i, f'{p:.4f}') for i, p in zip(ids, probs[:, 1].tolist()))
-        else:
-            writer.writerow(['id', *classes])  # Kaggle's multi-class format: no other column
-            writer.writerows((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, probs.tolist()))
+    if len(classes) == 2:  # Kaggle's binary format: the probability of the second class
+        write_csv(result_file, [['id', 'label'], *((i, f'{p:.4f}') for i, p in zip(ids, probs[:, 1].tolist()))])
+    else:  # Kaggle's multi-class format: no other column
+        write_csv(
+            result_file, [['id', *classes], *((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, probs.tolist()))]
+        )
     print(f'wrote {len(ids)} predictions to {result_file}')
     if predictions.skipped:
         names = [data.paths[i] for i in predictions.skipped]
         print(f'could not read {len(names)} images, left out: {", ".join(names[:5])}')
 
 
-def unused_name(path):
-    """`path`, or path-2, path-3, ... where it exists: an earlier submission is never overwritten."""
-    candidates = itertools.chain([path], (path.with_name(f'{path.stem}-{n}{path.suffix}') for n in itertools.count(2)))
-    return next(p for p in candidates if not p.exists())
+def unused(folder, stem, suffix=''):
+    """folder/stem+suffix, or stem-2, stem-3, ... where it exists: earlier output is never overwritten."""
+    return next(p for p in numbered(folder, stem, suffix) if not p.exists())
 
 
 def predict_files(cfg, trained, paths, out='', explain=False):
@@ -73,27 +53,22 @@ def predict_files(cfg, trained, paths, out='', explain=False):
     if explain not in (True, False):
         raise UserError(f'--explain={explain!r} is invalid; it takes True or False')
     if explain:
-        from explain import check_layer  # Captum loads only here
-
         check_layer(trained.model, cfg.image_size, cfg.cam_layer)  # a wrong --cam_layer is said before the work
-    predictions, rt = infer_dataset(cfg, trained.model, data)
+    predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
     classes, names, probs = (
         trained.classes,
         [files[i] for i in predictions.indices.tolist()],
         predictions.log_probs.exp().tolist(),
     )
-    for name, p in zip(names, probs):  # with two classes P(second), as in the submission; else P(its class)
+    for name, p in zip(names, probs):  # the class and its probability (the CSV has every class's)
         label = predicted(classes, p)
-        print(f'{name}  {classes[label]}  {p[1] if len(classes) == 2 else p[label]:.4f}')
+        print(f'{name}  {classes[label]}  {p[label]:.4f}')
     rows = prediction_rows(classes, names, probs)
     if out and rt.is_main:
-        with atomic_open(Path(out), 'w') as f:
-            csv.writer(f).writerows(rows)
+        write_csv(Path(out), rows)
         print(f'wrote {len(rows) - 1} predictions to {Path(out).resolve()}')
     if explain and rt.is_main:
-        from explain import write_overlays
-
-        folder = Path(out).resolve().parent if out else unused_name(trained.path.parent / 'explained')
+        folder = Path(out).resolve().parent if out else unused(trained.path.parent, 'explained')
         guesses = [predicted(classes, p) for p in probs]
         captions = [f'{Path(n).name} {classes[g]} {p[g]:.2f}' for n, g, p in zip(names, guesses, probs)]
         indices = predictions.indices.tolist()
@@ -115,11 +90,6 @@ def prediction_rows(classes, names, probs):
     for name, p in zip(names, probs):
         rows.append([name, classes[predicted(classes, p)], *(f'{q:.4f}' for q in (p[1:] if two else p))])
     return rows
-
-
-def predicted(classes, p):
-    """The index of the class predicted from probabilities `p` (a tie of two goes to the second)."""
-    return int(p[1] >= 0.5) if len(classes) == 2 else max(range(len(classes)), key=p.__getitem__)
 
 
 def find_images(paths):

@@ -9,7 +9,9 @@ Under torchrun every process trains each trial: rank 0 alone talks to the study 
 others the trial's options and, after every epoch, whether to stop.
 """
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -17,18 +19,18 @@ import os
 import shlex
 import time
 import warnings
+from pathlib import Path
 
-from config import NOT_RECIPE, DefaultConfig, UserError, unknown
+from config import NOT_RECIPE, DefaultConfig, UserError, unknown, whole_number
 from models import check_options
-from utils.files import atomic_open
-from utils.run_folders import point_latest
+from training.engine import Diverged
+from utils.run_folders import LATEST, SweepRecord, TrialRecord, check_folder_name, point_latest
 from utils.runtime import runtime
 
 FORMS = 'name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C'
 METRICS = {'log_loss': ('log loss', 'minimize'), 'accuracy': ('accuracy', 'maximize')}
 HEARTBEAT = 20  # seconds between a running trial's signs of life in the storage
 GRACE = 60  # a trial silent this long lost its process (a kill, a crash): it is marked failed
-DIVERGED = 'the loss became'  # how engine's UserError for a NaN or infinite training loss begins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +97,22 @@ def parse_dimension(word, fixed, taken):
     return Dimension(word, name, low=low, high=high, log=bool(scale))
 
 
+@dataclasses.dataclass
+class Plan:
+    """What a sweep runs: trials of the options `fixed` and a draw of `dimensions`, each a run in `folder`."""
+
+    folder: Path
+    base: DefaultConfig  # the fixed options, checked
+    fixed: dict
+    dimensions: list
+    metric: str
+    trials: int
+
+
 def run_sweep(options, space, trials, metric, storage, train):
     """Run trials of train(options, on_epoch) until the study holds `trials` finished ones."""
     options = {key.replace('-', '_'): value for key, value in options.items()}
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise UserError(f'--trials={trials!r} is invalid; it takes a whole number >= 1')
+    whole_number('trials', trials, low=1)
     if metric not in METRICS:
         raise UserError(f'--metric={metric!r} is invalid; it takes {" or ".join(METRICS)}')
     if 'resume' in options:
@@ -118,28 +131,26 @@ def run_sweep(options, space, trials, metric, storage, train):
     command = json.loads(json.dumps({'space': [d.text for d in dimensions], 'metric': metric, 'options': recipe}))
     digest = hashlib.sha1(json.dumps(command, sort_keys=True).encode()).hexdigest()[:8]
     name = str(options.get('name') or f'sweep-{digest}')
-    if name in ('.', '..', 'latest') or '/' in name or '\\' in name:
-        raise UserError(f'--name={name}: a sweep name is a folder name, without / or \\')
+    check_folder_name(name, 'sweep')
     folder = base.path('checkpoint_dir') / name
-    if (folder / 'config.json').exists():
+    if name == LATEST or (folder / 'config.json').exists():
         raise UserError(f'--name={name}: {folder} is a training run, not a sweep; choose another name')
-    direction = METRICS[metric][1]
+    plan = Plan(folder, base, fixed, dimensions, metric, trials)
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
-        study = open_study(folder, storage, name, direction, command, metric)
-        return lead(study, folder, base, fixed, dimensions, metric=metric, trials=trials, train=train)
+        return sweep_trials(open_study(plan, storage, command), plan, train)
     with runtime(base.use_gpu) as rt:  # one process group, which every trial's training uses
         if not rt.is_main:
-            return follow(rt, train)
+            return train_as_told(rt, train)
         try:
-            study = open_study(folder, storage, name, direction, command, metric)
+            study = open_study(plan, storage, command)
         except UserError as e:
             rt.broadcast(str(e))  # the other processes end with it, rather than wait to be killed
             raise
-        lead(study, folder, base, fixed, dimensions, metric=metric, trials=trials, train=train, share=rt.broadcast)
+        sweep_trials(study, plan, train, share=rt.broadcast)
         rt.broadcast(None)  # the end: the other processes stop waiting for a trial
 
 
-def follow(rt, train):
+def train_as_told(rt, train):
     """A process of rank > 0 under torchrun: trains each trial's options that rank 0 hands it,
     and stops a trial when rank 0 says so; rank 0's text instead of options is its error."""
 
@@ -150,105 +161,135 @@ def follow(rt, train):
     while (run := rt.broadcast(None)) is not None:
         if isinstance(run, str):
             raise UserError(run)
-        try:
+        with contextlib.suppress(Stopped, Diverged):  # a diverged trial: rank 0 prunes it too
             train(run, report)
-        except Stopped:
-            pass
-        except UserError as e:
-            if not str(e).startswith(DIVERGED):  # a diverged trial: rank 0 prunes it too
-                raise
 
 
-def lead(study, folder, base, fixed, dimensions, *, metric, trials, train, share=lambda obj: obj):
+def sweep_trials(study, plan, train, share=lambda obj: obj):
     """The sweep as rank 0 (or the only process) runs it: trials of `study` until it holds
-    `trials` finished ones. Under torchrun share() hands each trial's options, and after each
-    epoch whether to stop, to the other processes (it returns rank 0's object on every rank)."""
-    name, (label, direction) = folder.name, METRICS[metric]
-
-    import optuna
+    plan.trials finished ones, trials its earlier processes left unfinished first. Under
+    torchrun share() hands each trial's options, and after each epoch whether to stop, to the
+    other processes (it returns rank 0's object on every rank)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
-    counted = (*finished_states, TrialState.RUNNING)  # other processes' running trials count too
-    pick = min if direction == 'minimize' else max
-
-    def objective(trial):
-        # a seed per trial: the same command draws the same trials, processes sharing a study draw apart
-        study.sampler = optuna.samplers.TPESampler(seed=base.seed * 100_003 + trial.number)
-        if sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=counted)) >= trials:
-            study.stop()  # another process took the last trial meanwhile
-            trial.set_user_attr('surplus', True)
-            raise Surplus
-        params = {d.name: d.suggest(trial) for d in dimensions}
-        print(f'\nsweep {name}: trial {trial.number}, ' + ' '.join(f'{k}={v}' for k, v in params.items()))
-        values, state, note = [], 'failed', ''
-
-        def report(epoch, metrics, rt):
-            stop = None
-            if not math.isfinite(metrics[metric]):
-                stop = f'the validation {label} became {metrics[metric]} in epoch {epoch + 1}'
-            else:
-                values.append(metrics[metric])
-                trial.report(pick(values), epoch)
-                if trial.should_prune():
-                    stop = f'behind the median after epoch {epoch + 1}'
-            if share(stop) is not None:  # every epoch, so that the other processes stop with this one
-                raise optuna.TrialPruned(stop)
-
-        run = {**fixed, **params, 'checkpoint_dir': str(folder), 'name': f'trial-{trial.number}'}
-        run.setdefault('env', f'{name}-trial-{trial.number}')  # visdom: trials of two sweeps apart
-        try:
-            train(share(run), report)
-            state = 'complete'
-            return pick(values)
-        except optuna.TrialPruned as e:
-            state, note = 'pruned', str(e)
-            raise
-        except UserError as e:
-            if not str(e).startswith(DIVERGED):
-                raise
-            state, note = 'pruned', str(e).split(';')[0]
-            raise optuna.TrialPruned(note) from None
-        except KeyboardInterrupt:
-            note = 'interrupted'
-            raise
-        finally:
-            write_trial(folder, trial.number, state, pick(values, default=None), metric, params, note)
-            figure = f': {label} {pick(values):.4f}' if values else ''
-            print(f'trial {trial.number} {state}{figure}' + (f' ({note})' if note else ''))
-
-    finished = len(study.get_trials(deepcopy=False, states=finished_states))
+    label, direction = METRICS[plan.metric]
+    point_latest(plan.base.path('checkpoint_dir'), plan.folder)  # the newest run: its best trial is its model
+    retried = {t.user_attrs.get('retry_of') for t in study.get_trials(deepcopy=False)}
+    for cut in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if cut.number not in retried and cut.params and not cut.user_attrs.get('error'):
+            study.enqueue_trial(cut.params, user_attrs={'retry_of': cut.number})
+    finished = len(study.get_trials(deepcopy=False, states=counted()))
     aim = 'minimised' if direction == 'minimize' else 'maximised'
-    print(f'sweep {folder}: {finished} of {trials} trials finished, {label} {aim}; the same command continues it')
+    print(
+        f'sweep {plan.folder}: {finished} of {plan.trials} trials finished, {label} {aim}; '
+        'the same command continues it'
+    )
     started = time.perf_counter()
     try:
-        if finished < trials:
+        if finished < plan.trials:
             study.optimize(
-                objective, n_trials=trials - finished, catch=(Surplus,), callbacks=[MaxTrialsCallback(trials, counted)]
+                functools.partial(run_trial, study=study, plan=plan, train=train, share=share),
+                n_trials=plan.trials - finished,
+                catch=(Surplus,),
+                callbacks=[MaxTrialsCallback(plan.trials, counted(running=True))],
             )
     finally:
-        print_trials(study, dimensions, label, time.perf_counter() - started)
+        print_trials(study, plan.dimensions, label, time.perf_counter() - started)
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            best, again = study.best_trial, {**fixed, **study.best_trial.params}
-            run = folder / f'trial-{best.number}'
-            print(f'best: trial {best.number}, {label} {best.value:.4f}, in {run}:')
+            best, again = study.best_trial, {**plan.fixed, **study.best_trial.params}
+            print(f'best: trial {best.number}, {label} {best.value:.4f}, in {plan.folder / f"trial-{best.number}"}:')
             print('python main.py train ' + ' '.join(shlex.quote(f'--{k}={v}') for k, v in again.items()))
-            if run.is_dir():  # not when it ran on another machine: val, test and predict take it by default
-                point_latest(base.path('checkpoint_dir'), run)
 
 
-def open_study(folder, storage, name, direction, command, metric):
+def run_trial(trial, study, plan, train, share):
+    """Optuna's objective: train a run on the trial's draw; its value is the figure of best.pth."""
+    import optuna
+
+    # a seed per trial: the same command draws the same trials, processes sharing a study draw apart
+    study.sampler = optuna.samplers.TPESampler(seed=plan.base.seed * 100_003 + trial.number)
+    earlier = study.get_trials(deepcopy=False, states=counted(running=True))  # other processes' running ones too
+    if sum(t.number < trial.number for t in earlier) >= plan.trials:
+        study.stop()  # another process took the last trial meanwhile
+        trial.set_user_attr('surplus', True)
+        raise Surplus
+    params = {d.name: d.suggest(trial) for d in plan.dimensions}
+    print(f'\nsweep {plan.folder.name}: trial {trial.number}, ' + ' '.join(f'{k}={v}' for k, v in params.items()))
+    run = {**plan.fixed, **params, 'checkpoint_dir': str(plan.folder), 'name': f'trial-{trial.number}'}
+    run.setdefault('env', f'{plan.folder.name}-trial-{trial.number}')  # visdom: trials of two sweeps apart
+    kept = Kept(trial, plan.metric, params.get('max_epoch', plan.base.max_epoch), share)
+    state, note = 'failed', ''
+    try:
+        train(share(run), kept.report)
+        state = 'complete'
+        return kept.value
+    except optuna.TrialPruned as e:
+        state, note = 'pruned', str(e)
+        raise
+    except Diverged as e:
+        state, note = 'pruned', str(e).split(';')[0]
+        raise optuna.TrialPruned(note) from None
+    except KeyboardInterrupt:
+        note = 'interrupted'
+        raise
+    except Exception:
+        trial.set_user_attr('error', True)  # the same options would fail again: not retried
+        raise
+    finally:
+        if (plan.folder / run['name']).is_dir():  # not when it failed before its run began
+            TrialRecord(trial.number, state, kept.value, plan.metric, params, note).save(plan.folder / run['name'])
+        figure = f': {METRICS[plan.metric][0]} {kept.value:.4f}' if kept.value is not None else ''
+        print(f'trial {trial.number} {state}{figure}' + (f' ({note})' if note else ''))
+
+
+def counted(running=False):
+    """The trial states that count toward --trials; running=True: with the trials under way."""
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
+
+
+class Kept:
+    """A trial's figure of the weights its best.pth holds (the epoch of the best validation
+    accuracy, the later of a tie, as the checkpoint keeps them), reported to Optuna every epoch:
+    train's on_epoch, which ends a trial the pruner stops."""
+
+    def __init__(self, trial, metric, max_epoch, share):
+        self.trial, self.metric, self.max_epoch, self.share = trial, metric, max_epoch, share
+        self.accuracy, self.value = -1.0, None
+
+    def report(self, epoch, metrics, rt):
+        import optuna
+
+        stop = None
+        if not math.isfinite(metrics[self.metric]):
+            stop = f'the validation {METRICS[self.metric][0]} became {metrics[self.metric]} in epoch {epoch + 1}'
+        else:
+            if metrics['accuracy'] >= self.accuracy:
+                self.accuracy, self.value = metrics['accuracy'], metrics[self.metric]
+            self.trial.report(self.value, epoch)
+            # a trial that has trained all its epochs is complete, whatever the others did
+            if epoch + 1 < self.max_epoch and self.trial.should_prune():
+                stop = f'behind the median after epoch {epoch + 1}'
+        if self.share(stop) is not None:  # every epoch, so that the other processes stop with this one
+            raise optuna.TrialPruned(stop)
+
+
+def open_study(plan, storage, command):
     """The sweep's Optuna study, made or loaded; trials whose process died are marked failed."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's outcome is printed by run_sweep
+    folder, name = plan.folder, plan.folder.name
     folder.mkdir(parents=True, exist_ok=True)
     url = str(storage) if storage else f'sqlite:///{folder / "study.db"}'
 
     def failed(study, trial):
-        write_trial(folder, trial.number, 'failed', None, metric, trial.params, 'its process stopped answering')
+        run = folder / f'trial-{trial.number}'
+        if run.is_dir():
+            note = 'its process stopped answering'
+            TrialRecord(trial.number, 'failed', None, plan.metric, trial.params, note).save(run)
 
     for attempt in range(3):
         try:
@@ -264,7 +305,7 @@ def open_study(folder, storage, name, direction, command, metric):
                         heartbeat_stale_trial_callback=failed,
                     ),
                     study_name=name,
-                    direction=direction,
+                    direction=METRICS[plan.metric][1],
                     load_if_exists=True,
                     pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
                 )
@@ -283,8 +324,7 @@ def open_study(folder, storage, name, direction, command, metric):
         raise UserError(
             f'sweep {name} was made with another --space, --metric or options; give this one another --name'
         )
-    with atomic_open(folder / 'sweep.json', 'w') as f:
-        json.dump({'space': command['space'], 'metric': metric}, f, indent=2)
+    SweepRecord(command['space'], plan.metric).save(folder)
     return study
 
 
@@ -294,15 +334,6 @@ class Surplus(Exception):
 
 class Stopped(Exception):
     """Rank 0 pruned the trial: the other processes of a torchrun stop it too."""
-
-
-def write_trial(folder, number, state, value, metric, params, note):
-    """trial.json in the trial's folder (when it got one that far): what `runs` shows of it."""
-    run = folder / f'trial-{number}'
-    if run.is_dir():
-        record = {'number': number, 'state': state, 'value': value, 'metric': metric, 'params': params, 'note': note}
-        with atomic_open(run / 'trial.json', 'w') as f:
-            json.dump(record, f, indent=2)
 
 
 def print_trials(study, dimensions, label, seconds):

@@ -13,7 +13,7 @@ from torch import nn
 
 from config import UserError
 from data.transforms import MEAN, STD, model_input
-from predict import validation_data
+from training.engine import validation_data
 from utils.files import atomic_open
 
 CHECK_IMAGES = 48  # validation images the exported graph is compared on

@@ -10,6 +10,7 @@ import torch
 
 from config import NOT_RECIPE, DefaultConfig, UserError
 from data.decode import load_rgb
+from training.explain import explain_rows
 from utils.board import Board
 from utils.visualize import Visualizer
 
@@ -24,7 +25,8 @@ class Reporter:
         self.max_epoch = cfg.max_epoch
         self.given = cfg.given  # shown in HParams even at their default: a sweep's options, say
         self.steps = steps_per_epoch  # the x of every TensorBoard point is the number of batches trained
-        self.rt, self.cam_layer = rt, cfg.cam_layer  # cam_layer None: no Grad-CAM pictures
+        self.rt, self.cam_layer = rt, cfg.cam_layer
+        self.cams = True  # Grad-CAM pictures in the dashboards: off once --cam_layer named no layer
         self.metrics_file = run_dir / 'metrics.jsonl' if rt.is_main else None  # one JSON line per epoch
         env = cfg.env or run_dir.name
         self.vis = Visualizer(env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
@@ -55,7 +57,7 @@ class Reporter:
                 f.write(json.dumps(record) + '\n')
         summary = epoch_line(record, self.max_epoch)
         print(summary)
-        warn_if_stuck(record)
+        warn_if_stuck(record, metrics['probs'])
         epoch, vis = record['epoch'], self.vis
         vis.lines('loss', {'train': record['train_loss'], 'val': record['val_loss']}, x=epoch)
         vis.plot('val_accuracy', record['val_accuracy'], x=epoch)
@@ -70,7 +72,7 @@ class Reporter:
                 'most wrong (validation)', wrong, summary='validation images wrong with the most confidence'
             )
             self.board.images('most wrong (validation)', wrong, step)
-            if training is not None and self.cam_layer is not None:
+            if training is not None and self.cams:
                 looked = self.where_it_looked(training, metrics, val_data, record['classes'])
                 vis.captioned_images(LOOKED, looked, summary='the same images: where the model looked for its answer')
                 self.board.images(LOOKED, looked, step)
@@ -78,14 +80,12 @@ class Reporter:
     def where_it_looked(self, training, metrics, val_data, classes):
         """The most-wrong images with the Grad-CAM map of the weights that were scored; a
         --cam_layer that names no layer is said once, and the pictures are left out."""
-        from explain import explain_rows  # Captum loads only when a dashboard shows pictures
-
         model = training.ema.module if metrics['weights'] == 'ema' else training.model_without_ddp
         try:
             return explain_rows(model, val_data, metrics, worst_rows(metrics), classes, self.rt, self.cam_layer)
         except UserError as e:
             print(f'warning: {e}; the dashboards go on without Grad-CAM pictures', file=sys.stderr)
-            self.cam_layer = None
+            self.cams = False
             return []
 
     def close(self, options, best_accuracy):
@@ -139,15 +139,22 @@ def epoch_line(record, max_epoch):
     return line
 
 
-def warn_if_stuck(record):
-    """A training loss at ln(classes) is what a network that answers every image alike scores:
-    it has learnt nothing, and more epochs at this rate seldom change that."""
-    if abs(record['train_loss'] - math.log(len(record['classes']))) < 1e-3:
+def warn_if_stuck(record, probs):
+    """A model that gives every validation image the same probabilities has learnt nothing (its
+    training loss sits at ln(classes)), and more epochs at this rate seldom change that."""
+    if (probs.amax(dim=0) - probs.amin(dim=0)).max() < 0.01:
+        n = len(record['classes'])
         print(
-            f'warning: the training loss is ln({len(record["classes"])}) = {record["train_loss"]:.4f}: the model '
-            f'answers every image alike and is not learning; try a lower --lr (a tenth), --warmup_epochs=1, '
-            f'or --pretrained=True'
+            f'warning: the model gives every validation image the same probabilities (training loss '
+            f'{record["train_loss"]:.4f}; ln({n}) = {math.log(n):.4f}): it is not learning; try a lower --lr '
+            f'(a tenth), --warmup_epochs=1, or --pretrained=True'
         )
+
+
+def read_metrics(run_dir):
+    """The records epoch_record() wrote into the run's metrics.jsonl, oldest first."""
+    file = run_dir / 'metrics.jsonl'
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
 
 
 def most_wrong(dataset, metrics, classes, count=16):
@@ -176,10 +183,9 @@ def worst_rows(metrics, count=16):
 
 def confusion_table(matrix, classes):
     """The confusion matrix as text: a row per true class, a column per predicted one."""
-    columns = [f'predicted {c}' for c in classes]
-    width = max(map(len, columns))
+    width = max(5, *map(len, classes))
     label = max(19, max(len(f'  true {c} ') for c in classes))
-    lines = ['confusion'.ljust(label) + '  '.join(c.rjust(width) for c in columns)]
+    lines = ['true \\ predicted'.ljust(label) + '  '.join(c.rjust(width) for c in classes)]
     for name, row in zip(classes, matrix):
         lines.append(f'  true {name}'.ljust(label) + '  '.join(f'{n:{width}d}' for n in row))
     return '\n'.join(lines)

@@ -19,12 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from config import UserError
+from config import UserError, whole_number
 from data.decode import UNREADABLE, load_pixels
 from data.transforms import eval_transform, model_input
-from engine import on_device
-from predict import predicted
-from utils.runtime import runtime
+from training.engine import on_device, predicted
+from utils.runtime import runtime_of
 
 MAX_FILES = 64  # images in one request
 MAX_BATCH = 64  # images the model takes at once; more wait for the next batch
@@ -37,8 +36,7 @@ def serve_model(cfg, trained, host='127.0.0.1', port=8000, max_mb=10):
     """Serve `trained` on http://host:port until Ctrl-C."""
     import uvicorn
 
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        raise UserError(f'--port={port!r} is invalid; it takes a whole number from 0 to 65535')
+    whole_number('port', port, 0, 65535)
     if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or max_mb <= 0:
         raise UserError(f'--max_mb={max_mb!r} is invalid; it takes a number of MB above 0')
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -49,8 +47,8 @@ def serve_model(cfg, trained, host='127.0.0.1', port=8000, max_mb=10):
         listener = socket.create_server((host, port), family=socket.AF_INET6 if ':' in host else socket.AF_INET)
     except OSError as e:
         raise UserError(f'cannot listen on {host}:{port} ({os.strerror(e.errno)}); pick another --port') from None
-    with runtime(cfg.use_gpu, cfg.amp, cfg.channels_last) as rt:
-        classifier = Classifier(trained, cfg.image_size, rt, cfg.tta)
+    with runtime_of(cfg) as rt:
+        classifier = Classifier(trained, cfg.image_size, rt)
         app = make_app(classifier, int(max_mb * 1e6), f'{trained.path.parent.name}: {", ".join(trained.classes)}')
         address = listener.getsockname()
         print(
@@ -67,9 +65,9 @@ class Classifier:
     images that came while the one before ran: on a CPU, a batch of 16 takes far less than 16
     single passes, and no request waits for a batch to fill."""
 
-    def __init__(self, trained, size, rt, tta=False):
+    def __init__(self, trained, size, rt):
         self.model, self.classes = on_device(trained.model, rt), trained.classes
-        self.size, self.rt, self.tta = size, rt, tta
+        self.size, self.rt, self.tta = size, rt, trained.tta
         self.decoders = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix='decode')
         self.waiting = asyncio.Queue()  # (images, future of their probabilities)
 
@@ -87,14 +85,23 @@ class Classifier:
             raise Refused(422, f'{name} is a broken image ({e})') from None
 
     async def probabilities(self, names, blobs):
-        """The probabilities of each image, in order; a Refused for the first bad one."""
+        """Each image's probabilities, or the Refused that says why it is no image we can read, in
+        order; the first Refused when no image is good."""
         loop = asyncio.get_running_loop()
-        images = await asyncio.gather(
-            *(loop.run_in_executor(self.decoders, self.decode, n, b) for n, b in zip(names, blobs))
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self.decoders, self.decode, n, b) for n, b in zip(names, blobs)),
+            return_exceptions=True,
         )
+        images = [image for image in decoded if not isinstance(image, BaseException)]
+        if not images:
+            raise decoded[0]
+        bug = next((e for e in decoded if isinstance(e, BaseException) and not isinstance(e, Refused)), None)
+        if bug is not None:
+            raise bug
         future = loop.create_future()
         await self.waiting.put((images, future))
-        return await future
+        probs = iter(await future)
+        return [image if isinstance(image, Refused) else next(probs) for image in decoded]
 
     async def run_batches(self):
         while True:
@@ -183,12 +190,16 @@ def make_app(classifier, max_bytes, title):
         names = [f.filename or f'image {n + 1}' for n, f in enumerate(files)]
         if not files:
             raise Refused(400, 'the request holds no images: send one or more as multipart/form-data files')
-        probs = await classifier.probabilities(names, blobs)
         classes = classifier.classes
-        return [
-            {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
-            for name, p in zip(names, probs)
-        ]
+        answers = []
+        for name, p in zip(names, await classifier.probabilities(names, blobs)):
+            if isinstance(p, Refused):  # this image alone: the others are answered
+                answers.append({'name': name, 'error': p.detail, 'status': p.status})
+            else:
+                answers.append(
+                    {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
+                )
+        return answers
 
     return app
 
@@ -214,6 +225,12 @@ function element(tag, text, attributes) {
   return Object.assign(e, attributes || {});
 }
 function shown(answer, file) {
+  const figure = element('figure');
+  figure.append(element('img', undefined, {src: URL.createObjectURL(file), alt: answer.name}));
+  if (answer.error) {
+    figure.append(element('figcaption', answer.error, {className: 'error'}));
+    return figure;
+  }
   const table = element('table');
   for (const [name, p] of Object.entries(answer.probabilities).sort((a, b) => b[1] - a[1])) {
     const row = table.insertRow();
@@ -222,8 +239,7 @@ function shown(answer, file) {
   }
   const caption = element('figcaption');
   caption.append(element('div', answer.name), element('h2', answer.label, {className: 'label'}), table);
-  const figure = element('figure');
-  figure.append(element('img', undefined, {src: URL.createObjectURL(file), alt: answer.name}), caption);
+  figure.append(caption);
   return figure;
 }
 async function classify(files) {

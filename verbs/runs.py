@@ -3,10 +3,11 @@ them apart; a folder of runs (a sweep's trials, a kfold's folds) as one entry wi
 beneath it. It reads the runs' JSON files only, so it answers at once."""
 
 import collections
-import json
 import sys
 
 from config import NOT_RECIPE
+from training.report import read_metrics
+from utils.run_folders import KfoldRecord, SweepRecord, TrialRecord, read_config
 
 
 def list_runs(checkpoint_dir):
@@ -23,10 +24,9 @@ def list_runs(checkpoint_dir):
             continue
         members = [run for sub in sorted(folder.iterdir()) if (sub / 'config.json').is_file() for run in read_run(sub)]
         if members:
-            sweep = read_json(folder / 'sweep.json') if (folder / 'sweep.json').is_file() else None
-            made = read_json(folder / 'kfold.json') if (folder / 'kfold.json').is_file() else None
+            sweep, made = SweepRecord.load(folder), KfoldRecord.load(folder)
             for member in members if sweep else []:
-                member['trial'] = member['trial'] or {'state': 'running'}  # trial.json comes at its end
+                member['trial'] = member['trial'] or TrialRecord(-1, 'running', None, sweep.metric, {})  # until it ends
             members.sort(key=lambda r: (r['started'], r['name']))  # in the order they ran
             runs.append({'name': folder.name, 'started': members[-1]['started'], 'sweep': sweep, 'kfold': made,
                          'members': members})  # fmt: skip
@@ -36,16 +36,12 @@ def list_runs(checkpoint_dir):
 def read_run(folder):
     """[the listing's entry of the run in `folder`], or [] when its files cannot be read."""
     try:
-        made = read_json(folder / 'config.json')
-        metrics = folder / 'metrics.jsonl'
-        records = (
-            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-        )
-        trial = read_json(folder / 'trial.json') if (folder / 'trial.json').is_file() else None
-    except (OSError, ValueError) as e:  # a file cut short by a kill or a full disk: say so, list the others
+        made, records, trial = read_config(folder), read_metrics(folder), TrialRecord.load(folder)
+    except (OSError, ValueError, TypeError) as e:  # a file cut short by a kill or a full disk: say so, list the others
         print(f'{folder.name}: cannot be read ({type(e).__name__})', file=sys.stderr)
         return []
-    best = max(records, key=lambda r: r['val_accuracy'], default=None)
+    # the epoch best.pth holds: of the best accuracy, the later of a tie
+    best = max(reversed(records), key=lambda r: r['val_accuracy'], default=None)
     return [
         {
             'name': folder.name,
@@ -61,10 +57,6 @@ def read_run(folder):
             'trial': trial,
         }
     ]
-
-
-def read_json(path):
-    return json.loads(path.read_text())
 
 
 def newest_first(runs):
@@ -97,12 +89,12 @@ def group_line(entry):
     figures, or runs."""
     members, sweep, made = entry['members'], entry['sweep'], entry['kfold']
     if sweep:
-        states = collections.Counter(member['trial']['state'] for member in members if member['trial'])
+        states = collections.Counter(member['trial'].state for member in members)
         counts = ', '.join(f'{n} {state}' for state, n in sorted(states.items()))
-        return f'sweep of {len(members)} trials ({counts}), {sweep["metric"]} on ' + ' '.join(sweep['space'])
+        return f'sweep of {len(members)} trials ({counts}), {sweep.metric} on ' + ' '.join(sweep.space)
     if made:
-        oof = made.get('oof')
-        return f'kfold of {len(members)}/{made["folds"]} folds, ' + (
+        oof = made.oof
+        return f'kfold of {len(members)}/{made.folds} folds, ' + (
             f'out-of-fold acc {oof["accuracy"]:.2%}  log loss {oof["log_loss"]:.4f}  {oof["suspects"]} suspect labels'
             if oof
             else 'no out-of-fold predictions yet'
@@ -118,11 +110,7 @@ def run_line(entry, differing):
         else f'best acc {entry["best_accuracy"]:.2%}  log loss {entry["log_loss"]:.4f}'
     )
     trial = entry['trial']
-    state = (
-        f'{trial["state"]}' + (f' {trial["metric"]} {trial["value"]:.4f}' if trial.get('value') is not None else '')
-        if trial
-        else ''
-    )
+    state = trial.state + (f' {trial.metric} {trial.value:.4f}' if trial.value is not None else '') if trial else ''
     apart = ' '.join(f'{key}={entry["options"].get(key)}' for key in differing)
     return (
         f'{entry["name"]}  ' + (f'{state}  ' if state else '') + f'{entry["model"]}  {",".join(entry["classes"])}  '

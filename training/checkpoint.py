@@ -21,9 +21,9 @@ from pathlib import Path
 from torch.optim.lr_scheduler import LambdaLR
 
 from config import UserError
-from models import build_model
+from models import FoldEnsemble, build_model
 from utils.files import atomic_link, atomic_save, load_checkpoint
-from utils.run_folders import check_name_free, find_checkpoint, latest_run
+from utils.run_folders import SweepRecord, check_name_free, find_checkpoint, latest_run, runs_newest_first
 
 # the options that define a run: --resume takes them from its checkpoint, a different value is an error
 RESUME_KEYS = (
@@ -56,8 +56,6 @@ RESUME_KEYS = (
 RESUME_DEFAULTS = ('max_epoch', 'train_data_root', 'val_data_root', 'batch_size')
 # what only continuing a run needs: best.pth keeps none of it once it parts from last.pth
 TRAINING_ONLY = ('optimizer', 'scheduler', 'step_scheduler', 'scaler', 'ema_updates')
-# the classes of a checkpoint that names none: Dogs vs. Cats, the only task before classes were stored
-DOGS_VS_CATS = ['cat', 'dog']
 # where a run stands: the best validation accuracy and loss so far, the epochs since the loss
 # last improved (--early_stop), which weights validate better ('model', or 'ema' for the moving
 # average of --ema_decay), and whether it stopped early
@@ -68,10 +66,6 @@ NO_PROGRESS = {
     'weights': 'model',
     'stopped_early': False,
 }
-
-
-def classes_of(state):
-    return list(state.get('classes') or DOGS_VS_CATS)
 
 
 def training_state(cfg, classes, epoch, training, progress):
@@ -164,11 +158,11 @@ def resume_point(cfg):
 def restore(resume, training, classes):
     """Put the checkpoint of `resume` back into `training` (a recipe.Training)."""
     state, file = resume.state, resume.file
-    if classes_of(state) != classes:
+    if state['classes'] != classes:
         raise UserError(
-            f'{file} was trained on the classes {", ".join(classes_of(state))}, the data holds {", ".join(classes)}'
+            f'{file} was trained on the classes {", ".join(state["classes"])}, the data holds {", ".join(classes)}'
         )
-    training.model_without_ddp.load_state(state, file)
+    training.model_without_ddp.load_state_dict_from(state['model'], file)
     training.optimizer.load_state_dict(state['optimizer'])
     for scheduler, key in ((training.epoch_scheduler, 'scheduler'), (training.step_scheduler, 'step_scheduler')):
         if scheduler is not None and state.get(key):
@@ -189,47 +183,106 @@ def restore(resume, training, classes):
     )
 
 
+def load_weights(model, file):
+    """Load into `model` the weights in `file`: a run's checkpoint, or what BasicModule.save() wrote."""
+    state = load_checkpoint(file)
+    if isinstance(state.get('model'), dict):  # a run's checkpoint: its weights
+        made_as = state['config']['model']
+        if made_as != model.model_name:
+            raise UserError(f'{file} is a checkpoint of {made_as}, not of {model.model_name}; pass --model={made_as}')
+        state = state['model']
+    return model.load_state_dict_from(state, file)
+
+
 @dataclass
 class Trained:
     """A trained model read back from a checkpoint, for val, test, predict and what ships it."""
 
     model: object  # on the CPU, in eval mode: the better of the weights and their moving average
     classes: list
-    path: Path  # the checkpoint file
+    path: Path  # the checkpoint file (a kfold's: its kfold.json)
     config: dict  # the options it was trained with
+    tta: bool  # --tta, for a model trained on mirror images; False otherwise
 
 
 def load_trained(cfg, data_options=()):
-    """The Trained of the checkpoint at --load_model_path, by default the newest run's best.pth.
+    """The Trained of --load_model_path (a run, a file, a sweep's best trial, a kfold's folds as
+    one model), by default of the newest run that has a trained model.
 
     The model name and image size come from the checkpoint unless given on the command line,
-    and so do `data_options` (the folders it was trained on, say). --tta mirrors images only for
-    a run that was trained on mirror images (--hflip).
+    and so do `data_options` (the folders it was trained on, say).
     """
     checkpoint_dir = cfg.path('checkpoint_dir')
     if cfg.load_model_path:
         path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
+        if not path.exists():  # a sweep's or a kfold's folder
+            path = model_file(path.parent) or path
     else:
-        run = latest_run(checkpoint_dir)
-        path = run / 'best.pth' if run else checkpoint_dir / 'best.pth'  # checkpoint_dir holding files only
-        print(f'using {path}' + (' (the newest run)' if run else ''))
-    if not path.exists() and (folds := sorted(path.parent.glob('fold-*/best.pth'))):
-        from kfold import load_folds  # a kfold folder: its folds' models as one
+        path = newest_model(checkpoint_dir)
+    if path.is_dir():
+        return load_folds(cfg, path, data_options)
+    return load_one(cfg, path, data_options)
 
-        return load_folds(cfg, folds, data_options)
+
+def model_file(folder):
+    """What a folder's trained model is: its best.pth, a sweep's best trial's, a kfold's folder
+    (its folds as one model); None while it has none."""
+    if (folder / 'best.pth').is_file():
+        return folder / 'best.pth'
+    if any(folder.glob('fold-*/best.pth')):
+        return folder
+    sweep = SweepRecord.load(folder)
+    best = sweep and sweep.best_trial(folder)
+    return best / 'best.pth' if best else None
+
+
+def newest_model(checkpoint_dir):
+    """model_file() of the newest run that has one, said; a run still in its first epoch, or
+    one that crashed there, is passed over."""
+    latest = latest_run(checkpoint_dir)
+    runs = ([latest.resolve()] if latest else []) + [r.resolve() for r in runs_newest_first(checkpoint_dir)]
+    for run in dict.fromkeys(runs):
+        if (path := model_file(run)) is not None:
+            passed = '' if run == latest.resolve() else f' with a trained model; {latest.name} has none yet'
+            print(f'using {path} (the newest run{passed})')
+            return path
+    if not runs:  # checkpoint_dir holding checkpoint files of its own
+        print(f'using {checkpoint_dir / "best.pth"}')
+        return checkpoint_dir / 'best.pth'
+    raise UserError(f'no run in {checkpoint_dir} has a trained model (best.pth) yet: train one first')
+
+
+def load_one(cfg, path, data_options=()):
+    """The Trained of one checkpoint file: a run's, or the weights alone that model.save() writes,
+    taken as --model's for Dogs vs. Cats, as the classic layout's test takes them."""
     state = load_checkpoint(path)
-    made = state.get('config', {})
+    if 'config' not in state:
+        state = {'model': state, 'config': cfg.to_dict(), 'classes': ['cat', 'dog']}
+    made = state['config']
     cfg.inherit(made, ('model', 'image_size'), path)
     cfg.inherit(made, data_options, path, strict=False)
-    if cfg.tta and not made.get('hflip', True):
-        print(
-            f'--tta: {path} was trained without mirror images (--hflip=False), so none are added: '
-            f'the predictions are those without --tta'
-        )
-        cfg.tta = False
-    classes = classes_of(state)
+    tta = cfg.tta and made['hflip']
+    if cfg.tta and not tta:
+        print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added')
     if state.get('weights') == 'ema':
         print(f'using the moving average of the weights in {path}: it validated better')
         state = {**state, 'model': state['ema']}
-    model = build_model(cfg.model, len(classes)).load_state(state, path).eval()
-    return Trained(model, classes, path, made)
+    model = build_model(cfg.model, len(state['classes'])).load_state_dict_from(state['model'], path).eval()
+    return Trained(model, state['classes'], path, made, tta)
+
+
+def load_folds(cfg, folder, data_options=()):
+    """The Trained of a kfold's folder: the best.pth of its folds as a FoldEnsemble."""
+    files = sorted(folder.glob('fold-*/best.pth'))
+    if 'val_ratio' in data_options:
+        raise UserError(
+            f'{folder} holds {len(files)} folds whose models together trained on every image, none left to '
+            f'validate on: its out-of-fold figures are in oof.csv; for one fold, give {folder / "fold-1"}'
+        )
+    members = [load_one(cfg, file, data_options) for file in files]
+    if any(member.classes != members[0].classes for member in members):
+        raise UserError(f'the folds of {folder} were trained on different classes')
+    print(f'using the {len(files)} folds of {folder} as one model: the mean of their probabilities')
+    ensemble = FoldEnsemble([member.model for member in members]).eval()
+    tta = all(member.tta for member in members)
+    return Trained(ensemble, members[0].classes, folder / 'kfold.json', members[0].config, tta)

@@ -8,7 +8,6 @@ DDP-wrapped one), and leaves the weights, their gradients and the random numbers
 """
 
 import difflib
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from PIL import Image, ImageOps
 from config import UserError
 from data.decode import load_rgb
 from data.transforms import model_input
-from utils.files import atomic_open
+from models import FoldEnsemble
+from utils.files import atomic_open, numbered
 from utils.pictures import captioned_tiles
 
 # cold to hot: dark blue, cyan, yellow, red; readable over any picture
@@ -70,7 +70,7 @@ def heatmaps(model, images, targets, layer=''):
     ensemble's map is the mean of its members' maps."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    members = list(getattr(model, 'members', [model]))
+    members = members_of(model)
     total = torch.zeros(len(images), *images.shape[-2:])
     for member in members:
         was_training = member.training
@@ -88,14 +88,15 @@ def heatmaps(model, images, targets, layer=''):
 
 
 def overlay(picture, heat):
-    """`picture` (PIL) in grey with `heat` (H, W in [0, 1]) laid over it in colour, the hotter the
-    more opaque: the picture's own colours would read as heat."""
+    """`picture` (PIL) in grey with `heat` (H, W in [0, 1]) blended over it in colour, at most
+    half opaque where hottest, so the picture shows through everywhere (its own colours would
+    read as heat)."""
     heat = Image.fromarray((heat.numpy() * 255).astype(np.uint8)).resize(picture.size, Image.BILINEAR)
     level = np.asarray(heat, dtype=np.float32) / 255 * (len(HEAT) - 1)
     low = np.minimum(level.astype(int), len(HEAT) - 2)
     share = (level - low)[..., None]
     colour = HEAT[low] * (1 - share) + HEAT[low + 1] * share
-    opacity = 0.2 + 0.5 * level[..., None] / (len(HEAT) - 1)
+    opacity = 0.1 + 0.4 * level[..., None] / (len(HEAT) - 1)
     mixed = np.asarray(picture.convert('L').convert('RGB'), dtype=np.float32) * (1 - opacity) + colour * opacity
     return Image.fromarray(mixed.astype(np.uint8))
 
@@ -137,17 +138,11 @@ def write_overlays(model, data, indices, predicted, captions, folder, rt, layer=
             side = min(min(picture.size), 512)
             square = ImageOps.fit(picture, (side, side))  # the central square, as the eval transform crops
             tile = captioned_tiles([(overlay(square, h), captions[j])], size=side)[0]
-            file = free_name(folder, f'{path.stem}-cam', '.png', written)
+            file = next(f for f in numbered(folder, f'{path.stem}-cam', '.png') if f not in written)
             with atomic_open(file, 'wb') as f:
                 Image.fromarray((tile.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(f, format='PNG')
             written.append(file)
     return written
-
-
-def free_name(folder, stem, suffix, taken):
-    """folder/stem+suffix, or stem-2, stem-3, ... when this call wrote that name already."""
-    names = itertools.chain([stem], (f'{stem}-{n}' for n in itertools.count(2)))
-    return next(folder / f'{n}{suffix}' for n in names if folder / f'{n}{suffix}' not in taken)
 
 
 def batches(items):
@@ -157,5 +152,9 @@ def batches(items):
 
 def check_layer(model, size, name=''):
     """find_layer() of the model, or of each model of a fold ensemble: its UserError before any work."""
-    for member in getattr(model, 'members', [model]):
+    for member in members_of(model):
         find_layer(member, size, name)
+
+
+def members_of(model):
+    return list(model.members) if isinstance(model, FoldEnsemble) else [model]

@@ -1,0 +1,16 @@
+import torch
+from torch import nn
+
+
+class FoldEnsemble(nn.Module):
+    """The models of a kfold's folds as one. Its output is the log of the mean of their
+    probabilities: inference takes log_softmax of a model's output, and the log of
+    probabilities that sum to 1 is its own log_softmax."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        probs = torch.stack([member(x).float().softmax(dim=1) for member in self.members]).mean(dim=0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
