@@ -56,9 +56,12 @@ def test_tta_mirrors_only_for_a_run_trained_on_mirror_images(tmp_path, tiny_data
     assert (tmp_path / 'predict-False.csv').read_text() != (tmp_path / 'predict-True.csv').read_text()
 
 
-def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stopped(tmp_path, tiny_data, monkeypatch):
+@pytest.mark.parametrize('workers', [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: workers seeded by epoch
+def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stopped(
+    tmp_path, tiny_data, monkeypatch, workers
+):
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
-    main.train(**fast_options(whole, tiny_data, max_epoch=3))
+    main.train(**fast_options(whole, tiny_data, max_epoch=3, num_workers=workers))
 
     real = report.Reporter.train_loss
 
@@ -69,11 +72,11 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stoppe
 
     monkeypatch.setattr(report.Reporter, 'train_loss', ctrl_c_mid_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        main.train(**fast_options(parts, tiny_data, max_epoch=3))
+        main.train(**fast_options(parts, tiny_data, max_epoch=3, num_workers=workers))
     monkeypatch.undo()
     assert load_checkpoint(newest_run(parts / 'checkpoints') / 'last.pth')['epoch'] == 0  # epoch 1, whole
 
-    options = fast_options(parts, tiny_data, resume='latest')
+    options = fast_options(parts, tiny_data, resume='latest', num_workers=workers)
     del options['max_epoch']  # as Ctrl-C's message says: the run's own plan, 3 epochs
     main.train(**options)
     assert [r['epoch'] for r in records(parts)] == [1, 2, 3]

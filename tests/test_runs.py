@@ -229,3 +229,27 @@ def test_runs_lists_the_readable_runs_and_names_a_broken_one(tmp_path, tiny_data
     main.runs(checkpoint_dir=str(tmp_path / 'checkpoints'))
     out, err = capsys.readouterr()
     assert 'good  SqueezeNet' in out and 'cut: cannot be read (JSONDecodeError)' in err
+
+
+def test_a_verb_takes_the_newest_run_with_a_trained_model_and_says_so(tmp_path, tiny_data, capsys, monkeypatch):
+    from training import engine
+
+    main.train(**fast_options(tmp_path, tiny_data, name='trained'))
+
+    def crash(*args, **kwargs):
+        raise MemoryError('out of memory in epoch 1')
+
+    monkeypatch.setattr(engine, 'train_one_epoch', crash)
+    with pytest.raises(MemoryError):
+        main.train(**fast_options(tmp_path, tiny_data, name='crashed'))  # the newest run: no best.pth
+    monkeypatch.undo()
+    checkpoints = tmp_path / 'checkpoints'
+    assert newest_run(checkpoints).name == 'crashed'
+    capsys.readouterr()
+    options = fast_options(tmp_path, tiny_data)
+    main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)
+    used = checkpoints / 'trained' / 'best.pth'
+    assert f'using {used} (the newest run with a trained model; crashed has none yet)' in capsys.readouterr().out
+    used.unlink()
+    with pytest.raises(UserError, match=f'no run in {checkpoints} has a trained model'):
+        main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)

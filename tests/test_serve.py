@@ -135,7 +135,6 @@ def test_every_bad_input_is_a_4xx_and_the_next_request_is_served(served):
         ([photos[1], ('huge.jpg', jpeg * (1_100_000 // len(jpeg) + 1))], 413, 'huge.jpg is over the 1 MB'),
         ([('bomb.png', bomb(30_000, 30_000))], 413, 'bomb.png has more pixels than the 50,000,000'),
         ([('large.png', bomb(8_000, 8_000))], 413, 'large.png has more pixels than the 50,000,000'),
-        ([photos[1], ('notes.jpg', b'text')], 415, 'notes.jpg is not an image'),
     ]
     for files, status, detail in bad:
         response = post(address, *files)
@@ -146,6 +145,19 @@ def test_every_bad_input_is_a_4xx_and_the_next_request_is_served(served):
         assert response.status_code == 400 and 'multipart/form-data' in response.json()['detail'], response.text
         assert_as_predicted(post(address, photos[3]).json(), [photos[3]], expected)
     assert server.poll() is None
+
+
+def test_a_bad_image_beside_good_ones_gets_its_own_answer(served):
+    address, photos, expected, _ = served
+    response = post(address, photos[1], ('notes.jpg', b'text'), photos[2], ('cut.jpg', photos[0].read_bytes()[:300]))
+    assert response.status_code == 200, response.text
+    good, notes, good_too, cut = response.json()
+    assert_as_predicted([good, good_too], [photos[1], photos[2]], expected)
+    detail = 'notes.jpg is not an image (JPEG, PNG or another format Pillow reads)'
+    assert notes == {'name': 'notes.jpg', 'error': detail, 'status': 415}
+    assert cut['name'] == 'cut.jpg' and cut['status'] == 422 and cut['error'].startswith('cut.jpg is a broken image')
+    response = post(address, ('notes.jpg', b'text'), ('empty.jpg', b''))  # no good image: the request fails
+    assert response.status_code == 415 and response.json()['detail'].startswith('notes.jpg is not an image')
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason='needs Chromium (.ci/run installs it with apt-get)')

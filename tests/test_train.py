@@ -166,6 +166,19 @@ def test_submission_holds_p_dog_clipped_sorted_by_numeric_id(tmp_path, tiny_data
     assert all(float(r[1]) == pytest.approx(expected, abs=1e-4) for r in rows[1:])
 
 
+@pytest.mark.parametrize('logit, printed', [(-1.0, 'cat  0.7311'), (1.0, 'dog  0.7311'), (-0.0, 'dog  0.5000')])
+def test_predict_prints_the_probability_of_the_class_it_prints(tmp_path, tiny_data, capsys, logit, printed):
+    # P(dog) = sigmoid(logit) for every image: a cat is printed with P(cat), a dog with P(dog)
+    options = fast_options(tmp_path, tiny_data, load_model_path=str(checkpoint_that_always_says(tmp_path, logit)))
+    del options['model'], options['image_size']
+    main.predict(str(tiny_data / 'test1'), out=str(tmp_path / 'p.csv'), **options)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(tiny_data))]
+    assert len(lines) == 8 and all(line.endswith(f'.jpg  {printed}') for line in lines)
+    with open(tmp_path / 'p.csv', newline='') as f:
+        p_dog = f'{1 / (1 + math.exp(-logit)):.4f}'
+        assert [row[1:] for row in list(csv.reader(f))[1:]] == [[printed.split()[0], p_dog]] * 8  # P(dog) as before
+
+
 def test_val_reports_loss_accuracy_confusion_and_log_loss(tmp_path, tiny_data, capsys):
     main.train(**fast_options(tmp_path, tiny_data))
     capsys.readouterr()
@@ -423,3 +436,16 @@ def test_the_default_run_says_how_it_computes_and_resumes_across_precisions(tmp_
     assert ('computing in bf16 mixed precision (--amp=auto)' if native else 'computing in fp32') in out
     assert 'resuming' in out
     assert load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['config']['amp'] == 'auto'
+
+
+def test_the_confusion_table_of_ten_classes_fits_a_terminal():
+    from training.report import confusion_table
+
+    classes = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+    matrix = [[1000 * (i == j) + j for j in range(10)] for i in range(10)]
+    lines = confusion_table(matrix, classes).splitlines()
+    assert len(lines) == 11 and max(map(len, lines)) <= 100
+    header, seven = lines[0], lines[8]
+    assert seven.startswith('  true seven') and seven.split()[2:] == [str(j + 1000 * (j == 7)) for j in range(10)]
+    for j, name in enumerate(classes):  # each count right under its class
+        assert header.index(name) + len(name) == seven.index(seven.split()[2 + j]) + len(seven.split()[2 + j])

@@ -200,6 +200,15 @@ def test_a_server_that_never_answers_does_not_hang_training(tmp_path, tiny_data,
     assert capsys.readouterr().err.count('warning: no visdom server answers') == 1
 
 
+def test_the_runs_of_one_process_warn_once_about_a_missing_server(capsys):
+    port = free_port()
+    for env in ('kfold-fold-1', 'kfold-fold-2', 'kfold'):  # a kfold's folds, then its suspect labels
+        vis = Visualizer(env=env, port=port)
+        vis.plot('curve', 1.0)
+        vis.close()
+    assert capsys.readouterr().err.count('no visdom server answers') == 1
+
+
 def test_plotting_resumes_when_the_server_comes_back(tmp_path, monkeypatch, capsys):
     port = free_port()
     vis = Visualizer(env='back', port=port)

@@ -20,7 +20,7 @@ from data import DogCat
 from data.demo import _draw, make_demo_data
 from data.transforms import model_input
 from training.checkpoint import load_trained
-from training.explain import find_layer, heatmaps
+from training.explain import find_layer, heatmaps, overlay
 from training.report import LOOKED
 from verbs import kfold
 
@@ -297,3 +297,10 @@ def test_kfold_refuses_what_it_cannot_split_in_one_line(tmp_path, tiny_data, cas
     del options['result_file'], options['test_data_root']
     assert_one_line_error(run_main('kfold', *flags, *as_flags(options)), message)
     assert not (tmp_path / 'checkpoints').exists()  # refused before anything is made
+
+
+def test_the_photo_shows_through_the_hottest_part_of_the_map():
+    stripes = np.tile(np.repeat(np.array([0, 255], dtype=np.uint8), 4), (32, 4))  # 32 x 32, stripes 4 px wide
+    blended = overlay(Image.fromarray(stripes).convert('RGB'), torch.ones(8, 8))  # hottest everywhere
+    grey = np.asarray(blended.convert('L'), dtype=np.float32)
+    assert grey[:, 4:8].mean() - grey[:, 0:4].mean() >= 255 / 2 - 2  # half the stripes' contrast is kept
