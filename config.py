@@ -23,9 +23,7 @@ NOT_RECIPE = set(
 
 class UserError(Exception):
     """A mistake the user can fix (a bad option, a missing folder): shown as one line, no traceback.
-
-    It lives here because this file is the bottom of the project: it imports none of the others,
-    and they all may raise it."""
+    It lives here, at the bottom of the project: this file imports none of the others."""
 
 
 def unknown(kind, word, valid, prefix=''):
@@ -107,22 +105,17 @@ class DefaultConfig:
         self._given = set()  # options set on the command line (not a field: not in to_dict)
 
     def parse(self, kwargs):
-        """Apply command-line overrides, check them, print the result, and return self.
-
-        An unknown option or a value of the wrong type or range is a UserError naming the
-        option and what it accepts: a typo never falls back silently to a default.
-        """
-        self._set(kwargs)
-        self._check()
-        print(self.describe())
+        """Apply command-line overrides, check them (a typo is a UserError, never a silent default),
+        print those that differ from the defaults, and return self."""
+        self.check_values(kwargs)
+        defaults = DefaultConfig()
+        changed = [f'{k}={v}' for k, v in self.to_dict().items() if v != getattr(defaults, k)]
+        print('config: ' + (' '.join(changed) or 'the defaults'))
         return self
 
     def check_values(self, kwargs):
-        """The checks of parse(), without printing: names, types, ranges."""
-        self._set(kwargs)
-        self._check()
-
-    def _set(self, kwargs):
+        """The checks of parse(), without printing: names, types, ranges (--model and its image
+        sizes: models.check_options())."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         for raw_key, value in kwargs.items():
             key = raw_key.replace('-', '_')
@@ -130,9 +123,6 @@ class DefaultConfig:
                 raise unknown('option', key, fields, prefix='--')
             setattr(self, key, _coerce(key, value, fields[key].type))
             self._given.add(key)
-
-    def _check(self):
-        """The values' ranges; --model and its image sizes are checked by models.check_options()."""
         self.amp = {'true': 'True', 'false': 'False', 'auto': 'auto'}.get(str(self.amp).lower(), self.amp)
         rules = [
             ('amp', self.amp in ('auto', 'True', 'False'), 'auto, True or False'),
@@ -167,9 +157,8 @@ class DefaultConfig:
     def inherit(self, stored, keys, source, strict=True):
         """Take `keys` from the config a checkpoint was made with, unless given on the command line.
 
-        strict: a given value that differs from the stored one is an error: the run would
-        silently not be what the checkpoint is (another model, another split, another learning
-        rate). Otherwise the given value wins (other data to evaluate on, say).
+        strict: a given value that differs from the stored one is an error: the run would silently
+        not be what the checkpoint is. Otherwise the given value wins (other data to evaluate on).
         """
         taken = {}
         for key in keys:
@@ -186,8 +175,7 @@ class DefaultConfig:
             print(f'from {source}: ' + ' '.join(f'{k}={v}' for k, v in taken.items()))
 
     @property
-    def given(self):
-        """The options set on the command line."""
+    def given(self):  # the options set on the command line
         return set(self._given)
 
     def path(self, name):
@@ -203,12 +191,6 @@ class DefaultConfig:
     def to_dict(self):
         """Plain values only, so a checkpoint that stores them loads with weights_only=True."""
         return dataclasses.asdict(self)
-
-    def describe(self):
-        """The options that differ from their defaults (`python main.py help` lists them all)."""
-        defaults = DefaultConfig()
-        changed = [f'{k}={v}' for k, v in self.to_dict().items() if v != getattr(defaults, k)]
-        return 'config: ' + (' '.join(changed) or 'the defaults')
 
 
 def _coerce(key, value, kind):

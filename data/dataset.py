@@ -1,16 +1,10 @@
 """The data: labelled images listed from a folder, split, and read when asked for.
 
-This is the file to replace when your data is not images in folders (labels in a CSV, say):
-keep what DogCat gives (paths, targets, classes, ids; reading and batching are ImageFiles' and
-collate_fn's, in images.py) and the rest of the project works unchanged.
-
-Two layouts are recognised from what a training folder holds:
-- Kaggle's, one folder of <class>.<N>.<ext> files: cat.0.jpg, dog.12.jpg, fox.3.png;
-- one folder per class, root/<class>/**/*.jpg|jpeg|png (torchvision's ImageFolder).
-Class indices follow the sorted class names (cat = 0, dog = 1). Only a file's own name or its
-class folder's is read, so a root such as /home/dog/data labels nothing wrong. A test folder
-holds Kaggle's N.jpg (the id is the number N) or any images (the id is the name less its
-extension).
+The file to replace when your data is not images in folders: keep what DogCat gives (paths,
+targets, classes, ids) and the rest works unchanged. A training folder holds Kaggle's
+<class>.<N>.<ext> files or a folder per class (torchvision's ImageFolder); class indices follow
+the sorted names. Only a file's own name or its class folder's is read, so a root such as
+/home/dog/data labels nothing wrong.
 """
 
 import os
@@ -37,8 +31,6 @@ class DogCat(ImageFiles):
     the id of every test image. val_ratio=0 takes the whole folder (data that comes split).
     folds, fold: hold out fold `fold` (from 1) of `folds` stratified folds instead of val_ratio.
     `classes`: the classes the model knows; the folder may lack some of them, not add others.
-    Images are (3, size, size) uint8 tensors; model_input() turns a batch of them into the
-    network's input.
     """
 
     def __init__(
@@ -126,8 +118,7 @@ def list_labelled(root, classes=None):
 
 
 def _images_in(folder, others):
-    """The image files below `folder`, as paths relative to its parent, sorted; the other files
-    go to `others`."""
+    """The image files below `folder`, relative to its parent, sorted; the other files go to `others`."""
     parent = Path(folder).parent
     images = []
     for path in sorted(Path(folder).rglob('*')):

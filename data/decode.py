@@ -14,25 +14,16 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Im
 
 
 def load_rgb(path, draft=None):
-    """Decode `path` now (a broken file fails here, not in the transform), upright, as RGB.
-
-    draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (much faster) as long as both sides
-    stay at least this long.
-
-    Raises an OSError for a file that is not a whole image, and DecompressionBombWarning for
-    one larger than Pillow's pixel limit (which would otherwise only warn and eat the memory).
-    """
+    """Decode `path` now (a broken file fails here, not in the transform), upright, as RGB; one of
+    UNREADABLE if it is not a whole image or is over Pillow's pixel limit (which only warns).
+    draft: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (much faster) while both sides stay this long."""
     with _open(path) as img:
         return _decode(img, draft)
 
 
 def load_pixels(path, draft=None):
-    """What load_rgb gives, as a (3, H, W) uint8 tensor: what the transforms take.
-
-    Most photos are plain JPEGs, which simplejpeg decodes straight into an RGB array: the same
-    pixels as Pillow, which decodes into 4 bytes a pixel and then copies to 3, in less time (the
-    largest part of a loader worker's work). Anything else goes through Pillow.
-    """
+    """What load_rgb gives, as a (3, H, W) uint8 tensor. Plain JPEGs (most photos) go through
+    simplejpeg: Pillow's pixels in less time (Pillow decodes into 4 bytes a pixel, then copies)."""
     with _open(path) as img:
         if _plain_jpeg(img, draft):
             img.fp.seek(0)
@@ -55,8 +46,7 @@ def _open(path):
 
 
 def _plain_jpeg(img, draft):
-    """Whether simplejpeg alone gives load_rgb's pixels: an upright RGB or grey JPEG that
-    Pillow would not decode at a reduced scale."""
+    """Whether simplejpeg gives load_rgb's pixels: an upright RGB or grey JPEG not to be reduced."""
     reduced = draft and min(img.size[0] // draft, img.size[1] // draft) >= 2
     return (
         img.format == 'JPEG'

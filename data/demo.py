@@ -1,9 +1,7 @@
-"""A small synthetic stand-in for the Kaggle data, in the same layout, made in seconds.
+"""A small synthetic stand-in for the Kaggle data (which needs an account), in the same layout.
 
-The Kaggle set needs an account to download; this one lets a new user run every verb at once.
-Its "cats" wear stripes and its "dogs" wear spots, on random colours, sizes and backgrounds:
-a texture difference a small CNN learns in a few epochs, so a working pipeline shows it by
-reaching high validation accuracy, and a broken one (say, labels swapped) shows it too.
+Its "cats" wear stripes and its "dogs" wear spots, on random colours, sizes and backgrounds: a
+small CNN learns that in a few epochs, so a working pipeline reaches high validation accuracy.
 """
 
 from pathlib import Path
@@ -21,21 +19,17 @@ def make_demo_data(
     labels by id.
 
     flip_labels: this share of the training images is drawn as another class than its name
-    says, label noise to be found (kfold's suspect list); their names, relative to root/train,
-    go into root/flipped.txt.
-
+    says (label noise for kfold's suspect list), listed in root/flipped.txt.
     layout 'kaggle': train/cat.N.jpg ..., test1/N.jpg (ids from 1); 'folders': train/<class>/N.jpg,
-    test1/photo-N.jpg. Each side of an image is drawn from `sizes` (low, high). blur: the radius
-    of a Gaussian blur, as a lens and downscaling soften a photo's noise and edges. It sets how
-    many bytes a file takes, and so how long it takes to decode: blur 1.5 gives files a little
-    larger than Kaggle's at 300-500 px (train.zip: 543 MB for 25,000 images).
+    test1/photo-N.jpg. blur: a Gaussian blur's radius, as a lens softens a photo; it sets the
+    bytes a file takes, so its decoding time: 1.5 gives files a little larger than Kaggle's.
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
     names = CLASSES[:classes]
     for folder in ['test1'] + (['train'] if layout == 'kaggle' else [f'train/{name}' for name in names]):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    # a generator of their own: without flips, the same seed draws the same images as ever
+    # a generator of their own: flips leave the images a seed draws unchanged
     flips = np.random.default_rng([seed, 1])
     flipped = set(flips.choice(n_train, round(n_train * flip_labels), replace=False).tolist())
     wrong = []

@@ -1,6 +1,5 @@
 """Images read from their files when a DataLoader worker asks, and batched: what every dataset
-of the project builds on. An unreadable image never ends a run: it comes back as None and
-collate_fn leaves it out of the batch, naming its index."""
+of the project builds on."""
 
 from collections import namedtuple
 
@@ -10,12 +9,8 @@ from .decode import UNREADABLE, load_pixels
 
 
 class ImageFiles(Dataset):
-    """Images read from `paths` when asked for, each with its target.
-
-    A sample is (image, target, index), index pointing into `self.paths`. An image that cannot
-    be decoded comes back as None, so that collate_fn can drop it instead of one bad file ending
-    the run. Only the paths are kept in memory, never decoded images.
-    """
+    """Samples (image, target, index into `paths`), read when asked for. An image that cannot be
+    decoded comes back as None, so that collate_fn drops it instead of one bad file ending the run."""
 
     def __init__(self, paths, targets, transform, draft=None):
         self.paths, self.targets, self.transform, self.draft = paths, targets, transform, draft
@@ -35,11 +30,8 @@ Batch = namedtuple('Batch', 'images targets indices skipped')
 
 
 def collate_fn(samples):
-    """Stack the samples that loaded; `skipped` lists the indices of those that did not.
-
-    When every sample of a batch failed, images, targets and indices are None and the training
-    loop skips the batch.
-    """
+    """Stack the samples that loaded; `skipped` lists the indices of those that did not (when all
+    failed, the rest is None and the training loop skips the batch)."""
     good = [s for s in samples if s[0] is not None]
     skipped = [index for image, _, index in samples if image is None]
     if not good:

@@ -1,9 +1,6 @@
 """What the network sees: the train and eval transforms on (3, H, W) uint8 images, and the
-normalisation of a batch on the device.
-
-To change the augmentation, edit the list in train_transform(): any transform of
-torchvision.transforms.v2 that takes uint8 image tensors fits in it. The options --crop_scale and
---hflip cover the usual two changes without an edit.
+normalisation of a batch on the device. To change the augmentation, edit the list in
+train_transform(): any torchvision.transforms.v2 transform of uint8 image tensors fits in it.
 """
 
 import functools
@@ -33,15 +30,13 @@ def eval_transform(size):
 
 
 # The two random steps below are v2's, written out for one (3, H, W) uint8 image: the same
-# results from the same random numbers, without v2's per-call dispatch. They pay where the
-# loader is the bottleneck (a CPU with few cores): v2's own take a DataLoader worker measurably
-# longer per image (docs/performance.md). Any other v2 transform fits in the list as it is.
+# results from the same random numbers, without v2's per-call dispatch, which takes a loader
+# worker measurably longer per image where the loader is the bottleneck (docs/performance.md).
 
 
 class RandomResizedCrop:
-    """v2.RandomResizedCrop(size, scale, antialias=True). The classic recipe, Resize(256) then
-    RandomResizedCrop(224), resamples twice; this crops a view of the decoded pixels and
-    resamples that region once."""
+    """v2.RandomResizedCrop(size, scale, antialias=True), resampling the region once (the classic
+    Resize(256) then RandomResizedCrop(224) resamples twice)."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
@@ -52,15 +47,12 @@ class RandomResizedCrop:
 
 
 class RandomHorizontalFlip:
-    """v2.RandomHorizontalFlip(): the image mirrored left-right half the time."""
-
     def __call__(self, image):
         return image.flip(-1) if torch.rand(1).item() < 0.5 else image  # torch's RNG, as v2's
 
 
 class CenterSquare:
-    """Eval transform: the central square of a (3, H, W) uint8 image resized to size x size
-    (what Resize(size) then CenterCrop(size) give), in one resample."""
+    """Resize(size) then CenterCrop(size) of a (3, H, W) uint8 image, in one resample."""
 
     def __init__(self, size):
         self.size = size

@@ -21,8 +21,7 @@ MODELS = {cls.__name__: cls for cls in (ResNet34, SqueezeNet, AlexNet)}
 
 
 def check_options(cfg):
-    """Raise a UserError unless cfg.model is a model here and cfg.image_size a side it takes;
-    the close names of a mistyped model are named."""
+    """Raise a UserError unless cfg.model is a model here and cfg.image_size a side it takes."""
     name = cfg.model
     if name not in MODELS and name not in torchvision_names():
         names = list(MODELS) + torchvision_names()
@@ -40,12 +39,8 @@ def check_options(cfg):
 
 
 def build_model(name, num_classes=2, pretrained=False, pretrained_path=''):
-    """A new model `name` with a head for `num_classes`; its features start from ImageNet
-    weights when asked.
-
-    pretrained_path: a file holding torchvision's ImageNet state dict for this architecture;
-    pretrained: take that file from torch's cache (TORCH_HOME), downloading it if missing.
-    """
+    """A new model `name` with a head for `num_classes`, its features from ImageNet weights when
+    asked: the file pretrained_path, or with pretrained, torch's cache (downloading if missing)."""
     state, source = None, None
     if pretrained_path:
         state, source = load_checkpoint(pretrained_path), pretrained_path
@@ -75,14 +70,5 @@ def imagenet_state(weights):
     return load_checkpoint(file), file
 
 
-__all__ = [
-    'AlexNet',
-    'BasicModule',
-    'FoldEnsemble',
-    'MODELS',
-    'ResNet34',
-    'SqueezeNet',
-    'TorchvisionModel',
-    'build_model',
-    'check_options',
-]
+__all__ = ['AlexNet', 'BasicModule', 'FoldEnsemble', 'MODELS', 'ResNet34', 'SqueezeNet', 'TorchvisionModel']
+__all__ += ['build_model', 'check_options']

@@ -1,5 +1,3 @@
-"""BasicModule: an nn.Module that can save and load its own weights."""
-
 import time
 from pathlib import Path
 
@@ -14,10 +12,8 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / 'checkpoints'
 class BasicModule(nn.Module):
     """Base of every model here: a name, a parameter count, save() and load() of the weights.
 
-    Full training state (optimizer, epoch, ...) is the training code's business, not the model's.
     Subclasses take `num_classes` and `imagenet_state` (torchvision's 1000-class weights, loaded
-    before a head for num_classes replaces theirs) and name their head in head(), so
-    freeze_features() works.
+    before a head for num_classes replaces theirs) and name their head in head().
     """
 
     min_image_size = 32  # smallest input side the network's pooling layers accept
@@ -62,7 +58,6 @@ class BasicModule(nn.Module):
         return self.load_state_dict_from(load_checkpoint(path), source=path)
 
     def load_state_dict_from(self, state, source='the checkpoint'):
-        """load_state_dict(state), its failure a UserError naming `source`."""
         try:
             self.load_state_dict(state)
         except RuntimeError:

@@ -16,7 +16,6 @@ _held = None  # None: a signal interrupts at once; a list: signals held by inter
 
 
 def raise_interrupt(signum, frame):
-    """The handler main.py installs for SIGINT and SIGTERM."""
     if _held is not None:
         _held.append(signum)
         return
@@ -25,11 +24,8 @@ def raise_interrupt(signum, frame):
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Let the block finish (a checkpoint being written), then act on a signal that came meanwhile.
-
-    Python runs signal handlers in the main thread between any two bytecodes, so without this an
-    interrupt could land inside torch.save and surface as a confusing write error.
-    """
+    """Let the block finish (a checkpoint being written), then act on a signal that came meanwhile:
+    otherwise an interrupt could land inside torch.save and surface as a confusing write error."""
     global _held
     if _held is not None:  # inside another such block: that one acts on the signal
         yield

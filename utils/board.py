@@ -1,8 +1,7 @@
 """TensorBoard event files in the run's folder: `tensorboard --logdir checkpoints` shows every run.
 
-Every point is written against the global step (batches trained so far), the per-epoch figures
-at the last step of their epoch, so a resumed run (which purges what an interrupted epoch left
-after its last checkpoint) goes on where the curves stop, with no point twice.
+Points are written against the global step (batches trained so far), an epoch's figures at its
+last step, so a resumed run (which purges what an interrupted epoch left) has no point twice.
 """
 
 import sys
@@ -54,8 +53,7 @@ class Board:
             self.writer.add_image(tag, make_grid(torch.from_numpy(captioned_tiles(items)), nrow=4), step)
 
     def graph(self, model, example):
-        """The model's graph, traced once on an example batch; a model that cannot be traced is
-        said once and left out."""
+        """The model's graph, traced once on an example batch; one that cannot be traced is left out."""
         if not self.writer:
             return
         try:

@@ -10,16 +10,13 @@ from pathlib import Path
 
 import fire
 
-from config import UserError, unknown
+from config import DefaultConfig, UserError, option_help, unknown
 from utils import raise_interrupt
 
 
 def run(verbs, main_file, argv=None):
-    """Call the verb named in argv with its --options.
-
-    Exit codes: 2 for a UserError (one line, no traceback); 128 + the signal's number when
-    interrupted (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a killed command.
-    """
+    """Call the verb named in argv with its --options. Exit codes: 2 for a UserError; 128 + the
+    signal's number when interrupted (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it."""
     argv = _normalised(sys.argv[1:] if argv is None else list(argv))
     if int(os.environ.get('RANK', 0)) > 0:
         sys.stdout = open(os.devnull, 'w')  # under torchrun, rank 0 alone talks; errors still show
@@ -90,23 +87,13 @@ def verbs_of(main_file):
     return verbs
 
 
-def verb_options(verb):
-    """{option: default} that `verb` (a Verb) takes: its own, and DefaultConfig's if it takes them."""
-    from config import DefaultConfig
-
-    config = {f.name: getattr(DefaultConfig(), f.name) for f in dataclasses.fields(DefaultConfig)}
-    return {**(config if verb.takes_config else {}), **verb.options}
-
-
 def check_words(main_file, argv):
     """Raise a UserError for a verb, option or option value that is not one, naming the closest."""
-    from config import DefaultConfig
-
     verbs = verbs_of(main_file)
     verb = verbs.get(argv[0])
     if verb is None:
         raise unknown('verb', argv[0], verbs)
-    options = verb_options(verb)
+    options = {*(f.name for f in dataclasses.fields(DefaultConfig) if verb.takes_config), *verb.options}
     given = {}
     for word, following in zip(argv[1:], argv[2:] + ['']):
         if word == '--':
@@ -128,8 +115,6 @@ def check_words(main_file, argv):
 
 def print_help(main_file):
     """The verbs, each with its own options, and the options of DefaultConfig."""
-    from config import option_help
-
     print('usage: python main.py VERB [--option=value ...]   (--some-option works too)\n\nverbs:')
     for name, verb in verbs_of(main_file).items():
         doc = verb.doc.splitlines()
@@ -143,11 +128,8 @@ def print_help(main_file):
 
 
 def _reject_stray_words(argv):
-    """Refuse a word that is neither the verb nor an option's value.
-
-    Fire would call the verb first and complain about the word after, so `main.py train 0.1`
-    (a forgotten --lr=) would train with the defaults before it said anything.
-    """
+    """Refuse a word that is neither the verb nor an option's value: fire would call the verb first
+    and complain after, so `main.py train 0.1` (a forgotten --lr=) would train with the defaults."""
     takes_value = False
     for word in argv[1:]:
         if word == '--':  # fire's own flags follow

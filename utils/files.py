@@ -18,11 +18,8 @@ from utils import interrupts_deferred
 
 @contextlib.contextmanager
 def atomic_open(path, mode='wb'):
-    """Open a temporary file beside `path`; on success rename it over `path`, else delete it.
-
-    The rename is atomic, so `path` always holds either the old complete file or the new
-    complete one: a kill, an exception or a full disk mid-write never leaves a truncated file.
-    """
+    """Open a temporary file beside `path`; on success rename it over `path` (atomic: a kill or a
+    full disk mid-write never leaves a truncated file), else delete it."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
     created = False
@@ -49,14 +46,12 @@ def atomic_open(path, mode='wb'):
 
 
 def write_json(path, record):
-    """`record` as indented JSON at `path`, atomically."""
     with atomic_open(path, 'w') as f:
         json.dump(record, f, indent=2)
         f.write('\n')
 
 
 def write_csv(path, rows):
-    """`rows` (the header first) as a CSV file at `path`, atomically."""
     with atomic_open(path, 'w') as f:
         csv.writer(f, lineterminator='\n').writerows(rows)
 
@@ -68,8 +63,7 @@ def numbered(folder, stem, suffix=''):
 
 
 def writable_folder(folder, option):
-    """Make `folder` (and its parents) and write a file in it now, so that a run that could not
-    save its results stops before its work, not after it."""
+    """Make `folder` and write in it now: a run that could not save its results stops before its work."""
     folder = Path(folder)
     probe = folder / f'.write-test.{os.getpid()}.tmp'  # the pattern train() clears if left behind
     try:
@@ -105,9 +99,8 @@ def atomic_save(obj, path):
 
 
 def atomic_link(source, path):
-    """Make `path` hold the finished file `source` without writing its bytes again: a hard link
-    where the file system allows, a copy elsewhere; atomically, like atomic_save. Both stay
-    independent: atomic_save replaces a file by renaming a new one over it, never in place."""
+    """Make `path` hold the finished file `source`, atomically: a hard link where the file system
+    allows, else a copy. Both stay independent: atomic_save renames a new file over, never in place."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
     with interrupts_deferred():

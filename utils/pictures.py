@@ -7,8 +7,7 @@ LINE = 11  # pixels a line of Pillow's default font takes
 
 
 def captioned_tiles(items, size=128):
-    """(N, 3, H, W) floats in [0, 1]: each (PIL image, caption) of `items` fitted into a square
-    tile, its caption written under it, wrapped to the tile's width."""
+    """(N, 3, H, W) floats in [0, 1]: each (PIL image, caption) in a square tile, the caption under it."""
     lines = [_wrap(caption, size - 4) for _, caption in items]
     height = size + 2 + LINE * max(map(len, lines))
     tiles = []
@@ -49,8 +48,7 @@ def confusion_picture(matrix, classes, cell=48):
 
 
 def _wrap(text, width):
-    """`text` in lines no wider than `width` pixels in Pillow's default font, broken at spaces
-    (a word longer than a line gets a line of its own)."""
+    """`text` in lines no wider than `width` pixels in Pillow's default font, broken at spaces."""
     measure = ImageDraw.Draw(Image.new('RGB', (1, 1))).textlength
     lines = []
     for word in text.split(' '):

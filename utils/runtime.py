@@ -31,7 +31,6 @@ class Runtime:
 
     @property
     def precision(self):
-        """How this process computes, in words for a run's first lines."""
         return {None: 'fp32', torch.bfloat16: 'bf16 mixed precision', torch.float16: 'fp16 mixed precision'}[self.dtype]
 
     @property
@@ -66,8 +65,7 @@ class Runtime:
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
 
-    def sum(self, tensor):
-        """The sum of `tensor` over all ranks, on every rank."""
+    def sum(self, tensor):  # over all ranks, on every rank
         if self.distributed:
             dist.all_reduce(tensor)
         return tensor
@@ -80,15 +78,10 @@ def runtime_of(cfg):
 
 @contextlib.contextmanager
 def runtime(use_gpu, amp='False', channels_last=False, announce=False):
-    """The Runtime of this process; under torchrun, a process group for the length of the block.
-
-    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process.
-    On CUDA each process takes the GPU of its local rank and talks over NCCL; otherwise gloo.
-    A group already made by an outer block (a sweep's, held across its trials) is used and left
-    standing: torch names every default group alike, so a second one in the same processes
-    would not connect. The precision (--amp) and the memory layout (--channels_last) are
-    decided here, once.
-    """
+    """The Runtime of this process; under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set), a process
+    group (NCCL on CUDA, else gloo) for the length of the block. A group made by an outer block
+    (a sweep's, held across its trials) is used and left standing: torch names every default
+    group alike, so a second one in the same processes would not connect."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if world_size == 1:
@@ -154,10 +147,8 @@ def amp_dtype(device):
 
 def cpu_has_bf16():
     """x86's AVX512-BF16 or AMX (AMD from Zen 4 on, Xeons of Cooper Lake and from Sapphire Rapids
-    on), as torch detects them; other CPUs are taken not to have bf16.
-
-    torch's detection is private API: should a release rename it, this raises instead of
-    quietly computing in fp32 ever after."""
+    on), as torch detects them. That is private API: should a release rename it, this raises
+    instead of quietly computing in fp32 ever after."""
     checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
     missing = [name for name in checks if not hasattr(torch.cpu, name)]
     if missing:
@@ -169,24 +160,14 @@ def cpu_has_bf16():
 
 
 def compute_dtype(device, amp):
-    """What a run computes its forward passes in: None (fp32), torch.bfloat16 or torch.float16.
-
-    amp 'auto' (the default): bf16 where the device computes it natively (GPUs from Ampere on,
-    CPUs with bf16 instructions), fp32 elsewhere, never fp16. True: amp_dtype(), fp16 with loss
-    scaling included. False: fp32.
-    """
+    """What forward passes compute in: None (fp32), torch.bfloat16 or torch.float16. --amp=auto:
+    bf16 where the GPU or CPU computes it natively, else fp32, never fp16; True: amp_dtype()."""
     mode = str(amp).lower()
     if mode == 'false':
         return None
     if mode == 'auto':
-        native = (
-            torch.cuda.is_bf16_supported(including_emulation=False)
-            if device.type == 'cuda'
-            else cpu_has_bf16()
-            if device.type == 'cpu'
-            else False
-        )
-        return torch.bfloat16 if native else None
+        native = device.type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native or device.type == 'cpu' and cpu_has_bf16() else None
     dtype = amp_dtype(device)
     if dtype is None:
         _warn_once(

@@ -14,19 +14,15 @@ RETRY_SECONDS = 30  # how long to stay quiet after the server failed to answer
 TIMEOUT_SECONDS = 5  # a server that takes longer than this to answer counts as gone
 CLOSE_SECONDS = 10  # at the end of a run, how long to wait for the last points to be sent
 BACKLOG = 1000  # points waiting for a slow server; more are dropped
-
-
 WARNED = set()  # (server, port) said to have no visdom server
 
 
 class Visualizer:
-    """Thin wrapper over visdom.Visdom: one window per name, points appended as they come.
+    """One visdom window per name, points appended as they come.
 
-    Training never waits for it: a background thread posts the points in the order given (a
-    post to a distant server takes longer, up to TIMEOUT_SECONDS to one that hangs). With no
-    server answering it warns once, drops what it is given, and tries the server again every
-    RETRY_SECONDS, so plotting resumes when the server is back. close(), also run at exit,
-    waits a little for the points still queued.
+    Training never waits for it: a background thread posts the points in order. With no server
+    answering it warns once, drops what it is given and tries again every RETRY_SECONDS, so
+    plotting resumes when the server is back. close(), also run at exit, sends what is queued.
     """
 
     def __init__(self, env='dogcat', server='http://127.0.0.1', port=8097, enabled=True):
@@ -37,23 +33,11 @@ class Visualizer:
         self.pending = None  # the sender thread's queue of (method, args, kwargs)
         self.sender = None
 
-    def reset(self):
-        """Close every window of the env: a new run starts on a clean page."""
-        self._call('close', None)
-
     def plot(self, name, y, x=None, title=None, **opts):
-        """Append the point (x, y) to the line chart `name`; x defaults to a per-window counter.
-        opts: more of visdom's line options, e.g. ytype='log'."""
+        """Append (x, y) to the line chart `name`; x defaults to a per-window counter; opts: visdom's."""
         x = self.steps.get(name, 0) if x is None else x
         self.steps[name] = x + 1
-        self._call(
-            'line',
-            Y=np.array([y]),
-            X=np.array([x]),
-            win=name,
-            opts={'title': title or name, **LINE_OPTS, **opts},
-            update='append',
-        )
+        self._append(name, y, x, {'title': title or name, **LINE_OPTS, **opts})
 
     def plot_many(self, values, x=None):
         for name, y in values.items():
@@ -62,15 +46,10 @@ class Visualizer:
     def lines(self, name, values, x, title=None):
         """Append one point to each named line of the shared chart `name` (e.g. train vs val loss)."""
         for line, y in values.items():
-            self._call(
-                'line',
-                Y=np.array([y]),
-                X=np.array([x]),
-                win=name,
-                name=line,
-                opts={'title': title or name, 'showlegend': True, **LINE_OPTS},
-                update='append',
-            )
+            self._append(name, y, x, {'title': title or name, 'showlegend': True, **LINE_OPTS}, name=line)
+
+    def _append(self, win, y, x, opts, **kwargs):
+        self._call('line', Y=np.array([y]), X=np.array([x]), win=win, opts=opts, update='append', **kwargs)
 
     def img(self, name, images, caption=None):
         """Show an image tensor (C, H, W) or a grid of a batch (N, C, H, W), values in [0, 1]."""
@@ -83,8 +62,7 @@ class Visualizer:
             self.img(name, images)
 
     def captioned_images(self, name, items, size=128, summary=None):
-        """A grid of (PIL image, caption) pairs, each caption written under its picture, wrapped
-        to its width. summary: one line for the window (visdom shows it above and below)."""
+        """A grid of (PIL image, caption) pairs, each caption under its picture; summary: the window's."""
         if not self.enabled or not items:
             return
         from utils.pictures import captioned_tiles
@@ -98,8 +76,7 @@ class Visualizer:
         self._call('images', tiles, nrow=columns, win=name, opts=opts)
 
     def confusion(self, name, matrix, classes):
-        """The confusion matrix as a heatmap: a row per true class (the first on top), a column
-        per predicted one, each cell with its count."""
+        """A heatmap with counts: a row per true class (the first on top), a column per predicted one."""
         n = len(classes)
         matrix = np.asarray(matrix)
         labels = [str(c) for c in classes]
@@ -130,7 +107,6 @@ class Visualizer:
         self._call('text', f'[{time.strftime("%H:%M:%S")}] {text}<br>', win=win, append=True, opts={'title': win})
 
     def close(self, timeout=CLOSE_SECONDS):
-        """Send what is queued, waiting at most `timeout` seconds, and stop the sender thread."""
         if self.sender is None:
             return
         atexit.unregister(self.close)
