@@ -116,10 +116,15 @@ def test_the_onnx_model_gives_pytorchs_probabilities_for_any_batch(tmp_path, tin
         assert torch.equal(got.argmax(dim=1), expected[batch].argmax(dim=1))
 
 
-def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(run, monkeypatch):
+# each rule alone refuses: doubled logits keep every class and move the probabilities; negated
+# logits flip every class (two classes), refused even where any difference would pass
+@pytest.mark.parametrize('factor, tolerance', [(2.0, export.TOLERANCE), (-1.0, 1.0)])
+def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(run, monkeypatch, factor, tolerance):
     options, folder = run
     before = sorted(folder.iterdir())  # model.onnx of an earlier export, if any, stays as it was
-    monkeypatch.setattr(export.Normalised, 'forward', lambda self, images: self.model(images.float().flip(-1) / 64))
+    monkeypatch.setattr(export, 'TOLERANCE', tolerance)
+    real = export.Normalised.forward
+    monkeypatch.setattr(export.Normalised, 'forward', lambda self, images: real(self, images) * factor)
     with pytest.raises(UserError, match='no model.onnx was written'):
         main.export(str(folder), **options)
     assert sorted(folder.iterdir()) == before

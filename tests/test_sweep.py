@@ -412,3 +412,13 @@ def test_optuna_loads_only_when_a_sweep_runs():
     )
     found = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert found.returncode == 0 and found.stdout.strip() == '[]', found.stderr + found.stdout[:200]
+
+
+@pytest.mark.parametrize('word, below_1e3', [('lr=1e-5..1e-1:log', 0.5), ('lr=1e-5..1e-1', 0.01)])
+def test_a_log_range_draws_as_many_values_from_each_decade(word, below_1e3):
+    dimension = sweep.parse_dimension(word, {}, [])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [dimension.suggest(study.ask()) for _ in range(400)]
+    assert all(1e-5 <= lr <= 1e-1 for lr in drawn)
+    # log: 1e-5..1e-3 is half the range; linear: a hundredth of it
+    assert sum(lr < 1e-3 for lr in drawn) / len(drawn) == pytest.approx(below_1e3, abs=0.06)

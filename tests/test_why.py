@@ -304,3 +304,53 @@ def test_the_photo_shows_through_the_hottest_part_of_the_map():
     blended = overlay(Image.fromarray(stripes).convert('RGB'), torch.ones(8, 8))  # hottest everywhere
     grey = np.asarray(blended.convert('L'), dtype=np.float32)
     assert grey[:, 4:8].mean() - grey[:, 0:4].mean() >= 255 / 2 - 2  # half the stripes' contrast is kept
+
+
+def test_kfold_scores_each_fold_on_the_images_it_held_out_at_any_seed(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, name='seeded', seed=1)
+    kfold.run_kfold(options, 2, train=main.train_with)
+    oof = rows(tmp_path / 'checkpoints' / 'seeded' / 'oof.csv')
+    root = tiny_data / 'train'
+    assert sorted(row['file'] for row in oof) == sorted(DogCat(root, 'train', val_ratio=0).paths)
+    for k in (1, 2):
+        held = {row['file'] for row in oof if row['fold'] == str(k)}
+        trained_on = set(DogCat(root, 'train', 32, seed=1, folds=2, fold=k).paths)  # as the fold's run split them
+        assert held and not held & trained_on
+
+
+def independent_cam(model, images, targets, layer):
+    """Grad-CAM straight from Captum at the layer named: what the pictures should show."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    module = dict(model.named_modules())[layer]
+    cam = LayerGradCam(model, module).attribute(images, target=targets, relu_attributions=True).detach()
+    cam = LayerAttribution.interpolate(cam, tuple(images.shape[-2:]), 'bilinear')[:, 0]
+    return cam / cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+
+
+@pytest.mark.parametrize('layer', ['', 'net.layer2'])  # found (net.layer3 at 32 px), or named
+def test_the_dashboards_map_is_the_predicted_classs_at_the_layer_asked_for(tiny_data, layer):
+    from training.explain import explain_rows
+    from utils.runtime import Runtime
+
+    torch.manual_seed(0)
+    model, classes = main.build_model('ResNet34', 2).eval(), ['cat', 'dog']
+    data = DogCat(tiny_data / 'train', 'val', 32, classes=classes)
+    labels = torch.tensor([data[i][1] for i in range(4)])
+    wrong = 1 - labels  # the most-wrong images: every prediction the other class
+    metrics = {'probs': torch.nn.functional.one_hot(wrong, 2).float() * 0.8 + 0.1, 'labels': labels,
+               'indices': torch.arange(4)}  # fmt: skip
+    rt = Runtime(torch.device('cpu'))
+    pictures = explain_rows(model, data, metrics, [0, 1, 2, 3], classes, rt, layer)
+    images = torch.stack([data[i][0] for i in range(4)])
+    x = model_input(images, rt.device, rt.layout)
+    named, other_layer = layer or 'net.layer3', 'net.layer3' if layer else 'net.layer2'
+    got = [np.asarray(picture) for picture, _ in pictures]
+
+    def shows(maps):
+        images_ = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+        return all(np.array_equal(g, np.asarray(overlay(i, m))) for g, i, m in zip(got, images_, maps))
+
+    assert shows(independent_cam(model, x, wrong, named))  # the predicted class's map, at the layer asked for
+    assert not shows(independent_cam(model, x, labels, named))  # not the true label's
+    assert not shows(independent_cam(model, x, wrong, other_layer))  # nor another layer's

@@ -27,31 +27,10 @@ from utils.run_folders import SweepRecord, check_name_free, find_checkpoint, lat
 
 # the options that define a run: --resume takes them from its checkpoint, a different value is an error
 RESUME_KEYS = (
-    'model',
-    'image_size',
-    'val_ratio',
-    'folds',
-    'fold',
-    'seed',
-    'lr',
-    'lr_decay',
-    'weight_decay',
-    'freeze_features',
-    'crop_scale',
-    'hflip',
-    'optimizer',
-    'lr_scheduler',
-    'lr_step_size',
-    'warmup_epochs',
-    'no_decay_norm',
-    'label_smoothing',
-    'mixup_alpha',
-    'cutmix_alpha',
-    'grad_accum_steps',
-    'clip_grad_norm',
-    'ema_decay',
-    'early_stop',
-)
+    'model image_size val_ratio folds fold seed lr lr_decay weight_decay freeze_features crop_scale hflip optimizer '
+    'lr_scheduler lr_step_size warmup_epochs no_decay_norm label_smoothing mixup_alpha cutmix_alpha grad_accum_steps '
+    'clip_grad_norm ema_decay early_stop'
+).split()
 # ...and those it takes unless given: the plan and the data, which may have moved
 RESUME_DEFAULTS = ('max_epoch', 'train_data_root', 'val_data_root', 'batch_size')
 # what only continuing a run needs: best.pth keeps none of it once it parts from last.pth

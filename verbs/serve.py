@@ -15,6 +15,7 @@ import os
 import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -165,6 +166,7 @@ def make_app(classifier, max_bytes, title):
         batches.cancel()
 
     app = FastAPI(title='dogcat', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    page_html = Path(__file__).with_name('serve.html').read_text().replace('TITLE', html.escape(title))
 
     @app.exception_handler(Refused)
     async def refused(request, e):
@@ -172,7 +174,7 @@ def make_app(classifier, max_bytes, title):
 
     @app.get('/', response_class=HTMLResponse)
     async def page():
-        return PAGE.replace('TITLE', html.escape(title))
+        return page_html
 
     @app.post('/predict')
     async def predict(request: Request):
@@ -202,68 +204,3 @@ def make_app(classifier, max_bytes, title):
         return answers
 
     return app
-
-
-PAGE = """<!doctype html>
-<html lang="en"><meta charset="utf-8"><title>TITLE</title>
-<style>
-body { font: 16px system-ui, sans-serif; max-width: 42em; margin: 2em auto; padding: 0 1em }
-#drop { border: 2px dashed #888; border-radius: 8px; padding: 2em; text-align: center }
-#drop.over { background: #eef }
-.error { color: #b00 } figure { display: flex; gap: 1.5em; align-items: center; margin: 1em 0 }
-img { max-width: 10em; max-height: 10em } td { padding: 0 .5em } progress { width: 10em }
-</style>
-<h1>TITLE</h1>
-<div id="drop"><p>Drop photos here, or pick them: <input type="file" id="files" accept="image/*" multiple></p></div>
-<div id="results"></div>
-<script>
-const drop = document.getElementById('drop'), input = document.getElementById('files');
-const results = document.getElementById('results');
-function element(tag, text, attributes) {
-  const e = document.createElement(tag);
-  if (text !== undefined) e.textContent = text;
-  return Object.assign(e, attributes || {});
-}
-function shown(answer, file) {
-  const figure = element('figure');
-  figure.append(element('img', undefined, {src: URL.createObjectURL(file), alt: answer.name}));
-  if (answer.error) {
-    figure.append(element('figcaption', answer.error, {className: 'error'}));
-    return figure;
-  }
-  const table = element('table');
-  for (const [name, p] of Object.entries(answer.probabilities).sort((a, b) => b[1] - a[1])) {
-    const row = table.insertRow();
-    row.append(element('td', name), element('td', (100 * p).toFixed(1) + '%'));
-    row.insertCell().append(element('progress', undefined, {value: p, max: 1}));
-  }
-  const caption = element('figcaption');
-  caption.append(element('div', answer.name), element('h2', answer.label, {className: 'label'}), table);
-  figure.append(caption);
-  return figure;
-}
-async function classify(files) {
-  if (!files.length) return;
-  const form = new FormData();
-  for (const file of files) form.append('files', file, file.name);
-  results.replaceChildren(element('p', 'classifying ' + files.length + ' image(s)...'));
-  try {
-    const response = await fetch('predict', {method: 'POST', body: form});
-    const answer = await response.json();
-    if (!response.ok) throw new Error(answer.detail || response.statusText);
-    results.replaceChildren(...answer.map((a, i) => shown(a, files[i])));
-  } catch (e) {
-    results.replaceChildren(element('p', e.message, {className: 'error'}));
-  }
-}
-input.addEventListener('change', () => classify([...input.files]));
-drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
-drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-drop.addEventListener('drop', e => {
-  e.preventDefault();
-  drop.classList.remove('over');
-  classify([...e.dataTransfer.files]);
-});
-</script>
-</html>
-"""

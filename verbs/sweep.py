@@ -3,7 +3,7 @@ an ordinary training run in the sweep's folder, checkpoints/<sweep>/trial-<n>/.
 
 The study lives in <sweep>/study.db unless --storage names another; any number of processes
 started with the same command share it and split the trials, and the same command started
-again continues it. Each trial reports its best validation figure every epoch, and a median
+again continues it. Each trial reports the figure of its best.pth every epoch, and a median
 pruner stops those that fall behind; a trial whose loss becomes NaN or infinite is pruned too.
 Under torchrun every process trains each trial: rank 0 alone talks to the study and hands the
 others the trial's options and, after every epoch, whether to stop.
