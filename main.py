@@ -31,6 +31,9 @@ from utils.runtime import runtime_of, seed_everything
 from verbs.predict import find_images, predict_files, write_submission
 from verbs.runs import print_runs
 
+# the options that say which images a run validated on: val and export take them from its checkpoint
+HELD_OUT = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')
+
 
 def train(**kwargs):
     """Train a model on train_data_root, validating after every epoch, in a run folder of its own."""
@@ -214,8 +217,7 @@ def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
     cfg = options(kwargs)
     given_data = {'train_data_root', 'val_data_root'} & cfg.given
-    split = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')
-    trained = load_trained(cfg, () if given_data else split)
+    trained = load_trained(cfg, () if given_data else HELD_OUT)
     classes = trained.classes
     data = engine.validation_data(cfg, classes)
     m = engine.score(engine.infer_dataset(cfg, trained.model, data)[0])
@@ -260,8 +262,7 @@ def export(*run, format='onnx', **kwargs):
     cfg = options(kwargs)
     if run:
         cfg.load_model_path = str(run[0])
-    split = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')  # checked on val's images
-    export_model(cfg, load_trained(cfg, split), format)
+    export_model(cfg, load_trained(cfg, HELD_OUT), format)  # checked on val's images
 
 
 def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
@@ -284,7 +285,7 @@ def sweep(trials=10, space='', metric='log_loss', storage='', **kwargs):
 
     --trials: how many trials to finish; earlier ones count, and processes sharing the study split them
     --space: what to search, words apart: name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C
-    --metric: log_loss (of the best epoch, minimised) or accuracy (maximised)
+    --metric: log_loss (of the trial's best.pth, minimised) or accuracy (maximised)
     --storage: an Optuna storage URL to share the study (default: study.db in the sweep's folder)
     """
     from verbs.sweep import run_sweep  # optuna loads only here

@@ -67,11 +67,28 @@ def project_imports(path):
     return names & ours
 
 
+FLOORS = {'main': 4, 'verbs': 3, 'training': 2, 'models': 1, 'data': 1, 'utils': 1, 'config': 0}
+
+
 def test_imports_run_one_way():
-    """main.py on top, imported by nothing; config.py at the bottom, importing nothing of ours."""
+    """main.py on top, imported by nothing; config.py at the bottom, importing nothing of ours; in
+    between each floor imports only the floors below it and its own package, except that no verb
+    imports another: main -> verbs -> training -> models, data, utils -> config."""
     assert project_imports(ROOT / 'config.py') == set()
     sources = [p for p in ROOT.rglob('*.py') if not {'tests', '.venv'} & set(p.relative_to(ROOT).parts)]
     assert [p.relative_to(ROOT) for p in sources if 'main' in project_imports(p) and p.name != 'main.py'] == []
+    upward = []
+    for path in sources:
+        package = path.relative_to(ROOT).parts[0].removesuffix('.py')
+        for name in project_imports(path) if package in FLOORS else ():  # tools/ stand outside
+            same_floor = (
+                FLOORS[name] == FLOORS[package]
+                and package != 'verbs'
+                and (name == package or package in {'models', 'data', 'utils'})
+            )
+            if not (FLOORS[name] < FLOORS[package] or same_floor):
+                upward.append(f'{path.relative_to(ROOT)} imports {name}')
+    assert upward == []
 
 
 def test_missing_folder_is_named(tmp_path):

@@ -17,6 +17,7 @@ from data.demo import make_demo_data
 from tools.predict_onnx import BATCH
 from utils.runtime import cpu_has_bf16
 
+pytestmark = pytest.mark.slow  # a subprocess training a ResNet34: the whole suite runs it, not -m 'not slow'
 TEST_IMAGES = BATCH * 2 + 1  # a batch of the torch-free predictor and one more, and past predict's 64
 
 
@@ -91,7 +92,6 @@ def test_val_and_test_at_the_defaults(run, capsys):
     assert [int(row[0]) for row in submission[1:]] == list(range(1, TEST_IMAGES + 1))
 
 
-@pytest.mark.slow
 def test_the_torch_free_predictor_matches_predict_at_fp32_and_within_bf16_at_the_defaults(run, tmp_path):
     options, folder, _ = run
     main.export(**options)

@@ -77,7 +77,7 @@ def probabilities(session, images):
     return torch.from_numpy(logits).softmax(dim=1)
 
 
-@pytest.mark.parametrize('model', ['ResNet34', 'mobilenet_v3_small'])
+@pytest.mark.parametrize('model', [pytest.param(m, marks=pytest.mark.slow) for m in ('ResNet34', 'mobilenet_v3_small')])
 def test_the_onnx_model_gives_pytorchs_probabilities_for_any_batch(tmp_path, tiny_data, capsys, model):
     options = fast_options(tmp_path, tiny_data, model=model)
     main.train(**options)

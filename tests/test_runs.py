@@ -250,6 +250,9 @@ def test_a_verb_takes_the_newest_run_with_a_trained_model_and_says_so(tmp_path, 
     main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)
     used = checkpoints / 'trained' / 'best.pth'
     assert f'using {used} (the newest run with a trained model; crashed has none yet)' in capsys.readouterr().out
+    (checkpoints / 'latest').unlink()  # removed by hand: the newest folder stands in
+    main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)
+    assert f'using {used} (the newest run with a trained model; crashed has none yet)' in capsys.readouterr().out
     used.unlink()
     with pytest.raises(UserError, match=f'no run in {checkpoints} has a trained model'):
         main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)

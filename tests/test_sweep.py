@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -262,16 +263,17 @@ def test_under_torchrun_every_process_trains_each_trial_and_stops_when_rank_0_pr
 
 
 @pytest.mark.filterwarnings('ignore:.*eartbeat')  # optuna's own notes on the storage opened by hand
-def test_a_trial_left_running_by_a_dead_process_is_marked_failed(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setattr(sweep, 'HEARTBEAT', 1)
-    monkeypatch.setattr(sweep, 'GRACE', 1)
+def test_a_trial_left_running_by_a_dead_process_is_marked_failed(tmp_path, tiny_data):
     options = sweep_options(tmp_path, tiny_data, batch_size=8)
     _, folder = sweep_here(1, 'lr=1e-3|2e-3', options)
     storage = optuna.storages.RDBStorage(f'sqlite:///{folder / "study.db"}', heartbeat_interval=1)
     dead = optuna.load_study(study_name=folder.name, storage=storage).ask()  # a process killed mid-trial
     storage.record_heartbeat(dead._trial_id)
     shutil.copytree(folder / 'trial-0', folder / 'trial-1', ignore=shutil.ignore_patterns('trial.json'))
-    time.sleep(2.5)
+    with contextlib.closing(sqlite3.connect(folder / 'study.db')) as db, db:  # its last sign of life: an hour ago
+        db.execute(
+            "UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour') WHERE trial_id = ?", (dead._trial_id,)
+        )
     sweep_here(2, 'lr=1e-3|2e-3', options)
     assert [t.state.name for t in trials_of(folder).values()] == ['COMPLETE', 'FAIL', 'COMPLETE']
     assert trial_record(folder, 1)['state'] == 'failed'

@@ -53,6 +53,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the shared k-fold fixture trains 3 x 16 epochs
 def test_suspect_labels_find_most_flipped_images_near_the_top(trained_folds, flipped_demo):
     parent, options = trained_folds
     flipped = set((flipped_demo / 'flipped.txt').read_text().split())
@@ -70,6 +71,7 @@ def test_suspect_labels_find_most_flipped_images_near_the_top(trained_folds, fli
     assert 'suspect labels' in board.Tags()['images']
 
 
+@pytest.mark.slow  # the shared k-fold fixture trains 3 x 16 epochs
 def test_every_training_image_is_predicted_once_by_the_model_that_did_not_train_on_it(
     trained_folds, flipped_demo, tmp_path, capsys
 ):
@@ -93,6 +95,7 @@ def test_every_training_image_is_predicted_once_by_the_model_that_did_not_train_
     assert f'{len(held)} validation images' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the shared k-fold fixture trains 3 x 16 epochs
 def test_runs_lists_a_kfold_as_one_entry_with_its_out_of_fold_figures(trained_folds, capsys):
     parent, options = trained_folds
     oof = json.loads((parent / 'kfold.json').read_text())['oof']
@@ -106,6 +109,7 @@ def test_runs_lists_a_kfold_as_one_entry_with_its_out_of_fold_figures(trained_fo
     assert [line.split()[0] for line in lines[1:]] == ['fold-1', 'fold-2', 'fold-3']
 
 
+@pytest.mark.slow  # the shared k-fold fixture trains 3 x 16 epochs
 def test_the_folds_as_one_model_average_their_probabilities(trained_folds, flipped_demo, tmp_path):
     parent, options = trained_folds
     test1 = str(flipped_demo / 'test1')
@@ -135,6 +139,7 @@ def composites(count=32):
     return model_input(torch.stack(pictures), torch.device('cpu')), torch.tensor(stripes_left)
 
 
+@pytest.mark.slow  # the shared k-fold fixture trains 3 x 16 epochs
 def test_grad_cam_of_the_predicted_class_falls_on_its_pattern(trained_folds):
     parent, _ = trained_folds
     cfg = DefaultConfig()
@@ -216,6 +221,7 @@ def test_grad_cam_pictures_after_compile_and_under_torchrun_from_rank_0(tmp_path
     assert all(a.encoded_image_string != b.encoded_image_string for a, b in zip(looked, wrong))  # the maps drawn
 
 
+@pytest.mark.slow  # the shared k-fold fixture trains 3 x 16 epochs
 def test_predict_explain_writes_a_picture_per_image_beside_the_csv(trained_folds, flipped_demo, tmp_path):
     parent, options = trained_folds
     test1 = flipped_demo / 'test1'

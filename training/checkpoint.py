@@ -66,12 +66,9 @@ def training_state(cfg, classes, epoch, training, progress):
 
 
 def save_epoch(state, run_dir, best):
-    """Write last.pth, and best.pth when the epoch is the best so far, atomically both.
-
-    While the newest epoch is the best, best.pth is a second name of last.pth (written once).
-    When a later epoch is not, the two part, and best.pth keeps the weights only: a second
-    optimizer state would double what a run takes on disk for nothing a val or test uses.
-    """
+    """Write last.pth, and best.pth when the epoch is the best so far, atomically both. While the
+    newest epoch is the best, best.pth is a second name of last.pth; when they part, best.pth keeps
+    the weights only: a second optimizer state would double a run's disk for nothing val or test uses."""
     last, best_file = run_dir / 'last.pth', run_dir / 'best.pth'
     if not best and best_file.exists() and last.exists() and os.path.samefile(best_file, last):
         kept = load_checkpoint(best_file)
@@ -94,8 +91,7 @@ class Resume:
 
     @property
     def progress(self):
-        """Where the run stands (see NO_PROGRESS); a run that stopped early and is resumed with a
-        higher --max_epoch gets a fresh patience."""
+        """Where the run stands (NO_PROGRESS); a run resumed after stopping early gets a fresh patience."""
         if self.state is None:
             return dict(NO_PROGRESS)
         progress = {key: self.state.get(key, value) for key, value in NO_PROGRESS.items()}
@@ -105,8 +101,7 @@ class Resume:
 
 
 def resume_point(cfg):
-    """The Resume that --resume (and --name) ask for, checked; the resumed run's options are
-    taken into cfg (RESUME_KEYS, and RESUME_DEFAULTS unless given)."""
+    """The Resume that --resume (and --name) ask for, checked; the resumed run's options go into cfg."""
     checkpoint_dir = cfg.path('checkpoint_dir')
     if not cfg.resume:
         if cfg.name:
@@ -185,12 +180,9 @@ class Trained:
 
 
 def load_trained(cfg, data_options=()):
-    """The Trained of --load_model_path (a run, a file, a sweep's best trial, a kfold's folds as
-    one model), by default of the newest run that has a trained model.
-
-    The model name and image size come from the checkpoint unless given on the command line,
-    and so do `data_options` (the folders it was trained on, say).
-    """
+    """The Trained of --load_model_path (a run, a file, a sweep's best trial, a kfold's folds as one
+    model), else of the newest run that has one; its model name, image size and `data_options` (the
+    folders it trained on, say) come from the checkpoint unless given on the command line."""
     checkpoint_dir = cfg.path('checkpoint_dir')
     if cfg.load_model_path:
         path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
@@ -218,11 +210,11 @@ def model_file(folder):
 def newest_model(checkpoint_dir):
     """model_file() of the newest run that has one, said; a run still in its first epoch, or
     one that crashed there, is passed over."""
-    latest = latest_run(checkpoint_dir)
+    latest = latest_run(checkpoint_dir)  # None only where there is no run folder
     runs = ([latest.resolve()] if latest else []) + [r.resolve() for r in runs_newest_first(checkpoint_dir)]
     for run in dict.fromkeys(runs):
         if (path := model_file(run)) is not None:
-            passed = '' if run == latest.resolve() else f' with a trained model; {latest.name} has none yet'
+            passed = '' if run == runs[0] else f' with a trained model; {latest.name} has none yet'
             print(f'using {path} (the newest run{passed})')
             return path
     if not runs:  # checkpoint_dir holding checkpoint files of its own

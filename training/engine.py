@@ -31,15 +31,10 @@ class Diverged(UserError):
 
 
 def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
-    """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices.
-
-    `training` (recipe.Training) holds the model and what changes with it. Under torchrun its
-    model is the DistributedDataParallel wrapper and the figures returned are those of all
-    processes together. `reporter` gets a training-loss point every cfg.print_freq batches.
-    """
+    """One pass over `loader`: returns the mean loss, the images trained on, the skipped indices;
+    under torchrun, those of all processes together."""
     window = LossWindow(rt.device)
     skipped, steps, accumulate = [], len(loader), cfg.grad_accum_steps
-    debug_file = cfg.path('debug_file')
     # disable=None: no bar unless on a terminal
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg.max_epoch}', unit='batch', leave=False,
                disable=None if rt.is_main else True)  # fmt: skip
@@ -48,9 +43,8 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
     for step, (images, targets, _, bad) in enumerate(bar, start=1):
         skipped += bad
         # the batches of one optimizer step: grad_accum_steps of them, fewer at the end of the epoch
-        group_start = (step - 1) // accumulate * accumulate
-        group_size = min(accumulate, steps - group_start)
-        last_of_group = step == group_start + group_size
+        group_size = min(accumulate, steps - (step - 1) // accumulate * accumulate)
+        last_of_group = step % accumulate == 0 or step == steps
         weight = 1.0
         if images is None and rt.distributed:
             # every image of this process's batch failed to load, but the other processes wait
@@ -75,17 +69,16 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
             if window_loss is not None and step % cfg.print_freq == 0:
                 bar.set_postfix(loss=f'{window_loss:.4f}')
                 reporter.train_loss(window_loss, epoch * steps + step)
-            if rt.is_main and debug_file.exists():  # the other processes wait for this one
-                debug_prompt(training.model_without_ddp, training.optimizer, cfg, images, targets, loss, epoch, step)
+            if rt.is_main and cfg.path('debug_file').exists():  # the other processes wait for this one
+                debug_prompt(training, cfg, (images, targets), loss, epoch, step)
     bar.close()
     skipped = [i for part in rt.gather(skipped) for i in part]
     return window.meter.value()[0], window.meter.n, skipped
 
 
 def forward_backward(training, images, targets, rt, scale, sync):
-    """The loss of a batch times `scale`, its gradients added to those of the step's earlier
-    batches (a share of the step's mean); sync: the step's last batch, when the processes of a
-    torchrun average their gradients."""
+    """The batch's loss; its gradients times `scale` add to the step's (sync: the step's last batch,
+    when the processes of a torchrun average their gradients)."""
     model = training.model
     images = model_input(images, rt.device, rt.layout)
     targets = targets.to(rt.device, non_blocking=True)
@@ -136,12 +129,12 @@ class LossWindow:
         return loss_sum / count
 
 
-def debug_prompt(model, optimizer, cfg, images, targets, loss, epoch, step):
-    """Debug mode: stop in ipdb with this training step's objects at hand. `model` is the plain
-    model, also under torchrun and --compile, so model.save(PATH) works. `c` continues (remove
-    the debug file first), `q` quits."""
+def debug_prompt(training, cfg, batch, loss, epoch, step):
+    """Debug mode: ipdb with the step's objects at hand; `model` is the plain one (also under torchrun
+    and --compile), so model.save(PATH) works. `c` continues (remove the debug file first), `q` quits."""
     import ipdb
 
+    model, optimizer, (images, targets) = training.model_without_ddp, training.optimizer, batch  # noqa: F841
     ipdb.set_trace()
 
 
@@ -156,15 +149,11 @@ class Predictions(NamedTuple):
 
 @torch.inference_mode()
 def infer(model, loader, rt, tta=False):
-    """The model's Predictions over `loader`, computed as `rt` says (device, layout, precision).
-
-    tta: the probabilities are the mean of those of each image and of its mirror image.
-    Under torchrun each process reads its share and every process gets the whole result.
-    """
-    # the results go straight into tensors sized for all of this process's images: kept as
-    # they came, each batch's tensors held two file descriptors of the workers' shared memory
-    # (a large validation set could use up the usual limit of 1,024) and grew the process with
-    # every batch (docs/performance.md)
+    """The model's Predictions over `loader`, computed as `rt` says (device, layout, precision); tta:
+    the mean of each image's and its mirror image's. Under torchrun every process gets them all."""
+    # the results go straight into tensors sized for all of this process's images: each batch's own
+    # tensors would hold two file descriptors of the workers' shared memory (a large validation set
+    # could use up the usual limit of 1,024) and grow the process with every batch (docs/performance.md)
     count = len(loader.sampler)
     log_probs = None  # (count, classes) once the first batch tells the number of classes
     targets, indices = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=torch.long)
@@ -205,11 +194,10 @@ def score(predictions):
     confusion.add(log_probs, labels)
     matrix = confusion.value()
     probs = clipped_probabilities(log_probs)
-    log_loss = -probs[torch.arange(len(labels)), labels].log().mean().item()
     return {
         'loss': nn.functional.nll_loss(log_probs, labels).item(),
         'accuracy': float(matrix.trace() / matrix.sum()),
-        'log_loss': log_loss,
+        'log_loss': -probs[torch.arange(len(labels)), labels].log().mean().item(),
         'confusion': matrix.tolist(),
         'recall': [float(row[i] / row.sum()) if row.sum() else None for i, row in enumerate(matrix)],
         'probs': probs,
@@ -220,9 +208,8 @@ def score(predictions):
 
 
 def validate(training, loader, rt):
-    """The epoch's validation: score() of the model and, with --ema_decay, of its moving average;
-    the metrics of the better of the two (by accuracy, then loss), 'weights' naming it ('model'
-    or 'ema') and 'other_accuracy' the accuracy of the other."""
+    """score() of the model and, with --ema_decay, of its moving average: the better's metrics (by
+    accuracy, then loss), 'weights' naming it ('model' or 'ema'), 'other_accuracy' the other's."""
     model = training.model_without_ddp.eval()
     rt.share_buffers(model)
     metrics = {**score(infer(model, loader, rt)), 'weights': 'model'}
@@ -251,8 +238,7 @@ def predicted(classes, p):
 
 
 def infer_dataset(cfg, model, data, tta=False):
-    """infer() of `model` over `data`, on the options' device, layout and precision, by every
-    process under torchrun; returns (Predictions, Runtime)."""
+    """infer() of `model` over `data` on the options' device, layout and precision: (Predictions, Runtime)."""
     with runtime_of(cfg) as rt:
         return infer(on_device(model, rt), make_loader(data, cfg, rt), rt, tta), rt
 
@@ -274,11 +260,8 @@ def eval_batch_size(cfg):
 
 
 def make_loader(dataset, cfg, rt, shuffle=False):
-    """Batches of this process's share of `dataset` (all of it without torchrun).
-
-    Training shuffles by (seed, epoch): call loader.sampler.set_epoch(epoch). Evaluation gives
-    each process every world_size-th image, so none is seen twice and none is left out.
-    """
+    """Batches of this process's share of `dataset`. Training shuffles by (seed, epoch): call
+    loader.sampler.set_epoch(epoch); evaluation gives each process every world_size-th image."""
     if shuffle:
         sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
     else:
@@ -305,11 +288,10 @@ def make_loader(dataset, cfg, rt, shuffle=False):
 
 def _start_worker(worker_id, nice):
     if nice and hasattr(os, 'nice'):
-        # On the CPU the workers and the training threads share the cores. A worker that takes
-        # a core mid-step stalls both training threads (each step waits for its slowest
-        # thread), so it costs twice its own time; at the lowest priority it decodes in the
-        # gaps instead, or while the loop waits for a batch (docs/performance.md has the
-        # figures). Not on a GPU, whose feeding must never wait.
+        # On the CPU the workers share the cores with the training threads: a worker that takes a
+        # core mid-step stalls both (each step waits for its slowest thread), so it costs twice its
+        # own time; at the lowest priority it decodes in the gaps instead, or while the loop waits
+        # for a batch (docs/performance.md has the figures). Not on a GPU, whose feeding must never wait.
         os.nice(19)
     # A worker's errors in __getitem__ reach the main process, which reports them. What else
     # a worker could print is multiprocessing's fd-sharing thread failing when the main process

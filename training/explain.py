@@ -1,11 +1,7 @@
 """Where a model looked: Grad-CAM heatmaps (Captum's LayerGradCam) of the class it predicted,
 over the dashboards' most-wrong validation images and over the photos of `predict --explain`.
-
-The map is taken at the last layer whose output is still a spatial map (wider than 1x1, not a
-pooling layer), found with forward hooks on one example input, or at the layer --cam_layer
-names. It is computed in fp32 whatever --amp says, on the plain model (never the compiled or
-DDP-wrapped one), and leaves the weights, their gradients and the random numbers as they were.
-"""
+They are computed on the plain model (never the compiled or DDP-wrapped one) and leave the
+weights, their gradients and the random numbers as they were."""
 
 import difflib
 from pathlib import Path
@@ -27,9 +23,9 @@ BATCH = 16  # images per backward pass
 
 
 def find_layer(model, size, name=''):
-    """(name, module) of the layer to explain `model` at: `name`, or the last module whose output
-    is a 4-D map wider than 1x1 on a size x size input, pooling layers and modules that hand
-    their input on unchanged (Identity, Dropout, in-place activations) left out."""
+    """(name, module) of the layer to explain `model` at: `name` (--cam_layer), or the last module
+    whose output is a 4-D map wider than 1x1 on a size x size input, pooling layers and modules
+    that hand their input on unchanged (Identity, Dropout, in-place activations) left out."""
     names = dict(model.named_modules())
     if name:
         if name not in names:
@@ -37,28 +33,24 @@ def find_layer(model, size, name=''):
             hint = f'; did you mean {" or ".join(close)}?' if close else ''
             raise UserError(f'--cam_layer={name!r}: {type(model).__name__} has no layer of that name{hint}')
         return name, names[name]
-    maps, hooks = [], []
+    name_of = {module: module_name for module_name, module in names.items() if module_name}
+    maps = []
 
-    def record(module_name):
-        def hook(module, inputs, output):
-            passed_on = bool(inputs) and output is inputs[0]
-            pooling = type(module).__module__ == 'torch.nn.modules.pooling'
-            if torch.is_tensor(output) and output.dim() == 4 and output.shape[-2:].numel() > 1:
-                if not passed_on and not pooling:
-                    maps.append(module_name)
+    def hook(module, inputs, output):
+        passed_on = bool(inputs) and output is inputs[0]
+        pooling = type(module).__module__ == 'torch.nn.modules.pooling'
+        if torch.is_tensor(output) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+            if not passed_on and not pooling:
+                maps.append(name_of[module])
 
-        return hook
-
-    for module_name, module in names.items():
-        if module_name:
-            hooks.append(module.register_forward_hook(record(module_name)))
+    hooks = [module.register_forward_hook(hook) for module in name_of]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size, device=device))
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
     if not maps:
         raise UserError(f'{type(model).__name__} has no layer with a spatial map at {size} px to take Grad-CAM at')
     return maps[-1], names[maps[-1]]  # hooks fire as modules finish: a block's container after its last layer
@@ -102,9 +94,8 @@ def overlay(picture, heat):
 
 
 def explain_rows(model, dataset, metrics, rows, classes, rt, layer=''):
-    """(picture, caption) of the validation images at `rows` of `metrics` (engine.score's):
-    each as the network saw it, overlaid with the map of the class predicted, captioned
-    'name true->predicted P(predicted)'."""
+    """(picture, caption) of the validation images at `rows` of `metrics` (engine.score's) as the
+    network saw them, overlaid with the map of the class predicted: 'name true->predicted P'."""
     probs, labels = metrics['probs'], metrics['labels']
     items = []
     for chunk in batches(rows):
@@ -123,9 +114,8 @@ def explain_rows(model, dataset, metrics, rows, classes, rt, layer=''):
 
 
 def write_overlays(model, data, indices, predicted, captions, folder, rt, layer=''):
-    """A PNG per image of `data` at `indices` into `folder`: its central square (what the
-    network sees, at up to 512 px) overlaid with the map of its `predicted` class, captioned;
-    named <image>-cam.png (-cam-2.png for a second image of the same name). Returns the files."""
+    """The files written into `folder`: per image of `data` at `indices`, <image>-cam.png (or -cam-2.png...),
+    its central square at up to 512 px overlaid with the map of its `predicted` class, captioned."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for chunk in batches(range(len(indices))):

@@ -1,10 +1,6 @@
 """The parts of the training recipe that options choose: the optimizer, the learning-rate
-schedule, mixing of the batch (MixUp, CutMix) and the moving average of the weights, held
-together in a Training.
-
-main.py's fit() builds it; engine.train_one_epoch() uses it at every step; checkpoint.py saves
-and restores it. By default: Adam, decay on a plateau, no mixing, no average.
-"""
+schedules, MixUp/CutMix and the moving average of the weights, held together in a Training
+that engine.train_one_epoch() steps and checkpoint.py saves and restores."""
 
 import math
 from dataclasses import dataclass
@@ -36,17 +32,9 @@ def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_cla
     """The Training of `model` as the options say; steps_per_epoch: batches in an epoch."""
     optimizer = make_optimizer(model_without_ddp, cfg, rt.device)
     step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, math.ceil(steps_per_epoch / cfg.grad_accum_steps))
-    return Training(
-        model,
-        model_without_ddp,
-        torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        optimizer,
-        step_scheduler,
-        epoch_scheduler,
-        rt.grad_scaler(),
-        make_ema(model_without_ddp, cfg),
-        batch_mixing(cfg, num_classes),
-    )
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scaler, ema, mix = rt.grad_scaler(), make_ema(model_without_ddp, cfg), batch_mixing(cfg, num_classes)
+    return Training(model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, mix)
 
 
 def make_optimizer(model, cfg, device):
@@ -69,12 +57,9 @@ def make_optimizer(model, cfg, device):
 
 
 def make_schedulers(optimizer, cfg, steps_per_epoch):
-    """(per_step, per_epoch) learning-rate schedulers, either may be None.
-
-    per_step runs after every optimizer step, so the rate changes smoothly within an epoch: the
-    warm-up, then cosine or step decay. per_epoch runs after each validation: the plateau decay,
-    which needs the validation loss (and waits for the warm-up to end).
-    """
+    """(per_step, per_epoch) learning-rate schedulers, either may be None. per_step runs after every
+    optimizer step, so the rate changes smoothly within an epoch (the warm-up, then cosine or step
+    decay); per_epoch after each validation (the plateau decay, which waits for the warm-up to end)."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     if cfg.lr_scheduler == 'plateau':
         # decay when the *validation* loss stalls: the training loss keeps falling as the model overfits
@@ -108,8 +93,7 @@ def batch_mixing(cfg, num_classes):
 
 
 def make_ema(model, cfg):
-    """An exponential moving average of `model`'s weights and BatchNorm statistics, updated after
-    every optimizer step; None when --ema_decay is 0."""
+    """The exponential moving average of `model`'s weights and BatchNorm statistics (--ema_decay), or None."""
     if not cfg.ema_decay:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

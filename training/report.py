@@ -31,11 +31,8 @@ class Reporter:
         env = cfg.env or run_dir.name
         self.vis = Visualizer(env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
         # a resumed run's points go on after the last checkpointed step; an interrupted epoch's are dropped
-        self.board = Board(
-            run_dir,
-            purge_step=start_epoch * steps_per_epoch + 1 if start_epoch else None,
-            enabled=cfg.tensorboard and rt.is_main,
-        )
+        purge_step = start_epoch * steps_per_epoch + 1 if start_epoch else None
+        self.board = Board(run_dir, purge_step=purge_step, enabled=cfg.tensorboard and rt.is_main)
         if self.vis.enabled:
             print(f'curves: visdom {cfg.vis_server}:{cfg.vis_port}/env/{env}')
         if self.board.enabled:
@@ -49,9 +46,8 @@ class Reporter:
         self.board.scalar('train/loss', value, step)
 
     def epoch(self, record, metrics, val_data, training=None):
-        """The epoch's record into metrics.jsonl, the terminal, visdom and TensorBoard, and the
-        validation images it got wrong into the dashboards; given `training` (recipe.Training),
-        those images again with the Grad-CAM map of the class predicted (explain.py)."""
+        """The epoch's record into metrics.jsonl, the terminal and the dashboards, with the validation
+        images it got wrong; given `training` (recipe.Training), those again with their Grad-CAM maps."""
         if self.metrics_file is not None:
             with open(self.metrics_file, 'a') as f:
                 f.write(json.dumps(record) + '\n')
@@ -78,8 +74,7 @@ class Reporter:
                 self.board.images(LOOKED, looked, step)
 
     def where_it_looked(self, training, metrics, val_data, classes):
-        """The most-wrong images with the Grad-CAM map of the weights that were scored; a
-        --cam_layer that names no layer is said once, and the pictures are left out."""
+        """The most-wrong images with the Grad-CAM maps of the weights scored; [] once --cam_layer names no layer."""
         model = training.ema.module if metrics['weights'] == 'ema' else training.model_without_ddp
         try:
             return explain_rows(model, val_data, metrics, worst_rows(metrics), classes, self.rt, self.cam_layer)
@@ -124,7 +119,6 @@ def epoch_record(epoch, metrics, *, lr, train_loss, classes, seconds, seen, skip
 
 
 def epoch_line(record, max_epoch):
-    """The one-line summary of an epoch."""
     line = (
         f'epoch {record["epoch"]}/{max_epoch}  lr {record["lr"]:.3g}  '
         f'train loss {record["train_loss"]:.4f}  val loss {record["val_loss"]:.4f}  '

@@ -1,11 +1,10 @@
-"""One folder per training run under checkpoint_dir, `latest`, which names the newest, and the
-JSON files that runs and folders of runs hold, each defined here and read back through here.
+"""One folder per training run under checkpoint_dir, `latest` naming the newest, and the JSON
+files that runs and folders of runs hold, each defined and read back here.
 
-A run folder holds config.json (how the run was made), last.pth, best.pth and metrics.jsonl.
-A new run never writes into another run's folder; --resume continues a run in its own. A folder
-of runs (a sweep's trials, a kfold's folds) counts as one run where `latest` is concerned. A run
-is removed by deleting its folder; `latest` then falls back to the newest run left.
-"""
+A run folder holds config.json (how the run was made), last.pth, best.pth and metrics.jsonl; a new
+run never writes into another's, and --resume continues one in its own. A folder of runs (a sweep's
+trials, a kfold's folds) is one run to `latest`, which falls back to the newest left when its run is
+deleted (a run is removed by deleting its folder)."""
 
 import dataclasses
 import json
@@ -64,10 +63,9 @@ def latest_run(checkpoint_dir):
     """The newest run's folder (a run, or a folder of runs), or None when there is none."""
     pointer = checkpoint_dir / LATEST
     named = checkpoint_dir / pointer.read_text().strip() if pointer.is_file() else None
-    if named is None or named.is_dir():
+    if named is not None and named.is_dir():
         return named
-    left = runs_newest_first(checkpoint_dir)
-    return left[0] if left else None
+    return next(iter(runs_newest_first(checkpoint_dir)), None)
 
 
 def runs_newest_first(checkpoint_dir):
@@ -79,8 +77,7 @@ def runs_newest_first(checkpoint_dir):
 
 
 def find_checkpoint(checkpoint_dir, value, file, option):
-    """The checkpoint `value` names: a file, a run folder (its `file`), `latest`, or a run's
-    name under checkpoint_dir."""
+    """The checkpoint `value` names: a file, a run folder (its `file`), `latest`, or a run in checkpoint_dir."""
     if value == LATEST:
         run = latest_run(checkpoint_dir)
         if run is None:
@@ -94,9 +91,9 @@ def find_checkpoint(checkpoint_dir, value, file, option):
 
 
 def write_config(run_dir, cfg, classes, device, world_size):
-    """config.json: the effective options and what else the run was made with (a resumed run
-    keeps its start time and adds the time it was resumed)."""
+    """config.json: the effective options and what else the run was made with."""
     now = time.strftime('%Y-%m-%d %H:%M:%S')
+    versions = {name: sys.modules[name].__version__ for name in ('torch', 'torchvision', 'timm') if name in sys.modules}
     earlier = read_config(run_dir) if (run_dir / 'config.json').is_file() else {}
     write_json(
         run_dir / 'config.json',
@@ -107,7 +104,7 @@ def write_config(run_dir, cfg, classes, device, world_size):
             'started': earlier.get('started', now),
             'resumed': earlier.get('resumed', []) + ([now] if earlier else []),
             'device': str(device) + (f' x {world_size} processes' if world_size > 1 else ''),
-            'versions': {'python': platform.python_version(), **_versions('torch', 'torchvision', 'timm')},
+            'versions': {'python': platform.python_version(), **versions},
             'git_commit': _git_commit(ROOT),
         },
     )
@@ -118,8 +115,7 @@ def read_config(run_dir):
 
 
 def note_interrupted(run_dir, epoch):
-    """Say in the run's config.json that it stopped during `epoch` (counted from 1); a resume
-    rewrites config.json without it."""
+    """Say in config.json that the run stopped during `epoch` (from 1); a resume rewrites it without."""
     write_json(run_dir / 'config.json', {**read_config(run_dir), 'interrupted': f'during epoch {epoch}'})
 
 
@@ -174,10 +170,6 @@ class KfoldRecord(Record):
     folds: int
     options: dict
     oof: dict | None = None  # images, accuracy, log_loss, suspects: once every fold has trained
-
-
-def _versions(*modules):
-    return {name: sys.modules[name].__version__ for name in modules if name in sys.modules}
 
 
 def _git_commit(folder):

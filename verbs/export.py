@@ -1,11 +1,11 @@
 """`python main.py export`: a run's model as ONNX, checked against PyTorch before it is kept.
 
-The graph takes what eval_transform() gives, uint8 RGB images (batch, 3, image_size, image_size),
-normalises them inside and answers logits (batch, classes): a caller cannot get the statistics
-or their scale wrong. What a caller needs to know is in the file's metadata_props (metadata());
-tools/predict_onnx.py uses them without torch, and docs/shipping.md says why it is made this way.
+The graph takes what eval_transform() gives, uint8 RGB images, and normalises them inside: a caller
+cannot get the statistics or their scale wrong. What a caller needs to know is in the file's
+metadata_props (metadata()), which tools/predict_onnx.py reads without torch; docs/shipping.md says why.
 """
 
+import itertools
 import json
 
 import torch
@@ -104,13 +104,8 @@ def to_onnx(model, size, props):
 def validation_images(cfg, classes):
     """Up to CHECK_IMAGES uint8 images, spread over the run's validation data as `val` reads it."""
     data = validation_data(cfg, classes)
-    images = []
-    for index in range(0, len(data), max(1, len(data) // CHECK_IMAGES)):
-        image = data[index][0]
-        if image is not None:
-            images.append(image)
-        if len(images) == CHECK_IMAGES:
-            break
+    spread = (data[index][0] for index in range(0, len(data), max(1, len(data) // CHECK_IMAGES)))
+    images = list(itertools.islice((image for image in spread if image is not None), CHECK_IMAGES))
     if not images:
         raise UserError(
             f'none of the validation images of {data.paths[0]} and others could be read, '

@@ -6,9 +6,8 @@ k-fold gives, in the kfold's folder:
     suspect_labels.csv  the images whose label those predictions most disagree with (cleanlab)
     kfold.json          the options the folds were made with, and the out-of-fold figures
 
-test and predict take the folder as one model, the mean of its folds' probabilities (load_folds).
-The same command started again continues an unfinished kfold: finished folds are kept, and an
-interrupted one resumes from its last.pth.
+test and predict take the folder as one model, the mean of its folds' probabilities (load_folds);
+the same command started again continues an unfinished kfold.
 """
 
 import collections
@@ -47,7 +46,6 @@ class Suspect(NamedTuple):
 
 def run_kfold(options, folds, train):
     """Train every fold with train(options) (main.train_with), then write oof.csv and suspect_labels.csv."""
-    options = {key.replace('-', '_'): value for key, value in options.items()}
     cfg, root = checked(options, folds)
     parent = kfold_folder(cfg, options, folds)
     point_latest(cfg.path('checkpoint_dir'), parent)  # the newest run: test and predict take the ensemble
@@ -63,9 +61,15 @@ def run_kfold(options, folds, train):
         f'out-of-fold: {len(oof.files)} images, each predicted by the model that did not train on it: '
         f'accuracy {m["accuracy"]:.2%}, log loss {m["log_loss"]:.4f} ({parent / "oof.csv"})'
     )
+    from cleanlab.filter import find_label_issues  # scikit-learn and cleanlab load only here
+
+    # the images whose label confident learning finds likely wrong, the lowest P(label) first
+    found = find_label_issues(
+        oof.labels.numpy(), probs.double().numpy(), return_indices_ranked_by='self_confidence', n_jobs=1
+    )
     suspects = [
         Suspect(i, classes[oof.labels[i]], classes[probs[i].argmax()], float(probs[i, oof.labels[i]]))
-        for i in suspect_labels(oof.labels, probs)
+        for i in map(int, found)
     ]
     header = ['rank', 'file', 'label', 'likely_label', 'p_label', 'fold']
     rows = (
@@ -191,14 +195,3 @@ def out_of_fold(options, parent, folds, root):
         log_probs.append(predictions.log_probs)
         fold_of += [k] * len(predictions.targets)
     return OutOfFold(files, torch.cat(labels), torch.cat(log_probs), fold_of, trained.classes)
-
-
-def suspect_labels(labels, probs):
-    """Indices of the images whose label is likely wrong by confident learning (cleanlab), the
-    lowest out-of-fold probability of the given label first."""
-    from cleanlab.filter import find_label_issues  # scikit-learn and cleanlab load only here
-
-    found = find_label_issues(
-        labels.numpy(), probs.double().numpy(), return_indices_ranked_by='self_confidence', n_jobs=1
-    )
-    return [int(i) for i in found]

@@ -25,13 +25,10 @@ def write_submission(cfg, trained):
     # clipped: Kaggle's log loss punishes a confident mistake without bound (engine.P_MIN)
     probs = clipped_probabilities(predictions.log_probs)
     ids = [data.ids[i] for i in predictions.indices.tolist()]  # in the folder's order: by number, else by name
-    classes = trained.classes
-    if len(classes) == 2:  # Kaggle's binary format: the probability of the second class
-        write_csv(result_file, [['id', 'label'], *((i, f'{p:.4f}') for i, p in zip(ids, probs[:, 1].tolist()))])
-    else:  # Kaggle's multi-class format: no other column
-        write_csv(
-            result_file, [['id', *classes], *((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, probs.tolist()))]
-        )
+    # Kaggle's formats: with two classes the probability of the second, with more each class's and no other column
+    two = len(trained.classes) == 2
+    header, columns = (['id', 'label'], probs[:, 1:]) if two else (['id', *trained.classes], probs)
+    write_csv(result_file, [header, *((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, columns.tolist()))])
     print(f'wrote {len(ids)} predictions to {result_file}')
     if predictions.skipped:
         names = [data.paths[i] for i in predictions.skipped]
@@ -55,31 +52,22 @@ def predict_files(cfg, trained, paths, out='', explain=False):
     if explain:
         check_layer(trained.model, cfg.image_size, cfg.cam_layer)  # a wrong --cam_layer is said before the work
     predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
-    classes, names, probs = (
-        trained.classes,
-        [files[i] for i in predictions.indices.tolist()],
-        predictions.log_probs.exp().tolist(),
-    )
-    for name, p in zip(names, probs):  # the class and its probability (the CSV has every class's)
-        label = predicted(classes, p)
-        print(f'{name}  {classes[label]}  {p[label]:.4f}')
+    classes, indices, probs = trained.classes, predictions.indices.tolist(), predictions.log_probs.exp().tolist()
+    names, guesses = [files[i] for i in indices], [predicted(classes, p) for p in probs]
+    for name, g, p in zip(names, guesses, probs):  # the class and its probability (the CSV has every class's)
+        print(f'{name}  {classes[g]}  {p[g]:.4f}')
     rows = prediction_rows(classes, names, probs)
     if out and rt.is_main:
         write_csv(Path(out), rows)
         print(f'wrote {len(rows) - 1} predictions to {Path(out).resolve()}')
     if explain and rt.is_main:
         folder = Path(out).resolve().parent if out else unused(trained.path.parent, 'explained')
-        guesses = [predicted(classes, p) for p in probs]
         captions = [f'{Path(n).name} {classes[g]} {p[g]:.2f}' for n, g, p in zip(names, guesses, probs)]
-        indices = predictions.indices.tolist()
         written = write_overlays(trained.model, data, indices, guesses, captions, folder, rt, cfg.cam_layer)
         print(f'wrote {len(written)} pictures of where the model looked (<image>-cam.png) to {folder}')
     if predictions.skipped and rt.is_main:
-        print(
-            f'could not read {len(predictions.skipped)} files, left out: '
-            f'{", ".join(files[i] for i in predictions.skipped[:5])}',
-            file=sys.stderr,
-        )
+        first = ', '.join(files[i] for i in predictions.skipped[:5])
+        print(f'could not read {len(predictions.skipped)} files, left out: {first}', file=sys.stderr)
 
 
 def prediction_rows(classes, names, probs):
@@ -99,11 +87,8 @@ def find_images(paths):
     files = []
     for path in (Path(str(p)).expanduser() for p in paths):  # str: fire reads `123.jpg`... and `7` as 7
         if path.is_dir():
-            files += sorted(
-                f
-                for f in path.rglob('*')
-                if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith('.') and f.is_file()
-            )
+            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith('.'))
+            files += sorted(f for f in images if f.is_file())
         elif path.is_file():
             files.append(path)
         else:

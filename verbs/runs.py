@@ -11,10 +11,8 @@ from utils.run_folders import KfoldRecord, SweepRecord, TrialRecord, read_config
 
 
 def list_runs(checkpoint_dir):
-    """[{name, model, classes, epochs, max_epoch, best_accuracy, log_loss, started, interrupted,
-    options, trial}] of the runs in checkpoint_dir, newest first. A folder that holds run folders
-    (a sweep's trials, a kfold's folds) is one entry {name, started, sweep, kfold, members}, its
-    runs in `members`."""
+    """read_run()'s entries of the runs in checkpoint_dir, newest first; a folder of run folders
+    (a sweep's trials, a kfold's folds) is one entry {name, started, sweep, kfold, members}."""
     runs = []
     for folder in sorted(checkpoint_dir.iterdir()) if checkpoint_dir.is_dir() else []:
         if folder.is_symlink() or not folder.is_dir():
@@ -30,7 +28,7 @@ def list_runs(checkpoint_dir):
             members.sort(key=lambda r: (r['started'], r['name']))  # in the order they ran
             runs.append({'name': folder.name, 'started': members[-1]['started'], 'sweep': sweep, 'kfold': made,
                          'members': members})  # fmt: skip
-    return newest_first(runs)
+    return sorted(runs, key=lambda r: (r['started'], r['name']), reverse=True)
 
 
 def read_run(folder):
@@ -59,10 +57,6 @@ def read_run(folder):
     ]
 
 
-def newest_first(runs):
-    return sorted(runs, key=lambda r: (r['started'], r['name']), reverse=True)
-
-
 def differing_options(runs):
     """The options whose values differ between `runs` (model and max_epoch are shown anyway)."""
     keys = {key for run in runs for key in run['options']} - NOT_RECIPE - {'model', 'max_epoch'}
@@ -79,14 +73,13 @@ def print_runs(checkpoint_dir):
             print(run_line(entry, differing))
             continue
         print(f'{entry["name"]}/  {group_line(entry)}')
-        members = entry['members']
-        for member in members:
-            print('  ' + run_line(member, differing_options(members)))
+        apart = differing_options(entry['members'])
+        for member in entry['members']:
+            print('  ' + run_line(member, apart))
 
 
 def group_line(entry):
-    """What a folder of runs is: a sweep with its trials' states, a kfold with its out-of-fold
-    figures, or runs."""
+    """What a folder of runs is: a sweep with its trials' states, a kfold with its figures, or runs."""
     members, sweep, made = entry['members'], entry['sweep'], entry['kfold']
     if sweep:
         states = collections.Counter(member['trial'].state for member in members)
@@ -104,11 +97,9 @@ def group_line(entry):
 
 def run_line(entry, differing):
     """A run's line: its figures, and its values of the options in `differing`."""
-    best = (
-        'not validated yet'
-        if entry['best_accuracy'] is None
-        else f'best acc {entry["best_accuracy"]:.2%}  log loss {entry["log_loss"]:.4f}'
-    )
+    best = 'not validated yet'
+    if entry['best_accuracy'] is not None:
+        best = f'best acc {entry["best_accuracy"]:.2%}  log loss {entry["log_loss"]:.4f}'
     trial = entry['trial']
     state = trial.state + (f' {trial.metric} {trial.value:.4f}' if trial.value is not None else '') if trial else ''
     apart = ' '.join(f'{key}={entry["options"].get(key)}' for key in differing)

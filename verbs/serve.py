@@ -1,10 +1,9 @@
 """`python main.py serve`: a page where a person drops photos and sees the classes with their
 probabilities, and POST /predict for programs: multipart files in, JSON out,
-[{"name": ..., "label": ..., "probabilities": {class: p}}], the numbers `predict` gives.
-
-Requests that arrive while the model runs wait and then go through it together, as one batch
-(Classifier). Bad input is answered with a 4xx and {"detail": "..."}; docs/shipping.md has the
-figures and the reasons for FastAPI, uvicorn and PyTorch here.
+[{"name": ..., "label": ..., "probabilities": {class: p}}], the numbers `predict` gives; an image it
+cannot read gets {"name", "error", "status"} in its place, and a request with no good image a 4xx
+and {"detail": "..."}. docs/shipping.md has the figures and the reasons for
+FastAPI, uvicorn and PyTorch here, and for batching the requests that wait (Classifier).
 """
 
 import asyncio
@@ -51,20 +50,18 @@ def serve_model(cfg, trained, host='127.0.0.1', port=8000, max_mb=10):
     with runtime_of(cfg) as rt:
         classifier = Classifier(trained, cfg.image_size, rt)
         app = make_app(classifier, int(max_mb * 1e6), f'{trained.path.parent.name}: {", ".join(trained.classes)}')
-        address = listener.getsockname()
         print(
-            f'serving {trained.path} on http://{host}:{address[1]}/ (POST /predict for programs), computing '
-            f'on {rt.device} in {rt.precision}; Ctrl-C stops it',
+            f'serving {trained.path} on http://{host}:{listener.getsockname()[1]}/ (POST /predict for programs), '
+            f'computing on {rt.device} in {rt.precision}; Ctrl-C stops it',
             flush=True,
         )
         uvicorn.Server(uvicorn.Config(app, log_level='warning')).run(sockets=[listener])
 
 
 class Classifier:
-    """The model behind the server. Images decode in a pool of threads, one a core (more would not
-    decode sooner, and each holds a decoded photo); the model runs one batch at a time, of all the
-    images that came while the one before ran: on a CPU, a batch of 16 takes far less than 16
-    single passes, and no request waits for a batch to fill."""
+    """The model behind the server. Images decode in a pool of threads, one a core (more would not decode
+    sooner, and each holds a decoded photo); the model runs one batch at a time, of all the images that
+    came while the one before ran: on a CPU a batch of 16 takes far less than 16 single passes."""
 
     def __init__(self, trained, size, rt):
         self.model, self.classes = on_device(trained.model, rt), trained.classes
@@ -106,7 +103,7 @@ class Classifier:
 
     async def run_batches(self):
         while True:
-            jobs = [await self.waiting.get()]
+            jobs = [await self.waiting.get()]  # no timer: no request waits for a batch to fill
             while not self.waiting.empty() and sum(len(images) for images, _ in jobs) < MAX_BATCH:
                 jobs.append(self.waiting.get_nowait())
             try:
@@ -139,15 +136,12 @@ class Refused(Exception):
         self.status, self.detail = status, detail
 
 
-def make_app(classifier, max_bytes, title):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.formparsers import MultiPartException, MultiPartParser
+def limited_parser(max_bytes):
+    """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of the
+    request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
+    from starlette.formparsers import MultiPartParser
 
     class LimitedParser(MultiPartParser):
-        """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of
-        the request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
-
         def on_part_begin(self):
             super().on_part_begin()
             self.part_bytes = 0
@@ -158,6 +152,23 @@ def make_app(classifier, max_bytes, title):
                 name = getattr(self._current_part.file, 'filename', None) or 'a part'
                 raise Refused(413, f'{name} is over the {max_bytes / 1e6:g} MB this server takes (--max_mb)')
             super().on_part_data(data, start, end)
+
+    return LimitedParser
+
+
+def answer(name, p, classes):
+    """One image's JSON: its class and probabilities, or why it was refused."""
+    if isinstance(p, Refused):  # this image alone: the others are answered
+        return {'name': name, 'error': p.detail, 'status': p.status}
+    return {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
+
+
+def make_app(classifier, max_bytes, title):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.formparsers import MultiPartException
+
+    LimitedParser = limited_parser(max_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -192,15 +203,7 @@ def make_app(classifier, max_bytes, title):
         names = [f.filename or f'image {n + 1}' for n, f in enumerate(files)]
         if not files:
             raise Refused(400, 'the request holds no images: send one or more as multipart/form-data files')
-        classes = classifier.classes
-        answers = []
-        for name, p in zip(names, await classifier.probabilities(names, blobs)):
-            if isinstance(p, Refused):  # this image alone: the others are answered
-                answers.append({'name': name, 'error': p.detail, 'status': p.status})
-            else:
-                answers.append(
-                    {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
-                )
-        return answers
+        probabilities = await classifier.probabilities(names, blobs)
+        return [answer(name, p, classifier.classes) for name, p in zip(names, probabilities)]
 
     return app

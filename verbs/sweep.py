@@ -1,12 +1,9 @@
-"""The sweep verb: Optuna picks the options of each trial from a search space, and every trial is
-an ordinary training run in the sweep's folder, checkpoints/<sweep>/trial-<n>/.
-
-The study lives in <sweep>/study.db unless --storage names another; any number of processes
-started with the same command share it and split the trials, and the same command started
-again continues it. Each trial reports the figure of its best.pth every epoch, and a median
-pruner stops those that fall behind; a trial whose loss becomes NaN or infinite is pruned too.
-Under torchrun every process trains each trial: rank 0 alone talks to the study and hands the
-others the trial's options and, after every epoch, whether to stop.
+"""The sweep verb: Optuna picks each trial's options from a search space, and every trial is an
+ordinary training run in checkpoints/<sweep>/trial-<n>/. The study (<sweep>/study.db, or --storage)
+is shared by every process started with the same command, and continued when it starts again; a
+median pruner stops the trials that fall behind (docs/sweep.md). Under torchrun every process
+trains each trial: rank 0 alone talks to the study and hands the others the trial's options and,
+after every epoch, whether to stop.
 """
 
 import contextlib
@@ -53,9 +50,8 @@ class Dimension:
 
 
 def parse_dimension(word, fixed, taken):
-    """The Dimension of one word of --space, or a UserError naming it. Each choice and each end
-    of a range is checked as the option given alone would be, beside the fixed options (a
-    model's smallest image size, say)."""
+    """The Dimension of one word of --space, or a UserError naming it; each value is checked as the
+    option given alone would be, beside the fixed options (a model's smallest image size, say)."""
     kinds = {f.name: f.type for f in dataclasses.fields(DefaultConfig)}
     name, _, value = word.partition('=')
     name, where = name.replace('-', '_'), f'--space: {word}: '
@@ -111,7 +107,6 @@ class Plan:
 
 def run_sweep(options, space, trials, metric, storage, train):
     """Run trials of train(options, on_epoch) until the study holds `trials` finished ones."""
-    options = {key.replace('-', '_'): value for key, value in options.items()}
     whole_number('trials', trials, low=1)
     if metric not in METRICS:
         raise UserError(f'--metric={metric!r} is invalid; it takes {" or ".join(METRICS)}')
@@ -166,10 +161,9 @@ def train_as_told(rt, train):
 
 
 def sweep_trials(study, plan, train, share=lambda obj: obj):
-    """The sweep as rank 0 (or the only process) runs it: trials of `study` until it holds
-    plan.trials finished ones, trials its earlier processes left unfinished first. Under
-    torchrun share() hands each trial's options, and after each epoch whether to stop, to the
-    other processes (it returns rank 0's object on every rank)."""
+    """Trials of `study` until it holds plan.trials finished ones, those left unfinished first, as rank
+    0 (or the only process) runs them; under torchrun share() hands each trial's options, and after
+    each epoch whether to stop, to the other processes (it returns rank 0's object on every rank)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
@@ -250,9 +244,8 @@ def counted(running=False):
 
 
 class Kept:
-    """A trial's figure of the weights its best.pth holds (the epoch of the best validation
-    accuracy, the later of a tie, as the checkpoint keeps them), reported to Optuna every epoch:
-    train's on_epoch, which ends a trial the pruner stops."""
+    """A trial's figure of its best.pth's weights (the best validation accuracy, the later of a tie),
+    reported to Optuna every epoch: train's on_epoch, which ends a trial the pruner stops."""
 
     def __init__(self, trial, metric, max_epoch, share):
         self.trial, self.metric, self.max_epoch, self.share = trial, metric, max_epoch, share
