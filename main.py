@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config import DefaultConfig, UserError, whole_number
+from config import ROOT, DefaultConfig, UserError, whole_number
 from data import DogCat
-from data.demo import make_demo_data
+from data.demo import CLASSES, make_demo_data
 from data.transforms import model_input
 from models import build_model, check_options
 from training import engine
@@ -220,7 +220,7 @@ def val(**kwargs):
     trained = load_trained(cfg, () if given_data else HELD_OUT)
     classes = trained.classes
     data = engine.validation_data(cfg, classes)
-    m = engine.score(engine.infer_dataset(cfg, trained.model, data)[0])
+    m = engine.score(engine.infer_dataset(cfg, trained.model, data, trained.tta)[0])
     print(
         f'{len(m["labels"])} validation images: loss {m["loss"]:.4f}  accuracy {m["accuracy"]:.2%}  '
         f'Kaggle log loss {m["log_loss"]:.4f}'
@@ -314,9 +314,6 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     --layout: kaggle (train/cat.N.jpg, test1/N.jpg) or folders (train/cat/N.jpg, test1/photo-N.jpg)
     --flip_labels: the share of training images drawn as another class than their name says (ROOT/flipped.txt)
     """
-    from config import ROOT
-    from data.demo import CLASSES
-
     for name, value in (('n_train', n_train), ('n_test', n_test), ('seed', seed), ('classes', classes)):
         whole_number(name, value)
     root = str(root)  # fire reads --root=5 as a number

@@ -1,15 +1,18 @@
 """What a user runs, as they run it: the default options, precision included (bf16 where the CPU
-has it), a BatchNorm model, and sizes just above a batch: 33 training images at batch 32 and
-more files than a batch of each predictor. Only the paths, the image size and the epochs are
-set here."""
+has it), a BatchNorm model, and sizes just above a batch: 33 training images at batch 32, more
+files than a batch of each predictor and of the server. Only the paths, the image size and the
+epochs are set here."""
 
 import csv
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 from test_export import WITHOUT_TORCH
+from test_serve import post, serving
 
 import main
 from conftest import ROOT, newest_run
@@ -114,3 +117,20 @@ def test_the_torch_free_predictor_matches_predict_at_fp32_and_within_bf16_at_the
         for a, b in zip(ours[1:], onnx[1:]):
             if abs(float(b[2]) - 0.5) > tolerance:
                 assert a[1] == b[1]  # a label flips only where the two sit at 0.5 within the gap
+
+
+def test_serve_at_the_defaults_answers_more_images_than_a_batch_as_predict_does(run, tmp_path):
+    options, folder, _ = run
+    main.predict(options['test_data_root'], out=str(tmp_path / 'p.csv'), **options)
+    expected = {Path(path).name: (label, float(p_dog)) for path, label, p_dog in rows(tmp_path / 'p.csv')[1:]}
+    photos = sorted(Path(options['test_data_root']).iterdir())
+    halves = [photos[:40], photos[40:]]  # 65 images at once: more than the server's batch of 64
+    with serving(folder, f'--checkpoint_dir={options["checkpoint_dir"]}') as (address, _):
+        with ThreadPoolExecutor(2) as pool:
+            answers = [a for half in pool.map(lambda files: post(address, *files).json(), halves) for a in half]
+    assert [a['name'] for a in answers] == [photo.name for photo in photos]
+    tolerance = 2e-2 if cpu_has_bf16() else 1e-4  # bf16 as predict computes, in other batches
+    for a in answers:
+        label, p_dog = expected[a['name']]
+        assert abs(a['probabilities']['dog'] - p_dog) <= tolerance
+        assert a['label'] == label or abs(p_dog - 0.5) <= tolerance

@@ -250,9 +250,12 @@ def test_a_verb_takes_the_newest_run_with_a_trained_model_and_says_so(tmp_path, 
     main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)
     used = checkpoints / 'trained' / 'best.pth'
     assert f'using {used} (the newest run with a trained model; crashed has none yet)' in capsys.readouterr().out
-    (checkpoints / 'latest').unlink()  # removed by hand: the newest folder stands in
+    main.test(**{**options, 'load_model_path': 'trained', 'result_file': ''})  # writes into trained/: still older
+    (checkpoints / 'latest').unlink()  # removed by hand: the newest run's folder stands in
     main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)
     assert f'using {used} (the newest run with a trained model; crashed has none yet)' in capsys.readouterr().out
+    with pytest.raises(UserError, match='bset.pth does not exist'):  # a mistyped file is not replaced
+        main.predict(str(tiny_data / 'test1' / '1.jpg'), **options, load_model_path=str(used.parent / 'bset.pth'))
     used.unlink()
     with pytest.raises(UserError, match=f'no run in {checkpoints} has a trained model'):
         main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)

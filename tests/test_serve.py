@@ -1,6 +1,7 @@
 """`python main.py serve` as a person and a program meet it: the page in a real browser, the JSON
 endpoint under many requests at once, and every bad input a 4xx that stops nothing."""
 
+import contextlib
 import csv
 import io
 import json
@@ -46,18 +47,17 @@ def served(tmp_path_factory, tiny_data):
     main.predict(*map(str, photos), out=str(tmp / 'predict.csv'), **options, load_model_path=str(run))
     with open(tmp / 'predict.csv', newline='') as f:
         expected = {Path(path).name: (label, float(p)) for path, label, p in list(csv.reader(f))[1:]}
+    flags = ['--max_mb=1', f'--checkpoint_dir={tmp / "checkpoints"}', '--use_gpu=False', '--amp=False']
+    with serving(run, *flags) as (address, server):
+        yield address, photos, expected, server
+
+
+@contextlib.contextmanager
+def serving(run, *flags):
+    """(address, process) of `python main.py serve RUN FLAGS` on a free port, for the length of the
+    block; stopped, all its processes, at the end."""
     port = free_port()
-    command = [
-        sys.executable,
-        str(ROOT / 'main.py'),
-        'serve',
-        str(run),
-        f'--port={port}',
-        '--max_mb=1',
-        f'--checkpoint_dir={tmp / "checkpoints"}',
-        '--use_gpu=False',
-        '--amp=False',
-    ]
+    command = [sys.executable, str(ROOT / 'main.py'), 'serve', str(run), f'--port={port}', *flags]
     server = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -71,7 +71,7 @@ def served(tmp_path_factory, tiny_data):
         watchdog.cancel()
         assert f'on {address}/' in line, line
         threading.Thread(target=server.stdout.read, daemon=True).start()  # keep its pipe from filling
-        yield address, photos, expected, server
+        yield address, server
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
@@ -234,3 +234,57 @@ def test_a_person_picks_a_photo_and_sees_its_class(served, tmp_path):
     finally:
         os.killpg(browser.pid, signal.SIGKILL)
         browser.wait(timeout=30)
+
+
+def test_requests_that_wait_go_through_the_model_together_each_with_its_own_answer(tiny_data):
+    import asyncio
+
+    import torch
+
+    from data.transforms import model_input
+    from training.checkpoint import Trained
+    from utils.runtime import Runtime
+    from verbs.serve import Classifier
+
+    torch.manual_seed(0)
+    model, batches, release = main.build_model('ResNet34', 2).eval(), [], threading.Event()
+
+    class Counting(torch.nn.Module):  # the model, holding its first batch until the others wait
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            batches.append(len(images))
+            if len(batches) == 1:
+                release.wait(60)
+            return self.model(images)
+
+    cpu = torch.device('cpu')
+    classifier = Classifier(Trained(Counting(), ['cat', 'dog'], Path('run'), {}, False), 32, Runtime(cpu))
+    photos = sorted((tiny_data / 'train').glob('*.jpg'))[:20]
+
+    def ask(photo):
+        return asyncio.create_task(classifier.probabilities([photo.name], [photo.read_bytes()]))
+
+    async def requests_meanwhile():
+        batcher = asyncio.create_task(classifier.run_batches())
+        first = ask(photos[0])
+        while not batches:  # the first request is in the model
+            await asyncio.sleep(0.01)
+        rest = [ask(photo) for photo in photos[1:]]
+        while classifier.waiting.qsize() < len(rest):
+            await asyncio.sleep(0.01)
+        release.set()
+        answers = [await request for request in (first, *rest)]
+        batcher.cancel()
+        return answers
+
+    answers = asyncio.run(requests_meanwhile())
+    assert batches == [1, 19]  # the nineteen requests that waited went through as one batch
+    assert len({round(p[1], 4) for (p,) in answers}) > 10  # the images' answers differ: a mix-up would show
+    with torch.no_grad():
+        for photo, (p,) in zip(photos, answers):
+            image = classifier.decode(photo.name, photo.read_bytes())[None]
+            own = model(model_input(image, cpu)).softmax(dim=1)[0].tolist()
+            assert p == pytest.approx(own, abs=1e-5)  # its own image's probabilities, not another's

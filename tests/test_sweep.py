@@ -163,6 +163,8 @@ def test_a_trial_works_with_val_and_resume_as_any_run(swept, tmp_path, tiny_data
     assert (
         f'using {checkpoints / folder.name / f"trial-{best}" / "best.pth"} (the newest run)' in capsys.readouterr().out
     )
+    with pytest.raises(UserError, match=f'--resume=latest: {folder.name} is a sweep or a kfold, a folder of runs'):
+        main.train(**fast_options(tmp_path, tiny_data, resume='latest', max_epoch=3))
     main.train(**fast_options(tmp_path, tiny_data, resume=str(trial), max_epoch=3))
     assert f'run folder {trial}' in capsys.readouterr().out and epochs_of(trial) == [1, 2, 3]
     main.train(**fast_options(tmp_path, tiny_data, resume=f'{folder.name}/trial-1', max_epoch=4))  # by name

@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from config import UserError
 from models import FoldEnsemble, build_model
 from utils.files import atomic_link, atomic_save, load_checkpoint
-from utils.run_folders import SweepRecord, check_name_free, find_checkpoint, latest_run, runs_newest_first
+from utils.run_folders import KfoldRecord, SweepRecord, check_name_free, find_checkpoint, latest_run, runs_newest_first
 
 # the options that define a run: --resume takes them from its checkpoint, a different value is an error
 RESUME_KEYS = (
@@ -108,6 +108,11 @@ def resume_point(cfg):
             check_name_free(checkpoint_dir, cfg.name)
         return Resume()
     file = find_checkpoint(checkpoint_dir, cfg.resume, 'last.pth', 'resume')
+    if not file.exists() and (SweepRecord.load(file.parent) or KfoldRecord.load(file.parent)):
+        raise UserError(
+            f'--resume={cfg.resume}: {file.parent.name} is a sweep or a kfold, a folder of runs: the same '
+            f'sweep or kfold command continues it, or resume one of its runs (--resume={file.parent.name}/<run>)'
+        )
     if cfg.name and file.parent != (checkpoint_dir / cfg.name).resolve():
         raise UserError(f'--name={cfg.name} and --resume={cfg.resume} name two runs; drop --name')
     state = load_checkpoint(file)
@@ -186,7 +191,7 @@ def load_trained(cfg, data_options=()):
     checkpoint_dir = cfg.path('checkpoint_dir')
     if cfg.load_model_path:
         path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
-        if not path.exists():  # a sweep's or a kfold's folder
+        if not path.exists() and path.name == 'best.pth':  # a sweep's or a kfold's folder
             path = model_file(path.parent) or path
     else:
         path = newest_model(checkpoint_dir)
@@ -200,7 +205,8 @@ def model_file(folder):
     (its folds as one model); None while it has none."""
     if (folder / 'best.pth').is_file():
         return folder / 'best.pth'
-    if any(folder.glob('fold-*/best.pth')):
+    kfold = KfoldRecord.load(folder)
+    if kfold and len(list(folder.glob('fold-*/best.pth'))) == kfold.folds:  # not while a fold is to come
         return folder
     sweep = SweepRecord.load(folder)
     best = sweep and sweep.best_trial(folder)
@@ -229,6 +235,8 @@ def load_one(cfg, path, data_options=()):
     state = load_checkpoint(path)
     if 'config' not in state:
         state = {'model': state, 'config': cfg.to_dict(), 'classes': ['cat', 'dog']}
+    if 'classes' not in state:
+        raise UserError(f'{path} holds no classes: it is not the checkpoint of a run, nor weights from model.save()')
     made = state['config']
     cfg.inherit(made, ('model', 'image_size'), path)
     cfg.inherit(made, data_options, path, strict=False)

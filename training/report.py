@@ -136,7 +136,7 @@ def epoch_line(record, max_epoch):
 def warn_if_stuck(record, probs):
     """A model that gives every validation image the same probabilities has learnt nothing (its
     training loss sits at ln(classes)), and more epochs at this rate seldom change that."""
-    if (probs.amax(dim=0) - probs.amin(dim=0)).max() < 0.01:
+    if len(probs) > 1 and (probs.amax(dim=0) - probs.amin(dim=0)).max() < 0.01:
         n = len(record['classes'])
         print(
             f'warning: the model gives every validation image the same probabilities (training loss '

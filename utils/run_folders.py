@@ -25,6 +25,8 @@ def check_folder_name(name, what):
     """Refuse a --name that is not a plain folder name (`what`: run, sweep, kfold)."""
     if name in ('', '.', '..') or '/' in name or '\\' in name:
         raise UserError(f'--name={name}: a {what} name is a folder name, without / or \\')
+    if name == LATEST:
+        raise UserError(f'--name={name}: checkpoints/{LATEST} names the newest run; choose another name')
 
 
 def new_run_dir(checkpoint_dir, model, name=''):
@@ -45,7 +47,7 @@ def new_run_dir(checkpoint_dir, model, name=''):
 
 def check_name_free(checkpoint_dir, name):
     check_folder_name(name, 'run')
-    if name == LATEST or (checkpoint_dir / name).exists():
+    if (checkpoint_dir / name).exists():
         raise UserError(
             f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
             f'continue that run with --resume={name}'
@@ -69,11 +71,16 @@ def latest_run(checkpoint_dir):
 
 
 def runs_newest_first(checkpoint_dir):
-    """The run folders and folders of runs in checkpoint_dir, the most recently written first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [f for f in checkpoint_dir.iterdir() if f.is_dir() and not f.is_symlink() and not f.name.startswith('.')]
-    return sorted(found, key=lambda folder: folder.stat().st_mtime, reverse=True)
+    """The runs and folders of runs in checkpoint_dir, the most recently started or resumed first: by
+    their records' times (config.json, a member's, sweep.json, kfold.json), not the folder's own,
+    which a test or an export writing into it would move."""
+
+    def begun(folder):
+        records = [folder / 'config.json', *folder.glob('*/config.json'), folder / 'sweep.json', folder / 'kfold.json']
+        return max((record.stat().st_mtime for record in records if record.is_file()), default=None)
+
+    found = [(begun(f), f) for f in checkpoint_dir.iterdir() if f.is_dir()] if checkpoint_dir.is_dir() else []
+    return [folder for _, folder in sorted((t, f) for t, f in found if t is not None)[::-1]]
 
 
 def find_checkpoint(checkpoint_dir, value, file, option):
@@ -156,9 +163,9 @@ class SweepRecord(Record):
     metric: str  # log_loss (lower is better) or accuracy (higher is better)
 
     def best_trial(self, folder):
-        """The folder of the finished trial whose best.pth scored best, or None."""
+        """The folder of the complete trial whose best.pth scored best (as Optuna's best_trial), or None."""
         sign = 1 if self.metric == 'log_loss' else -1
-        done = [(t, run) for run in folder.glob('trial-*') if (t := TrialRecord.load(run)) and t.value is not None]
+        done = [(t, run) for run in folder.glob('trial-*') if (t := TrialRecord.load(run)) and t.state == 'complete']
         return min(done, key=lambda pair: sign * pair[0].value)[1] if done else None
 
 

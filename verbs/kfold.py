@@ -189,7 +189,7 @@ def out_of_fold(options, parent, folds, root):
         cfg.check_values(options)
         trained = load_one(cfg, parent / f'fold-{k}' / 'best.pth')
         data = DogCat(root, 'val', cfg.image_size, seed=cfg.seed, classes=trained.classes, folds=folds, fold=k)
-        predictions, _ = infer_dataset(cfg, trained.model, data)
+        predictions, _ = infer_dataset(cfg, trained.model, data, trained.tta)
         files += [data.paths[i] for i in predictions.indices.tolist()]
         labels.append(predictions.targets)
         log_probs.append(predictions.log_probs)
