@@ -119,10 +119,11 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     finished = resume.start_epoch  # epochs whose checkpoint is on disk
     try:
         for epoch in range(resume.start_epoch, cfg.max_epoch):
-            # shuffling, augmentation and dropout depend on (seed, epoch, rank) only, so a
-            # resumed run draws the same numbers as one that never stopped
+            # shuffling, augmentation and dropout depend on (seed, epoch, rank) only (the loader's
+            # workers reseed likewise), so a resumed run draws the numbers of one that never stopped
             seed_everything(cfg.seed + epoch * rt.world_size + rt.rank)
             train_loader.sampler.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
             lr = training.optimizer.param_groups[0]['lr']
             started = time.perf_counter()
             model_without_ddp.train()

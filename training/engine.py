@@ -5,6 +5,7 @@ fit() is the recipe that calls them; tools/benchmark.py times them."""
 import contextlib
 import functools
 import math
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -12,14 +13,14 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchnet import meter
 from tqdm import tqdm
 
 from config import UserError
 from data import DogCat, collate_fn
 from data.transforms import model_input
-from utils.runtime import runtime_of
+from utils.runtime import runtime_of, seed_everything
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep every
 # probability away from 0 and 1 so a few wrong answers cannot ruin the score.
@@ -259,10 +260,36 @@ def eval_batch_size(cfg):
     return 2 * cfg.batch_size  # no activations kept for a backward pass: twice the images fit
 
 
+class EpochSeeded(Dataset):
+    """A training set whose loader workers draw an epoch's random numbers (augmentation) from
+    (seed, epoch, rank, worker) alone: workers kept across epochs reseed when set_epoch() moves
+    on, so a resumed run augments as one that never stopped."""
+
+    def __init__(self, dataset, seed, rank):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.epoch = multiprocessing.RawValue('i', 0)  # shared with the workers, read with each image
+        self.seeded = None  # the epoch this worker last seeded for
+
+    def set_epoch(self, epoch):
+        self.epoch.value = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        worker = get_worker_info()
+        if worker is not None and self.seeded != self.epoch.value:
+            self.seeded = self.epoch.value
+            seed_everything(((self.seed * 100_003 + self.seeded) * 1_009 + self.rank) * 1_009 + worker.id)
+        return self.dataset[index]
+
+
 def make_loader(dataset, cfg, rt, shuffle=False):
-    """Batches of this process's share of `dataset`. Training shuffles by (seed, epoch): call
-    loader.sampler.set_epoch(epoch); evaluation gives each process every world_size-th image."""
+    """Batches of this process's share of `dataset`. Training shuffles and augments by (seed,
+    epoch): call loader.sampler.set_epoch(epoch) and loader.dataset.set_epoch(epoch); evaluation
+    gives each process every world_size-th image."""
     if shuffle:
+        dataset = EpochSeeded(dataset, cfg.seed, rt.rank)
         sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
     else:
         sampler = range(rt.rank, len(dataset), rt.world_size)
@@ -275,10 +302,10 @@ def make_loader(dataset, cfg, rt, shuffle=False):
         collate_fn=collate_fn,
         num_workers=cfg.num_workers,
         worker_init_fn=functools.partial(_start_worker, nice=cfg.nice_workers and rt.device.type == 'cpu'),
-        # training starts new workers every epoch, each seeded from the main process's random
-        # numbers, which fit() seeds by (seed, epoch, rank): a resumed run augments as one that
-        # never stopped; kept across epochs, they would go on from where they were
-        persistent_workers=cfg.num_workers > 0 and not shuffle,
+        persistent_workers=cfg.num_workers > 0,  # starting them takes a short epoch a tenth longer
+        # the workers' base seed from a generator of the loader's own: drawn from torch's, it would
+        # move the main process's random numbers (dropout, MixUp) whenever a loader first starts
+        generator=torch.Generator(),
         # BatchNorm cannot train on a last batch of one image whose feature map is 1x1 (small
         # images): that image is left out of this epoch, and reshuffled into the next
         drop_last=shuffle and len(sampler) > 1 and len(sampler) % cfg.batch_size == 1,
