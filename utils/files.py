@@ -62,6 +62,11 @@ def numbered(folder, stem, suffix=''):
     return (Path(folder) / f'{name}{suffix}' for name in names)
 
 
+def unused(folder, stem, suffix=''):
+    """The first of numbered()'s names that does not exist: earlier output is never overwritten."""
+    return next(p for p in numbered(folder, stem, suffix) if not p.exists())
+
+
 def writable_folder(folder, option):
     """Make `folder` and write in it now: a run that could not save its results stops before its work."""
     folder = Path(folder)

@@ -76,7 +76,8 @@ def runs_newest_first(checkpoint_dir):
     which a test or an export writing into it would move."""
 
     def begun(folder):
-        records = [folder / 'config.json', *folder.glob('*/config.json'), folder / 'sweep.json', folder / 'kfold.json']
+        files = ('config.json', '*/config.json', SweepRecord.FILE, KfoldRecord.FILE)
+        records = [record for pattern in files for record in folder.glob(pattern)]
         return max((record.stat().st_mtime for record in records if record.is_file()), default=None)
 
     found = [(begun(f), f) for f in checkpoint_dir.iterdir() if f.is_dir()] if checkpoint_dir.is_dir() else []

@@ -28,7 +28,7 @@ from models import check_options
 from training.checkpoint import load_one
 from training.engine import Predictions, infer_dataset, score
 from utils.board import Board
-from utils.files import load_checkpoint, numbered, write_csv
+from utils.files import load_checkpoint, unused, write_csv
 from utils.run_folders import KfoldRecord, check_folder_name, point_latest
 from utils.visualize import Visualizer
 
@@ -145,7 +145,7 @@ def kfold_folder(cfg, options, folds):
     else:
         unfinished = [f for f in checkpoint_dir.glob('kfold-*') if not (f / 'oof.csv').exists() and made_as(f) == made]
         stem = f'kfold-{time.strftime("%Y%m%d-%H%M%S")}-{cfg.model.replace("/", "-")}'
-        new = next(f for f in numbered(checkpoint_dir, stem) if not f.exists())
+        new = unused(checkpoint_dir, stem)
         folder = max(unfinished, key=lambda f: f.stat().st_mtime, default=new)
     print(f'kfold {folder}: ' + ('continuing' if made_as(folder) else f'{folds} folds'))
     if not made_as(folder):

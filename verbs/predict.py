@@ -10,7 +10,7 @@ from data.decode import IMAGE_SUFFIXES
 from data.transforms import eval_transform
 from training.engine import clipped_probabilities, infer_dataset, predicted
 from training.explain import check_layer, write_overlays
-from utils.files import numbered, writable_folder, write_csv
+from utils.files import unused, writable_folder, write_csv
 
 
 def write_submission(cfg, trained):
@@ -33,11 +33,6 @@ def write_submission(cfg, trained):
     if predictions.skipped:
         names = [data.paths[i] for i in predictions.skipped]
         print(f'could not read {len(names)} images, left out: {", ".join(names[:5])}')
-
-
-def unused(folder, stem, suffix=''):
-    """folder/stem+suffix, or stem-2, stem-3, ... where it exists: earlier output is never overwritten."""
-    return next(p for p in numbered(folder, stem, suffix) if not p.exists())
 
 
 def predict_files(cfg, trained, paths, out='', explain=False):
