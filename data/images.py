@@ -36,5 +36,4 @@ def collate_fn(samples):
     skipped = [index for image, _, index in samples if image is None]
     if not good:
         return Batch(None, None, None, skipped)
-    images, targets, indices = default_collate(good)
-    return Batch(images, targets, indices, skipped)
+    return Batch(*default_collate(good), skipped)

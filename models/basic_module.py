@@ -2,6 +2,7 @@ import time
 from pathlib import Path
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from config import UserError
 from utils.files import atomic_save, load_checkpoint
@@ -40,9 +41,7 @@ class BasicModule(nn.Module):
         super().train(mode)
         # a frozen BatchNorm keeps its ImageNet statistics too: in train mode it would drift
         for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
-            ):
+            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
                 module.eval()
         return self
 

@@ -80,9 +80,8 @@ def heatmaps(model, images, targets, layer=''):
 
 
 def overlay(picture, heat):
-    """`picture` (PIL) in grey with `heat` (H, W in [0, 1]) blended over it in colour, at most
-    half opaque where hottest, so the picture shows through everywhere (its own colours would
-    read as heat)."""
+    """`picture` (PIL) in grey with `heat` (H, W in [0, 1]) blended over it in colour, at most half opaque
+    where hottest, so the picture shows through everywhere (its own colours would read as heat)."""
     heat = Image.fromarray((heat.numpy() * 255).astype(np.uint8)).resize(picture.size, Image.BILINEAR)
     level = np.asarray(heat, dtype=np.float32) / 255 * (len(HEAT) - 1)
     low = np.minimum(level.astype(int), len(HEAT) - 2)

@@ -16,10 +16,9 @@ _held = None  # None: a signal interrupts at once; a list: signals held by inter
 
 
 def raise_interrupt(signum, frame):
-    if _held is not None:
-        _held.append(signum)
-        return
-    raise Interrupted(signum)
+    if _held is None:
+        raise Interrupted(signum)
+    _held.append(signum)
 
 
 @contextlib.contextmanager

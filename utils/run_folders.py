@@ -6,6 +6,7 @@ run never writes into another's, and --resume continues one in its own. A folder
 trials, a kfold's folds) is one run to `latest`, which falls back to the newest left when its run is
 deleted (a run is removed by deleting its folder)."""
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -37,11 +38,9 @@ def new_run_dir(checkpoint_dir, model, name=''):
         check_name_free(checkpoint_dir, name)
     stem = name or f'{time.strftime("%Y%m%d-%H%M%S")}-{model.replace("/", "-")}'
     for candidate in [checkpoint_dir / name] if name else numbered(checkpoint_dir, stem):
-        try:
+        with contextlib.suppress(FileExistsError):
             candidate.mkdir()
             return candidate.resolve()
-        except FileExistsError:
-            continue
     check_name_free(checkpoint_dir, name)  # taken meanwhile by another run
 
 

@@ -1,6 +1,7 @@
 """Live training curves in a visdom server (start one with `python -m tools.visdom_server`)."""
 
 import atexit
+import contextlib
 import logging
 import queue
 import sys
@@ -111,11 +112,8 @@ class Visualizer:
             return
         atexit.unregister(self.close)
         deadline = time.monotonic() + timeout
-        try:
+        with contextlib.suppress(queue.Full):  # the server is too slow: what is left goes with the (daemon) thread
             self.pending.put(None, timeout=timeout)  # the sender stops when it gets here
-        except queue.Full:
-            pass  # the server is too slow: what is left goes with the (daemon) thread
-        else:
             self.sender.join(max(0.0, deadline - time.monotonic()))
         self.sender = None
 
@@ -130,34 +128,29 @@ class Visualizer:
             )
             self.sender.start()
             atexit.register(self.close)
-        try:
+        with contextlib.suppress(queue.Full):  # the server is far behind: drop the point, as when it is gone
             self.pending.put_nowait((method, args, kwargs))
-        except queue.Full:
-            pass  # the server is far behind: drop the point, as when it is gone
 
     def _send_all(self, pending):
-        while (item := pending.get()) is not None:
-            self._send(*item)
-
-    def _send(self, method, args, kwargs):
-        if time.monotonic() < self.next_try:
-            return
-        try:
-            if self.vis is None:
-                self.vis = self._connect()
-            if method == 'text' and kwargs.get('append') and not self.vis.win_exists(kwargs['win'], self.env):
-                kwargs['append'] = False  # visdom appends only to a window that exists
-            getattr(self.vis, method)(*args, env=self.env, **kwargs)
-        except (ConnectionError, OSError):
-            self.vis = None
-            self.next_try = time.monotonic() + RETRY_SECONDS
-            if (self.server, self.port) not in WARNED:  # once a process: a kfold's or sweep's runs share one
-                WARNED.add((self.server, self.port))
-                print(
-                    f'warning: no visdom server answers at {self.server}:{self.port}; training '
-                    f'goes on without live curves (python -m tools.visdom_server starts one)',
-                    file=sys.stderr,
-                )
+        for method, args, kwargs in iter(pending.get, None):  # None: close() says stop
+            if time.monotonic() < self.next_try:
+                continue
+            try:
+                if self.vis is None:
+                    self.vis = self._connect()
+                if method == 'text' and kwargs.get('append') and not self.vis.win_exists(kwargs['win'], self.env):
+                    kwargs['append'] = False  # visdom appends only to a window that exists
+                getattr(self.vis, method)(*args, env=self.env, **kwargs)
+            except (ConnectionError, OSError):
+                self.vis = None
+                self.next_try = time.monotonic() + RETRY_SECONDS
+                if (self.server, self.port) not in WARNED:  # once a process: a kfold's or sweep's runs share one
+                    WARNED.add((self.server, self.port))
+                    print(
+                        f'warning: no visdom server answers at {self.server}:{self.port}; training '
+                        f'goes on without live curves (python -m tools.visdom_server starts one)',
+                        file=sys.stderr,
+                    )
 
     def _connect(self):
         import visdom  # here: runs with vis=False never pay for the import

@@ -136,26 +136,6 @@ class Refused(Exception):
         self.status, self.detail = status, detail
 
 
-def limited_parser(max_bytes):
-    """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of the
-    request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
-    from starlette.formparsers import MultiPartParser
-
-    class LimitedParser(MultiPartParser):
-        def on_part_begin(self):
-            super().on_part_begin()
-            self.part_bytes = 0
-
-        def on_part_data(self, data, start, end):
-            self.part_bytes += end - start
-            if self.part_bytes > max_bytes:
-                name = getattr(self._current_part.file, 'filename', None) or 'a part'
-                raise Refused(413, f'{name} is over the {max_bytes / 1e6:g} MB this server takes (--max_mb)')
-            super().on_part_data(data, start, end)
-
-    return LimitedParser
-
-
 def answer(name, p, classes):
     """One image's JSON: its class and probabilities, or why it was refused."""
     if isinstance(p, Refused):  # this image alone: the others are answered
@@ -166,9 +146,22 @@ def answer(name, p, classes):
 def make_app(classifier, max_bytes, title):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.formparsers import MultiPartException
+    from starlette.formparsers import MultiPartException, MultiPartParser
 
-    LimitedParser = limited_parser(max_bytes)
+    class LimitedParser(MultiPartParser):
+        """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of the
+        request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
+
+        def on_part_begin(self):
+            super().on_part_begin()
+            self.part_bytes = 0
+
+        def on_part_data(self, data, start, end):
+            self.part_bytes += end - start
+            if self.part_bytes > max_bytes:
+                name = getattr(self._current_part.file, 'filename', None) or 'a part'
+                raise Refused(413, f'{name} is over the {max_bytes / 1e6:g} MB this server takes (--max_mb)')
+            super().on_part_data(data, start, end)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -331,17 +331,14 @@ class Stopped(Exception):
 
 def print_trials(study, dimensions, label, seconds):
     """The table of the study's trials: state, best figure, epochs, time and the options drawn."""
-
-    def cell(value):
-        return '-' if value is None else f'{value:.4g}' if isinstance(value, float) else str(value)
-
     rows = [('trial', 'state', label, 'epochs', 'seconds', *(d.name for d in dimensions))]
     for t in study.get_trials(deepcopy=False):
         values = list(t.intermediate_values.values())
         took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         row = [t.number, t.state.name.lower(), values[-1] if values else None, len(values), took and round(took)]
         if not t.user_attrs.get('surplus'):
-            rows.append([cell(value) for value in row + [t.params.get(d.name) for d in dimensions]])
+            row += [t.params.get(d.name) for d in dimensions]
+            rows.append(['-' if v is None else f'{v:.4g}' if isinstance(v, float) else str(v) for v in row])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f'\ntrials of sweep {study.study_name} ({seconds:.0f}s in this process):')
     for row in rows:
