@@ -51,13 +51,17 @@ class DefaultConfig:
     vis_port: int = 8097  # visdom server port
     tensorboard: bool = True  # write TensorBoard event files into the run's folder
     cam_layer: str = ''  # Grad-CAM pictures: the layer whose map they show (net.layer4); empty: found
-    model: str = 'ResNet34'  # ResNet34, SqueezeNet, AlexNet, or a torchvision model by name (resnet50)
-    pretrained: bool = False  # start from torchvision's ImageNet weights (from TORCH_HOME's cache)
+    model: str = 'ResNet34'  # ResNet34, SqueezeNet, AlexNet, a torchvision model (resnet50) or timm/<name>
+    pretrained: bool = False  # start from ImageNet weights (torchvision's from TORCH_HOME, timm's from its hub)
     pretrained_path: str = ''  # or from this file of ImageNet weights of the same architecture
     freeze_features: bool = False  # train only the classifier head, keep the features fixed
 
     train_data_root: str = 'data/train'  # cat.N.jpg / dog.N.jpg (Kaggle train/), or a folder per class
     val_data_root: str = ''  # validation data in the same layout; empty: hold out val_ratio of train
+    train_labels: str = ''  # a CSV of ids and labels of the images in train_data_root (instead of the layout)
+    val_labels: str = ''  # a CSV of the validation images (in val_data_root, else in train_data_root)
+    image_column: str = ''  # the CSVs' column of image ids (empty: id, else the first column)
+    label_column: str = ''  # the CSVs' column of labels (empty: label, else the second column)
     test_data_root: str = 'data/test1'  # images to predict: N.jpg (Kaggle test1/) or any names
     load_model_path: str = ''  # weights or checkpoint to start from (val/test/predict: the newest run's best.pth)
     resume: str = ''  # the run to continue: latest, a run folder or name, or a last.pth file
@@ -96,6 +100,8 @@ class DefaultConfig:
     image_size: int = 224  # side of the square the network sees
     crop_scale: float = 0.08  # smallest share of the image area a random training crop keeps (1: no crop)
     hflip: bool = True  # mirror training images left-right half the time
+    auto_augment: str = ''  # a policy for training images: trivial (TrivialAugmentWide), rand (RandAugment), augmix
+    random_erase: float = 0.0  # erase a random rectangle of this share of training images (after normalising)
     val_ratio: float = 0.3  # share of each class held out for validation
     folds: int = 0  # k-fold (set by the kfold verb): hold out fold `fold` of this many instead of val_ratio; 0: off
     fold: int = 0  # with folds: the fold held out, 1 to folds
@@ -148,6 +154,12 @@ class DefaultConfig:
             ('folds', self.folds == 0 or self.folds >= 2, '0 (off) or a whole number >= 2'),
             ('fold', 1 <= self.fold <= self.folds or self.fold == self.folds == 0, 'a whole number from 1 to --folds'),
             ('crop_scale', 0 < self.crop_scale <= 1, 'a number in (0, 1]'),
+            (
+                'auto_augment',
+                self.auto_augment in ('', 'trivial', 'rand', 'augmix'),
+                'trivial, rand or augmix (empty: off)',
+            ),
+            ('random_erase', 0 <= self.random_erase <= 1, 'a number in [0, 1]'),
             ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),
         ]
         for name, ok, accepts in rules:

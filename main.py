@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from config import ROOT, DefaultConfig, UserError, whole_number
-from data import DogCat
 from data.demo import CLASSES, make_demo_data
 from data.transforms import model_input
 from models import build_model, check_options
@@ -32,7 +31,8 @@ from verbs.predict import find_images, predict_files, write_submission
 from verbs.runs import print_runs
 
 # the options that say which images a run validated on: val and export take them from its checkpoint
-HELD_OUT = ('train_data_root', 'val_data_root', 'val_ratio', 'folds', 'fold', 'seed')
+HELD_OUT = ('train_data_root', 'val_data_root', 'train_labels', 'val_labels', 'image_column', 'label_column',
+            'val_ratio', 'folds', 'fold', 'seed')  # fmt: skip
 
 
 def train(**kwargs):
@@ -75,31 +75,10 @@ def fit(cfg, root, resume, rt, on_epoch=None):
         + (f' ({len(ignored)} other entries ignored)' if ignored else '')
     )
 
-    # step 2: model
+    # step 2: model; `model` is what trains: under torchrun the wrapper that averages the gradients
+    # of all processes, compiled with --compile; `model_without_ddp` is the plain one that is saved
     fresh = resume.state is None  # a resumed run gets its weights from the checkpoint
-    model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
-    if cfg.freeze_features:
-        model.freeze_features()
-    if cfg.load_model_path:
-        load_weights(model, cfg.path('load_model_path'))
-    if cfg.sync_bn and rt.distributed:
-        if device.type != 'cuda':
-            raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    engine.on_device(model, rt)
-    # `model` is what trains: under torchrun the wrapper that averages the gradients of all
-    # processes, compiled with --compile; `model_without_ddp` is the plain one that is saved
-    model_without_ddp = model
-    if rt.distributed:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    if cfg.compile:
-        model = torch.compile(model)  # the same parameters
-    print(
-        f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {device}'
-        + (f' in each of {rt.world_size} processes' if rt.distributed else '')
-        + f', computing in {rt.precision}'
-        + (f' (--amp={cfg.amp})' if rt.dtype is not None else '')
-    )
+    model, model_without_ddp = model_of(cfg, classes, rt, fresh)
 
     # step 3: objective, optimizer, learning-rate schedule, and what else the options add
     training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(train_loader),
@@ -171,6 +150,32 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     return run_dir
 
 
+def model_of(cfg, classes, rt, fresh=True):
+    """(model, model_without_ddp): the model the options make for `classes`, on the device, as it
+    trains; fresh: with its starting weights (--pretrained, --pretrained_path, --load_model_path)."""
+    model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
+    if cfg.freeze_features:
+        model.freeze_features()
+    if cfg.load_model_path:
+        load_weights(model, cfg.path('load_model_path'))
+    if cfg.sync_bn and rt.distributed:
+        if rt.device.type != 'cuda':
+            raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model = engine.on_device(model, rt)
+    if rt.distributed:
+        model = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None)
+    if cfg.compile:
+        model = torch.compile(model)  # the same parameters
+    print(
+        f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {rt.device}'
+        + (f' in each of {rt.world_size} processes' if rt.distributed else '')
+        + f', computing in {rt.precision}'
+        + (f' (--amp={cfg.amp})' if rt.dtype is not None else '')
+    )
+    return model, model_without_ddp
+
+
 def advance(progress, metrics, cfg):
     """The run's progress (see checkpoint.NO_PROGRESS) after an epoch validated with `metrics`."""
     better_loss = metrics['loss'] < progress['best_loss']
@@ -201,23 +206,44 @@ def start_run(cfg, resume, classes, rt):
 
 
 def training_data(cfg, root):
-    """The training and validation sets: a held-out share of root, or --val_data_root whole."""
-    augment = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip)
-    if not cfg.val_data_root:
-        fold = dict(folds=cfg.folds, fold=cfg.fold)
-        return (
-            DogCat(root, 'train', cfg.image_size, cfg.val_ratio, cfg.seed, **augment, **fold),
-            DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed, **fold),
-        )
-    train_data = DogCat(root, 'train', cfg.image_size, val_ratio=0, **augment)
-    val_root = cfg.require_dir('val_data_root')
-    return train_data, DogCat(val_root, 'val', cfg.image_size, val_ratio=0, classes=train_data.classes)
+    """The training and validation sets: the training images less a held-out share, unless
+    --val_data_root or --val_labels name the validation images."""
+    whole = cfg.val_data_root or cfg.val_labels
+    split = dict(val_ratio=0) if whole else dict(val_ratio=cfg.val_ratio, folds=cfg.folds, fold=cfg.fold)
+    train_data = engine.labelled_data(cfg, 'train', root, 'train_labels', **split)
+    return train_data, engine.validation_data(cfg, train_data.classes)
+
+
+def lr_find(steps=100, **kwargs):
+    """Find a learning rate: train from the run's starting weights as the rate grows from 1e-7 to 10.
+
+    --steps: optimizer steps at most (the test stops early when the loss diverges)
+    Takes train's options; writes checkpoints/<time>-lr_find-<model>/lr_find.png and prints the train command.
+    """
+    from verbs.lr_find import range_test, report  # matplotlib loads only here
+
+    whole_number('steps', steps, low=10, high=1000)
+    cfg = options(kwargs)
+    if cfg.resume:
+        raise UserError('--resume: lr_find tests the rates a new run could start at; drop --resume')
+    root = cfg.require_dir('train_data_root')
+    writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
+    with runtime_of(cfg) as rt:
+        seed_everything(cfg.seed)  # the data, order and weights a train with these options starts from
+        train_data, _ = training_data(cfg, root)
+        loader = engine.make_loader(train_data, cfg, rt, shuffle=True)
+        model, model_without_ddp = model_of(cfg, train_data.classes, rt)
+        training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(loader),
+                                 num_classes=len(train_data.classes))  # fmt: skip
+        rates, losses = range_test(training, loader, rt, cfg, steps)
+        if rt.is_main:
+            report(cfg, kwargs, rates, losses, rt.world_size)
 
 
 def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
     cfg = options(kwargs)
-    given_data = {'train_data_root', 'val_data_root'} & cfg.given
+    given_data = {'train_data_root', 'val_data_root', 'train_labels', 'val_labels'} & cfg.given
     trained = load_trained(cfg, () if given_data else HELD_OUT)
     classes = trained.classes
     data = engine.validation_data(cfg, classes)
@@ -305,21 +331,21 @@ def kfold(folds=5, **kwargs):
 
 
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle', flip_labels=0.0):
-    """Write a small synthetic dataset: ROOT/train and ROOT/test1, Kaggle's layout or folders.
+    """Write a small synthetic dataset: ROOT/train and ROOT/test1, in Kaggle's layout, folders or a CSV.
 
     --root: the folder to write into
     --n_train: training images, shared equally by the classes
     --n_test: test images
     --seed: the same seed draws the same images
     --classes: how many classes: 2 (cat, dog) or 3 (and fox)
-    --layout: kaggle (train/cat.N.jpg, test1/N.jpg) or folders (train/cat/N.jpg, test1/photo-N.jpg)
+    --layout: kaggle (train/cat.N.jpg, test1/N.jpg), folders (train/cat/N.jpg) or csv (train/img-N.jpg, train.csv)
     --flip_labels: the share of training images drawn as another class than their name says (ROOT/flipped.txt)
     """
     for name, value in (('n_train', n_train), ('n_test', n_test), ('seed', seed), ('classes', classes)):
         whole_number(name, value)
     root = str(root)  # fire reads --root=5 as a number
-    if layout not in ('kaggle', 'folders'):
-        raise UserError(f'--layout={layout!r} is invalid; it takes kaggle or folders')
+    if layout not in ('kaggle', 'folders', 'csv'):
+        raise UserError(f'--layout={layout!r} is invalid; it takes kaggle, folders or csv')
     if classes not in range(2, len(CLASSES) + 1):
         raise UserError(f'--classes={classes!r} is invalid; it takes 2 to {len(CLASSES)}')
     if isinstance(flip_labels, bool) or not isinstance(flip_labels, int | float) or not 0 <= flip_labels < 0.5:
@@ -330,6 +356,7 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     print(
         f'wrote {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
         f'and {n_test} test images to {folder / "test1"}'
+        + (f'; their labels in {folder / "train.csv"}' if layout == 'csv' else '')
         + (f'; {len(flipped.read_text().split())} labelled wrong on purpose: {flipped}' if flipped.is_file() else '')
     )
 
@@ -348,6 +375,7 @@ def help():
 
 VERBS = {
     'train': train,
+    'lr_find': lr_find,
     'val': val,
     'test': test,
     'predict': predict,

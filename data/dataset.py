@@ -1,12 +1,13 @@
 """The data: labelled images listed from a folder, split, and read when asked for.
 
-The file to replace when your data is not images in folders: keep what DogCat gives (paths,
-targets, classes, ids) and the rest works unchanged. A training folder holds Kaggle's
-<class>.<N>.<ext> files or a folder per class (torchvision's ImageFolder); class indices follow
-the sorted names. Only a file's own name or its class folder's is read, so a root such as
-/home/dog/data labels nothing wrong.
+The file to replace when your data is not images in folders or a CSV of labels: keep what DogCat
+gives (paths, targets, classes, ids) and the rest works unchanged. A training folder holds
+Kaggle's <class>.<N>.<ext> files or a folder per class (torchvision's ImageFolder), or the images
+a CSV names (--train_labels); class indices follow the sorted names. Only a file's own name or its
+class folder's is read, so a root such as /home/dog/data labels nothing wrong.
 """
 
+import csv
 import os
 import random
 import re
@@ -22,15 +23,19 @@ from .transforms import eval_transform, train_transform
 EXTENSIONS = r'\.(?:' + '|'.join(s[1:] for s in IMAGE_SUFFIXES) + ')'
 KAGGLE_NAME = re.compile(r'([a-z][\w-]*)\.(\d+)' + EXTENSIONS, re.IGNORECASE)
 TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
+WARNED = set()  # the CSV warnings printed by this process
 
 
 class DogCat(ImageFiles):
     """Samples of one of the modes 'train', 'val' (a held-out share of the folder) or 'test'.
 
     The target is the class index (train, val) or, in a Kaggle test folder, the id; `ids` has
-    the id of every test image. val_ratio=0 takes the whole folder (data that comes split).
-    folds, fold: hold out fold `fold` (from 1) of `folds` stratified folds instead of val_ratio.
-    `classes`: the classes the model knows; the folder may lack some of them, not add others.
+    the id of every image (of a labelled one: its CSV id, else its path). val_ratio=0 takes the
+    whole folder (data that comes split). folds, fold: hold out fold `fold` (from 1) of `folds`
+    stratified folds instead of val_ratio. `classes`: the classes the model knows; the folder may
+    lack some of them, not add others. labels: a CSV of ids and labels (its `columns`, by name)
+    naming the images of root, instead of the folder's layout. crop_scale, hflip, policy: the
+    training images' augmentation (data.transforms.train_transform).
     """
 
     def __init__(
@@ -42,9 +47,12 @@ class DogCat(ImageFiles):
         seed=0,
         crop_scale=0.08,
         hflip=True,
+        policy='',
         classes=None,
         folds=0,
         fold=0,
+        labels=None,
+        columns=('', ''),
     ):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
@@ -57,20 +65,51 @@ class DogCat(ImageFiles):
             self.classes, self.layout = list(classes or ()), 'test images'
             targets = [i if isinstance(i, int) else n for n, i in enumerate(self.ids)]
         else:
-            paths, targets, self.classes, self.layout, self.ignored = list_labelled(root, classes)
+            listed = list_labelled(root, classes, labels, columns)
+            paths, targets, self.classes, self.layout, self.ignored, self.ids = listed
             if val_ratio or folds:
                 kept = _split(targets, len(self.classes), val_ratio, seed, folds, fold)[mode]
-                paths, targets = [paths[i] for i in kept], [targets[i] for i in kept]
+                paths, targets, self.ids = ([column[i] for i in kept] for column in (paths, targets, self.ids))
                 if not paths:
                     raise UserError(f'{root}: too few images to hold out a {mode} split at val_ratio={val_ratio}')
         if mode == 'train':
-            super().__init__(paths, targets, train_transform(image_size, crop_scale, hflip))
+            super().__init__(paths, targets, train_transform(image_size, crop_scale, hflip, policy))
         else:  # a JPEG may be decoded straight to a smaller scale, never below image_size
             super().__init__(paths, targets, eval_transform(image_size), draft=image_size)
 
 
-def list_labelled(root, classes=None):
-    """(paths, targets, classes, layout, ignored names) of a training folder in either layout."""
+def list_labelled(root, classes=None, labels=None, columns=('', '')):
+    """(paths, targets, classes, layout, ignored names, ids) of a training folder in either layout,
+    or of the images in it that the CSV file `labels` names (ids: the CSV's, else the paths);
+    columns: the CSV's (image id, label) columns, by name, empty for the usual ones."""
+    if labels:
+        samples, ignored = _named_in_csv(root, labels, *columns)
+        layout, by_class = f'labels from {Path(labels).name}', _class_order
+    else:
+        samples, layout, ignored = _listed(root)
+        by_class = None
+    found = sorted(samples, key=by_class)
+    if classes is None:
+        if len(found) == 1:
+            raise UserError(f'{root} holds one class only ({_counts(samples)}): a classifier needs two or more')
+        classes = found
+    elif not set(found) <= set(classes):
+        raise UserError(
+            f'{root} holds the classes {", ".join(found)}, the model knows '
+            f'{", ".join(classes)}: {", ".join(sorted(set(found) - set(classes)))} is new to it'
+        )
+    elif len(found) < len(classes):
+        print(f'warning: {root} has no images of {", ".join(c for c in classes if c not in found)}', file=sys.stderr)
+    paths, targets, ids = [], [], []
+    for name in found:
+        paths += [str(root / file) for _, file in samples[name]]
+        ids += [id_ if labels else str(root / file) for id_, file in samples[name]]
+        targets += [classes.index(name)] * len(samples[name])
+    return paths, targets, list(classes), layout, sorted(ignored), ids
+
+
+def _listed(root):
+    """({class: [(file, file)]}, layout, ignored names) of a folder in either layout."""
     named, folders, ignored, others = {}, {}, [], []
     with os.scandir(root) as entries:
         for entry in entries:
@@ -98,23 +137,65 @@ def list_labelled(root, classes=None):
             f'{root} holds no cat.N.jpg / dog.N.jpg images ({found}); name them '
             f'<class>.<N>.jpg or put each class in a folder of its own'
         )
-    found = sorted(samples)
-    if classes is None:
-        if len(found) == 1:
-            raise UserError(f'{root} holds one class only ({_counts(samples)}): a classifier needs two or more')
-        classes = found
-    elif not set(found) <= set(classes):
-        raise UserError(
-            f'{root} holds the classes {", ".join(found)}, the model knows '
-            f'{", ".join(classes)}: {", ".join(sorted(set(found) - set(classes)))} is new to it'
-        )
-    elif len(found) < len(classes):
-        print(f'warning: {root} has no images of {", ".join(c for c in classes if c not in found)}', file=sys.stderr)
-    paths, targets = [], []
-    for name in found:
-        paths += [str(root / file) for file in samples[name]]
-        targets += [classes.index(name)] * len(samples[name])
-    return paths, targets, list(classes), layout, sorted(ignored)
+    return {c: [(file, file) for file in files] for c, files in samples.items()}, layout, ignored
+
+
+def _named_in_csv(root, file, image_column='', label_column=''):
+    """({label: [(id, file name)]}, unnamed image files) of the rows of the CSV `file` whose image
+    is in root; an id matches a file name with or without its extension. What does not match (an
+    id without an image, an image without an id, a duplicate id, an empty label) is counted in one
+    warning line, and an error only when nothing is left."""
+    try:
+        with open(file, newline='', encoding='utf-8-sig') as f:
+            lines = [row for row in csv.reader(f) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f'{file} cannot be read as a CSV of labels ({e})') from None
+    header = lines[0] if lines else []
+    if len(header) < 2:
+        raise UserError(f'{file} is not a CSV of labels: its first line should name an id and a label column')
+    image_column = image_column or ('id' if 'id' in header else header[0])
+    label_column = label_column or ('label' if 'label' in header else header[1])
+    for option, name in (('image_column', image_column), ('label_column', label_column)):
+        if name not in header:
+            raise UserError(f'{file} has no column {name!r} (--{option}); its columns: {", ".join(header)}')
+    i, j = header.index(image_column), header.index(label_column)
+    images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    by_name = {name: name for name in images}
+    for name in reversed(images):  # an id names x.jpg rather than x.png
+        by_name.setdefault(Path(name).stem, name)
+    samples, used = {}, set()
+    left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': []}
+    for line, row in enumerate(lines[1:], start=2):
+        id_, label = (row + [''] * len(header))[i].strip(), (row + [''] * len(header))[j].strip()
+        image = by_name.get(id_)
+        if id_ in used:
+            left_out['duplicate ids'].append(id_)
+        elif not (id_ and label):
+            left_out['empty ids or labels'].append(id_ or f'line {line}')
+        elif image is None:
+            left_out['ids without an image'].append(id_)
+        else:
+            samples.setdefault(label, []).append((id_, image))
+        used.add(id_)
+    named = {image for members in samples.values() for _, image in members}
+    left_out['images the CSV does not name'] = unnamed = [name for name in images if name not in named]
+    counted = '; '.join(
+        f'{kind}: {len(ids)} ({", ".join(ids[:3])}{", ..." if len(ids) > 3 else ""})'
+        for kind, ids in left_out.items()
+        if ids
+    )
+    if not samples:
+        raise UserError(f'{file}: none of its {len(lines) - 1} rows names an image of {root} with a label ({counted})')
+    warning = f'warning: {file} and {root}: left out {counted}'
+    if counted and warning not in WARNED:  # once, though the training and validation sets both read it
+        WARNED.add(warning)
+        print(warning, file=sys.stderr)
+    return samples, unnamed
+
+
+def _class_order(name):
+    """Class names sorted as names, or as numbers when they all are whole numbers."""
+    return (0, int(name), '') if re.fullmatch(r'-?\d+', name) else (1, 0, name)
 
 
 def _images_in(folder, others):

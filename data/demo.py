@@ -21,24 +21,32 @@ def make_demo_data(
     flip_labels: this share of the training images is drawn as another class than its name
     says (label noise for kfold's suspect list), listed in root/flipped.txt.
     layout 'kaggle': train/cat.N.jpg ..., test1/N.jpg (ids from 1); 'folders': train/<class>/N.jpg,
-    test1/photo-N.jpg. blur: a Gaussian blur's radius, as a lens softens a photo; it sets the
+    test1/photo-N.jpg; 'csv': train/img-N.jpg with their labels in train.csv (id,label), as
+    later competitions ship them, and test1/photo-N.jpg. blur: a Gaussian blur's radius, as a lens softens a photo; it sets the
     bytes a file takes, so its decoding time: 1.5 gives files a little larger than Kaggle's.
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
     names = CLASSES[:classes]
-    for folder in ['test1'] + (['train'] if layout == 'kaggle' else [f'train/{name}' for name in names]):
+    for folder in ['test1'] + (['train'] if layout != 'folders' else [f'train/{name}' for name in names]):
         (root / folder).mkdir(parents=True, exist_ok=True)
     # a generator of their own: flips leave the images a seed draws unchanged
     flips = np.random.default_rng([seed, 1])
     flipped = set(flips.choice(n_train, round(n_train * flip_labels), replace=False).tolist())
-    wrong = []
+    wrong, rows = [], [('id', 'label')]
     for i in range(n_train):
         label = i % classes
-        file = f'{names[label]}.{i // classes}.jpg' if layout == 'kaggle' else f'{names[label]}/{i // classes}.jpg'
+        file = {
+            'kaggle': f'{names[label]}.{i // classes}.jpg',
+            'folders': f'{names[label]}/{i // classes}.jpg',
+            'csv': f'img-{i}.jpg',
+        }[layout]
+        rows.append((f'img-{i}', names[label]))
         drawn = (label + int(flips.integers(1, classes))) % classes if i in flipped else label
         _draw(drawn, rng, sizes, blur).save(root / 'train' / file, quality=int(rng.integers(75, 96)))
         wrong += [file] if i in flipped else []
+    if layout == 'csv':
+        (root / 'train.csv').write_text(''.join(f'{id_},{label}\n' for id_, label in rows))
     (root / 'flipped.txt').unlink(missing_ok=True)  # a list of an earlier call's
     if wrong:
         (root / 'flipped.txt').write_text('\n'.join(wrong) + '\n')

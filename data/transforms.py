@@ -13,14 +13,19 @@ from torchvision.transforms import v2
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def train_transform(size, crop_scale=0.08, hflip=True):
+# --auto_augment: torchvision's policies, as its references' --auto-augment ta_wide, ra and augmix
+POLICIES = {'trivial': v2.TrivialAugmentWide, 'rand': v2.RandAugment, 'augmix': v2.AugMix}
+
+
+def train_transform(size, crop_scale=0.08, hflip=True, policy=''):
     """A random crop keeping crop_scale-100% of the area (the central square at 1.0), resized
-    to size x size, mirrored left-right half the time when hflip."""
+    to size x size, mirrored left-right half the time when hflip, then the POLICIES' `policy`."""
     return v2.Compose(
         [
             RandomResizedCrop(size, scale=(crop_scale, 1.0)) if crop_scale < 1 else CenterSquare(size),
             *([RandomHorizontalFlip()] if hflip else []),
-            # yours here, e.g. v2.ColorJitter(0.2, 0.2, 0.2), v2.TrivialAugmentWide(), v2.RandomErasing()
+            *([POLICIES[policy]()] if policy else []),
+            # yours here, e.g. v2.ColorJitter(0.2, 0.2, 0.2)
         ]
     )
 

@@ -1,5 +1,5 @@
-"""The models: three classic ones written out as BasicModule examples, and any classification
-model of torchvision by its own name (--model=resnet50)."""
+"""The models: three classic ones written out as BasicModule examples, any classification model
+of torchvision by its own name (--model=resnet50), and any of timm's (--model=timm/convnext_tiny)."""
 
 import difflib
 from pathlib import Path
@@ -14,6 +14,7 @@ from .basic_module import BasicModule
 from .ensemble import FoldEnsemble
 from .resnet34 import ResNet34
 from .squeezenet import SqueezeNet
+from .timm_model import PREFIX, TimmModel, check_timm_options
 from .torchvision_model import TorchvisionModel, image_size_rule, torchvision_names
 
 # what --model=NAME can pick besides torchvision's own names
@@ -23,14 +24,16 @@ MODELS = {cls.__name__: cls for cls in (ResNet34, SqueezeNet, AlexNet)}
 def check_options(cfg):
     """Raise a UserError unless cfg.model is a model here and cfg.image_size a side it takes."""
     name = cfg.model
+    if name.startswith(PREFIX):
+        return check_timm_options(cfg)
     if name not in MODELS and name not in torchvision_names():
         names = list(MODELS) + torchvision_names()
         by_lower = {n.lower(): n for n in names}
         close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
         hint = f'; did you mean {" or ".join(close)}?' if close else ''
         raise UserError(
-            f'--model={name!r} is invalid; it takes one of {", ".join(MODELS)} or a torchvision '
-            f'classification model by its name (resnet50, efficientnet_b0, ...){hint}'
+            f'--model={name!r} is invalid; it takes one of {", ".join(MODELS)}, a torchvision '
+            f'classification model by its name (resnet50, efficientnet_b0, ...) or timm/<name>{hint}'
         )
     min_size, max_size = (MODELS[name].min_image_size, None) if name in MODELS else image_size_rule(name)
     if not min_size <= cfg.image_size <= (max_size or cfg.image_size):
@@ -41,6 +44,8 @@ def check_options(cfg):
 def build_model(name, num_classes=2, pretrained=False, pretrained_path=''):
     """A new model `name` with a head for `num_classes`, its features from ImageNet weights when
     asked: the file pretrained_path, or with pretrained, torch's cache (downloading if missing)."""
+    if name.startswith(PREFIX):
+        return TimmModel(name, num_classes, pretrained, pretrained_path)
     state, source = None, None
     if pretrained_path:
         state, source = load_checkpoint(pretrained_path), pretrained_path
@@ -70,5 +75,14 @@ def imagenet_state(weights):
     return load_checkpoint(file), file
 
 
-__all__ = ['AlexNet', 'BasicModule', 'FoldEnsemble', 'MODELS', 'ResNet34', 'SqueezeNet', 'TorchvisionModel']
+__all__ = [
+    'AlexNet',
+    'BasicModule',
+    'FoldEnsemble',
+    'MODELS',
+    'ResNet34',
+    'SqueezeNet',
+    'TimmModel',
+    'TorchvisionModel',
+]
 __all__ += ['build_model', 'check_options']

@@ -107,7 +107,8 @@ def test_dataset_keeps_paths_not_images(tmp_path):
     root = write_images(tmp_path, labelled_names(3))
     data = DogCat(root, 'train', val_ratio=0.4)
     assert all(isinstance(p, str) for p in data.paths)
-    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform', 'draft', 'classes', 'layout'}
+    assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform', 'draft', 'classes', 'layout', 'ids'}
+    assert data.ids == data.paths  # no CSV: an image's id is its path
     assert data.classes == ['cat', 'dog'] and all(isinstance(n, str) for n in data.ignored)
 
 

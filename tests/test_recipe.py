@@ -17,7 +17,7 @@ from data import ImageFiles
 from data.transforms import eval_transform
 from training import engine
 from training.checkpoint import NO_PROGRESS, load_trained
-from training.recipe import WARMUP_START, Training, batch_mixing
+from training.recipe import WARMUP_START, Training, batch_augment
 from training.report import Reporter
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
@@ -131,7 +131,7 @@ def test_clipping_bounds_the_step(tmp_path, scaled):
 def test_mixup_and_cutmix_give_soft_targets_and_train(tmp_path, tiny_data):
     cfg = DefaultConfig()
     cfg.mixup_alpha, cfg.cutmix_alpha = 1.0, 1.0
-    mix = batch_mixing(cfg, 3)
+    mix = batch_augment(cfg, 3)
     torch.manual_seed(0)
     soft = [mix(torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))[1] for _ in range(6)]
     for targets in soft:
@@ -220,6 +220,7 @@ RECIPES = {
     'mixup, cutmix, label smoothing': dict(mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1),
     'accumulation and clipping': dict(grad_accum_steps=3, clip_grad_norm=0.5),
     'moving average and early stopping': dict(ema_decay=0.5, early_stop=5),
+    'an augmentation policy and random erasing': dict(auto_augment='augmix', random_erase=0.5),
 }
 
 
@@ -362,8 +363,8 @@ def test_every_epoch_draws_a_new_order(tmp_path, tiny_data, monkeypatch):
 def test_train_augments_as_its_options_say(tmp_path, tiny_data, monkeypatch, augment, varies):
     import random
 
-    made, real = [], main.DogCat
-    monkeypatch.setattr(main, 'DogCat', lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
+    made, real = [], engine.DogCat
+    monkeypatch.setattr(engine, 'DogCat', lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
     main.train(**fast_options(tmp_path, tiny_data, **augment))
     training_set = made[0]
     draws = []
@@ -372,6 +373,39 @@ def test_train_augments_as_its_options_say(tmp_path, tiny_data, monkeypatch, aug
         random.seed(seed)
         draws.append(training_set[0][0])
     assert any(not torch.equal(draws[0], draw) for draw in draws[1:]) == varies
+
+
+def first_inputs(monkeypatch, tmp_path, tiny_data, **options):
+    """The normalised batch the network saw first in main.train(options)."""
+    seen, real = [], main.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().float().clone()))
+        return model
+
+    monkeypatch.setattr(main, 'build_model', build)
+    main.train(**fast_options(tmp_path, tiny_data, hflip=False, **options))
+    monkeypatch.undo()
+    return seen[0]
+
+
+@pytest.mark.parametrize('policy', ['trivial', 'rand', 'augmix'])
+def test_each_augmentation_policy_reaches_the_images_the_network_sees(tmp_path, tiny_data, monkeypatch, policy):
+    plain = first_inputs(monkeypatch, tmp_path / 'plain', tiny_data)
+    augmented = first_inputs(monkeypatch, tmp_path / policy, tiny_data, auto_augment=policy)
+    assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
+    made = load_checkpoint(newest_run(tmp_path / policy / 'checkpoints') / 'last.pth')['config']
+    assert made['auto_augment'] == policy
+
+
+def test_random_erasing_blanks_a_rectangle_of_every_image_after_normalising(tmp_path, tiny_data, monkeypatch):
+    plain = first_inputs(monkeypatch, tmp_path / 'plain', tiny_data)
+    erased = first_inputs(monkeypatch, tmp_path / 'erased', tiny_data, random_erase=1.0)
+    blank = (erased == 0).all(dim=1)  # 0 in every channel: the mean pixel after normalising
+    assert blank.flatten(1).any(dim=1).all()  # a rectangle in each image
+    assert ((erased != plain).any(dim=1) == blank).all()  # the rest is untouched
+    assert not (plain == 0).all(dim=1).any()
 
 
 @pytest.mark.parametrize('option', ['mixup_alpha', 'cutmix_alpha'])

@@ -132,7 +132,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
     cfg.env = 'benchmark'
     reporter = Reporter(cfg, rt, root / 'board', steps, 0)  # visdom and TensorBoard, as train reports by default
     training = Training(model=model, model_without_ddp=model, criterion=criterion, optimizer=optimizer,
-                        step_scheduler=None, epoch_scheduler=None, scaler=scaler, ema=None, mix=None)  # fmt: skip
+                        step_scheduler=None, epoch_scheduler=None, scaler=scaler, ema=None, augment=None)  # fmt: skip
 
     def real_epoch(epoch):
         started = time.perf_counter()
@@ -170,7 +170,7 @@ def pictures(root, args, model_name, loop_rate, out):
     model = engine.on_device(build_model(model_name), rt)  # untrained: about half the images are wrong
     val_data = DogCat(root / 'train', 'val', cfg.image_size, cfg.val_ratio)
     training = Training(model=model, model_without_ddp=model, criterion=nn.CrossEntropyLoss(), optimizer=None,
-                        step_scheduler=None, epoch_scheduler=None, scaler=None, ema=None, mix=None)  # fmt: skip
+                        step_scheduler=None, epoch_scheduler=None, scaler=None, ema=None, augment=None)  # fmt: skip
     metrics = engine.validate(training, engine.make_loader(val_data, cfg, rt), rt)
     record = epoch_record(0, metrics, lr=cfg.lr, train_loss=1.0, classes=val_data.classes, seconds=1.0, seen=1,
                           skipped_files=[])  # fmt: skip

@@ -29,10 +29,13 @@ from utils.run_folders import KfoldRecord, SweepRecord, check_name_free, find_ch
 RESUME_KEYS = (
     'model image_size val_ratio folds fold seed lr lr_decay weight_decay freeze_features crop_scale hflip optimizer '
     'lr_scheduler lr_step_size warmup_epochs no_decay_norm label_smoothing mixup_alpha cutmix_alpha grad_accum_steps '
-    'clip_grad_norm ema_decay early_stop'
+    'clip_grad_norm ema_decay early_stop auto_augment random_erase'
 ).split()
 # ...and those it takes unless given: the plan and the data, which may have moved
-RESUME_DEFAULTS = ('max_epoch', 'train_data_root', 'val_data_root', 'batch_size')
+RESUME_DEFAULTS = (
+    'max_epoch train_data_root val_data_root test_data_root train_labels val_labels image_column label_column '
+    'batch_size'
+).split()
 # what only continuing a run needs: best.pth keeps none of it once it parts from last.pth
 TRAINING_ONLY = ('optimizer', 'scheduler', 'step_scheduler', 'scaler', 'ema_updates')
 # where a run stands: the best validation accuracy and loss so far, the epochs since the loss

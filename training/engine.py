@@ -83,8 +83,8 @@ def forward_backward(training, images, targets, rt, scale, sync):
     model = training.model
     images = model_input(images, rt.device, rt.layout)
     targets = targets.to(rt.device, non_blocking=True)
-    if training.mix is not None:
-        images, targets = training.mix(images, targets)  # targets become probabilities
+    if training.augment is not None:
+        images, targets = training.augment(images, targets)  # MixUp/CutMix: targets become probabilities
     ddp = getattr(model, '_orig_mod', model)  # DistributedDataParallel under torchrun (no_sync)
     with contextlib.nullcontext() if sync or not rt.distributed else ddp.no_sync():
         with rt.autocast():
@@ -244,12 +244,23 @@ def infer_dataset(cfg, model, data, tta=False):
         return infer(on_device(model, rt), make_loader(data, cfg, rt), rt, tta), rt
 
 
-def validation_data(cfg, classes):
-    """The validation images of a trained run, as its training held them out (or --val_data_root)."""
-    if cfg.val_data_root:
-        return DogCat(cfg.require_dir('val_data_root'), 'val', cfg.image_size, val_ratio=0, classes=classes)
-    root = cfg.require_dir('train_data_root')
-    return DogCat(root, 'val', cfg.image_size, cfg.val_ratio, cfg.seed, classes=classes, folds=cfg.folds, fold=cfg.fold)
+def labelled_data(cfg, mode, root, labels, **split):
+    """DogCat of root's labelled images in `mode` as the options say; labels: the option naming
+    their CSV (train_labels, val_labels), if it is given, else the folder's layout says."""
+    csv_file = cfg.path(labels) if getattr(cfg, labels) else None
+    augment = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip, policy=cfg.auto_augment)
+    columns = (cfg.image_column, cfg.label_column)
+    return DogCat(root, mode, cfg.image_size, seed=cfg.seed, labels=csv_file, columns=columns, **augment, **split)
+
+
+def validation_data(cfg, classes=None):
+    """The validation images: --val_data_root or --val_labels whole, else the share of the training
+    data the run holds out (--val_ratio, or fold --fold of --folds)."""
+    if cfg.val_data_root or cfg.val_labels:
+        root = cfg.require_dir('val_data_root' if cfg.val_data_root else 'train_data_root')
+        return labelled_data(cfg, 'val', root, 'val_labels', val_ratio=0, classes=classes)
+    split = dict(val_ratio=cfg.val_ratio, folds=cfg.folds, fold=cfg.fold)
+    return labelled_data(cfg, 'val', cfg.require_dir('train_data_root'), 'train_labels', classes=classes, **split)
 
 
 def on_device(model, rt):

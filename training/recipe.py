@@ -1,5 +1,6 @@
 """The parts of the training recipe that options choose: the optimizer, the learning-rate
-schedules, MixUp/CutMix and the moving average of the weights, held together in a Training
+schedules, what changes a batch (random erasing, MixUp/CutMix) and the moving average of the
+weights, held together in a Training
 that engine.train_one_epoch() steps and checkpoint.py saves and restores."""
 
 import math
@@ -25,7 +26,7 @@ class Training:
     epoch_scheduler: object  # after every validation: the plateau decay; or None
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled otherwise
     ema: AveragedModel | None  # the moving average of the weights (--ema_decay)
-    mix: object  # MixUp / CutMix of each batch, or None
+    augment: object  # random erasing, MixUp / CutMix of each normalised batch, or None
 
 
 def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_classes):
@@ -33,8 +34,10 @@ def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_cla
     optimizer = make_optimizer(model_without_ddp, cfg, rt.device)
     step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, math.ceil(steps_per_epoch / cfg.grad_accum_steps))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler, ema, mix = rt.grad_scaler(), make_ema(model_without_ddp, cfg), batch_mixing(cfg, num_classes)
-    return Training(model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, mix)
+    scaler, ema, augment = rt.grad_scaler(), make_ema(model_without_ddp, cfg), batch_augment(cfg, num_classes)
+    return Training(
+        model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, augment
+    )
 
 
 def make_optimizer(model, cfg, device):
@@ -81,15 +84,27 @@ def make_schedulers(optimizer, cfg, steps_per_epoch):
     return LambdaLR(optimizer, factor), None
 
 
-def batch_mixing(cfg, num_classes):
-    """MixUp and/or CutMix of a normalised batch and its labels (one of them, at random, per
-    batch, when both are on); the labels come out as probabilities. None when both are off."""
+def batch_augment(cfg, num_classes):
+    """What changes a normalised training batch on the device: random erasing of each image
+    (--random_erase; erased pixels are 0, the mean, as after torchvision's Normalize), then MixUp
+    or CutMix (one of them at random per batch when both are on), which turn the labels into
+    probabilities. None when all are off."""
     mixes = []
     if cfg.mixup_alpha:
         mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
     if cfg.cutmix_alpha:
         mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
-    return v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
+    mix = v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
+    erase = v2.RandomErasing(p=cfg.random_erase) if cfg.random_erase else None
+    if mix is None and erase is None:
+        return None
+
+    def augment(images, targets):
+        if erase is not None:  # v2 erases one rectangle per call: one call an image
+            images = torch.stack([erase(image) for image in images])
+        return mix(images, targets) if mix is not None else (images, targets)
+
+    return augment
 
 
 def make_ema(model, cfg):

@@ -21,12 +21,11 @@ from typing import NamedTuple
 import torch
 
 from config import NOT_RECIPE, DefaultConfig, UserError, whole_number
-from data import DogCat
 from data.dataset import list_labelled
 from data.decode import load_rgb
 from models import check_options
 from training.checkpoint import load_one
-from training.engine import Predictions, infer_dataset, score
+from training.engine import Predictions, infer_dataset, score, validation_data
 from utils.board import Board
 from utils.files import load_checkpoint, unused, write_csv
 from utils.run_folders import KfoldRecord, check_folder_name, point_latest
@@ -46,16 +45,17 @@ class Suspect(NamedTuple):
 
 def run_kfold(options, folds, train):
     """Train every fold with train(options) (main.train_with), then write oof.csv and suspect_labels.csv."""
-    cfg, root = checked(options, folds)
+    cfg = checked(options, folds)
     parent = kfold_folder(cfg, options, folds)
     point_latest(cfg.path('checkpoint_dir'), parent)  # the newest run: test and predict take the ensemble
     for k in range(1, folds + 1):
         train_fold(parent, k, folds, options, train)
-    oof = out_of_fold(options, parent, folds, root)
+    oof = out_of_fold(options, parent, folds)
     m = score(Predictions(oof.log_probs, oof.labels, torch.arange(len(oof.files)), []))
     probs, classes = oof.log_probs.exp(), oof.classes
-    header = ['file', 'label', *(f'p_{c}' for c in classes), 'fold']
-    rows = zip(oof.files, oof.labels.tolist(), probs.tolist(), oof.fold)
+    named = 'id' if cfg.train_labels else 'file'  # the CSV's ids, else the files' paths
+    header = [named, 'label', *(f'p_{c}' for c in classes), 'fold']
+    rows = zip(oof.ids, oof.labels.tolist(), probs.tolist(), oof.fold)
     write_csv(parent / 'oof.csv', [header, *([f, classes[t], *(f'{p:.6f}' for p in ps), k] for f, t, ps, k in rows)])
     print(
         f'out-of-fold: {len(oof.files)} images, each predicted by the model that did not train on it: '
@@ -71,9 +71,9 @@ def run_kfold(options, folds, train):
         Suspect(i, classes[oof.labels[i]], classes[probs[i].argmax()], float(probs[i, oof.labels[i]]))
         for i in map(int, found)
     ]
-    header = ['rank', 'file', 'label', 'likely_label', 'p_label', 'fold']
+    header = ['rank', named, 'label', 'likely_label', 'p_label', 'fold']
     rows = (
-        [r, oof.files[s.index], s.label, s.likely, f'{s.p_label:.4f}', oof.fold[s.index]]
+        [r, oof.ids[s.index], s.label, s.likely, f'{s.p_label:.4f}', oof.fold[s.index]]
         for r, s in enumerate(suspects, 1)
     )
     write_csv(parent / 'suspect_labels.csv', [header, *rows])
@@ -103,12 +103,13 @@ def show(cfg, parent, oof, suspects):
 
 
 def checked(options, folds):
-    """(config, training folder) of the options, or the UserError of what k-fold cannot do with them."""
+    """The config of the options, or the UserError of what k-fold cannot do with them."""
     whole_number('folds', folds, low=2)
     for key, why in (
         ('fold', 'kfold trains every fold'),
         ('resume', 'the same kfold command continues an interrupted kfold'),
         ('val_data_root', 'each fold validates on its share of --train_data_root'),
+        ('val_labels', 'each fold validates on its share of the training images'),
     ):
         if key in options:
             raise UserError(f'--{key}: {why}; drop it')
@@ -118,11 +119,12 @@ def checked(options, folds):
     cfg.check_values(options)
     check_options(cfg)
     root = cfg.require_dir('train_data_root')
-    _, targets, classes, _, _ = list_labelled(root)  # one class only: its UserError
+    labels = cfg.path('train_labels') if cfg.train_labels else None
+    _, targets, classes, *_ = list_labelled(root, None, labels, (cfg.image_column, cfg.label_column))
     fewest, count = min(collections.Counter(targets).items(), key=lambda item: item[1])
     if count < folds:
         raise UserError(f'{root} has {count} images of {classes[fewest]}, fewer than --folds={folds}')
-    return cfg, root
+    return cfg
 
 
 def kfold_folder(cfg, options, folds):
@@ -175,23 +177,25 @@ class OutOfFold(NamedTuple):
     """Every training image predicted by the model of the fold that held it out."""
 
     files: list
+    ids: list  # the CSV's ids (--train_labels), else the files
     labels: torch.Tensor
     log_probs: torch.Tensor
     fold: list  # the fold of each image, from 1
     classes: list
 
 
-def out_of_fold(options, parent, folds, root):
+def out_of_fold(options, parent, folds):
     """The OutOfFold of the folds: each fold's held-out images predicted by its own best.pth."""
-    files, labels, log_probs, fold_of = [], [], [], []
+    files, ids, labels, log_probs, fold_of = [], [], [], [], []
     for k in range(1, folds + 1):
         cfg = DefaultConfig()
-        cfg.check_values(options)
+        cfg.check_values({**options, 'folds': folds, 'fold': k})
         trained = load_one(cfg, parent / f'fold-{k}' / 'best.pth')
-        data = DogCat(root, 'val', cfg.image_size, seed=cfg.seed, classes=trained.classes, folds=folds, fold=k)
+        data = validation_data(cfg, trained.classes)
         predictions, _ = infer_dataset(cfg, trained.model, data, trained.tta)
         files += [data.paths[i] for i in predictions.indices.tolist()]
+        ids += [data.ids[i] for i in predictions.indices.tolist()]
         labels.append(predictions.targets)
         log_probs.append(predictions.log_probs)
         fold_of += [k] * len(predictions.targets)
-    return OutOfFold(files, torch.cat(labels), torch.cat(log_probs), fold_of, trained.classes)
+    return OutOfFold(files, ids, torch.cat(labels), torch.cat(log_probs), fold_of, trained.classes)
