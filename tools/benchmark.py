@@ -29,7 +29,7 @@ from config import ROOT, DefaultConfig
 from data import DogCat, ImageFiles
 from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
-from data.transforms import MEAN, STD
+from data.transforms import MEAN, POLICIES, STD
 from models import build_model
 from training import engine
 from training.recipe import Training
@@ -229,9 +229,15 @@ def loader_headroom(root, args, out):
     decode = rate(lambda i: load_pixels(paths[i]))
     ours = rate(lambda i: data[i])
     old = rate(lambda i: classic_recipe(load_rgb(paths[i])))  # Pillow's image, as the recipe wants
+    policies = {}
+    for policy in POLICIES:  # --auto_augment: what each policy costs a worker
+        augmented = DogCat(root / 'train', 'train', args.image_size, 0.1, policy=policy)
+        policies[policy] = rate(augmented.__getitem__)
     torch.set_num_threads(args.threads)
     out['transform/decode'] = ratio('2a. train transform / decode only', ours, decode)
     out['transform/classic'] = ratio('2b. train transform / classic recipe', ours, old)
+    for policy, images_per_second in policies.items():
+        ratio(f'2c. --auto_augment={policy} / without', images_per_second, ours)
 
 
 def inference(root, args, model_name, out):
