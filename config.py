@@ -21,6 +21,9 @@ NOT_RECIPE = set(
 )
 
 
+NO_CSV = 'a column of the CSV of --train_labels or --val_labels, and neither is given'
+
+
 class UserError(Exception):
     """A mistake the user can fix (a bad option, a missing folder): shown as one line, no traceback.
     It lives here, at the bottom of the project: this file imports none of the others."""
@@ -160,6 +163,8 @@ class DefaultConfig:
                 'trivial, rand or augmix (empty: off)',
             ),
             ('random_erase', 0 <= self.random_erase <= 1, 'a number in [0, 1]'),
+            ('image_column', self.train_labels or self.val_labels or not self.image_column, NO_CSV),
+            ('label_column', self.train_labels or self.val_labels or not self.label_column, NO_CSV),
             ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),
         ]
         for name, ok, accepts in rules:

@@ -11,16 +11,14 @@ if __name__ == '__main__':
 import time  # noqa: E402 (the check above comes first: these imports take seconds)
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from config import ROOT, DefaultConfig, UserError, whole_number
 from data.demo import CLASSES, make_demo_data
 from data.transforms import model_input
-from models import build_model, check_options
+from models import check_options
 from training import engine
-from training.checkpoint import load_trained, load_weights, restore, resume_point, save_epoch, training_state
-from training.recipe import make_training
+from training.checkpoint import load_trained, restore, resume_point, save_epoch, training_state
+from training.recipe import make_training, model_of
 from training.report import Reporter, confusion_table, epoch_record
 from utils import interrupts_deferred
 from utils.cli import print_help, run
@@ -33,6 +31,9 @@ from verbs.runs import print_runs
 # the options that say which images a run validated on: val and export take them from its checkpoint
 HELD_OUT = ('train_data_root', 'val_data_root', 'train_labels', 'val_labels', 'image_column', 'label_column',
             'val_ratio', 'folds', 'fold', 'seed')  # fmt: skip
+# ...and those val takes when told which images to validate on: a --val_labels CSV may name the
+# images of the run's training folder, in the run's columns
+WHERE = ('train_data_root', 'image_column', 'label_column')
 
 
 def train(**kwargs):
@@ -64,7 +65,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     seed_everything(cfg.seed)
 
     # step 1: data, and the classes it holds
-    train_data, val_data = training_data(cfg, root)
+    train_data, val_data = engine.training_data(cfg, root)
     classes = train_data.classes
     train_loader = engine.make_loader(train_data, cfg, rt, shuffle=True)
     val_loader = engine.make_loader(val_data, cfg, rt)
@@ -150,32 +151,6 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     return run_dir
 
 
-def model_of(cfg, classes, rt, fresh=True):
-    """(model, model_without_ddp): the model the options make for `classes`, on the device, as it
-    trains; fresh: with its starting weights (--pretrained, --pretrained_path, --load_model_path)."""
-    model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
-    if cfg.freeze_features:
-        model.freeze_features()
-    if cfg.load_model_path:
-        load_weights(model, cfg.path('load_model_path'))
-    if cfg.sync_bn and rt.distributed:
-        if rt.device.type != 'cuda':
-            raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model = engine.on_device(model, rt)
-    if rt.distributed:
-        model = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None)
-    if cfg.compile:
-        model = torch.compile(model)  # the same parameters
-    print(
-        f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {rt.device}'
-        + (f' in each of {rt.world_size} processes' if rt.distributed else '')
-        + f', computing in {rt.precision}'
-        + (f' (--amp={cfg.amp})' if rt.dtype is not None else '')
-    )
-    return model, model_without_ddp
-
-
 def advance(progress, metrics, cfg):
     """The run's progress (see checkpoint.NO_PROGRESS) after an epoch validated with `metrics`."""
     better_loss = metrics['loss'] < progress['best_loss']
@@ -205,46 +180,23 @@ def start_run(cfg, resume, classes, rt):
     return run_dir
 
 
-def training_data(cfg, root):
-    """The training and validation sets: the training images less a held-out share, unless
-    --val_data_root or --val_labels name the validation images."""
-    whole = cfg.val_data_root or cfg.val_labels
-    split = dict(val_ratio=0) if whole else dict(val_ratio=cfg.val_ratio, folds=cfg.folds, fold=cfg.fold)
-    train_data = engine.labelled_data(cfg, 'train', root, 'train_labels', **split)
-    return train_data, engine.validation_data(cfg, train_data.classes)
-
-
 def lr_find(steps=100, **kwargs):
     """Find a learning rate: train from the run's starting weights as the rate grows from 1e-7 to 10.
 
     --steps: optimizer steps at most (the test stops early when the loss diverges)
     Takes train's options; writes checkpoints/<time>-lr_find-<model>/lr_find.png and prints the train command.
     """
-    from verbs.lr_find import range_test, report  # matplotlib loads only here
+    from verbs.lr_find import run_lr_find  # matplotlib loads only there
 
     whole_number('steps', steps, low=10, high=1000)
-    cfg = options(kwargs)
-    if cfg.resume:
-        raise UserError('--resume: lr_find tests the rates a new run could start at; drop --resume')
-    root = cfg.require_dir('train_data_root')
-    writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
-    with runtime_of(cfg) as rt:
-        seed_everything(cfg.seed)  # the data, order and weights a train with these options starts from
-        train_data, _ = training_data(cfg, root)
-        loader = engine.make_loader(train_data, cfg, rt, shuffle=True)
-        model, model_without_ddp = model_of(cfg, train_data.classes, rt)
-        training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(loader),
-                                 num_classes=len(train_data.classes))  # fmt: skip
-        rates, losses = range_test(training, loader, rt, cfg, steps)
-        if rt.is_main:
-            report(cfg, kwargs, rates, losses, rt.world_size)
+    run_lr_find(options(kwargs), kwargs, steps)
 
 
 def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
     cfg = options(kwargs)
     given_data = {'train_data_root', 'val_data_root', 'train_labels', 'val_labels'} & cfg.given
-    trained = load_trained(cfg, () if given_data else HELD_OUT)
+    trained = load_trained(cfg, WHERE if given_data else HELD_OUT)
     classes = trained.classes
     data = engine.validation_data(cfg, classes)
     m = engine.score(engine.infer_dataset(cfg, trained.model, data, trained.tta)[0])

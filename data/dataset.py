@@ -34,7 +34,8 @@ class DogCat(ImageFiles):
     whole folder (data that comes split). folds, fold: hold out fold `fold` (from 1) of `folds`
     stratified folds instead of val_ratio. `classes`: the classes the model knows; the folder may
     lack some of them, not add others. labels: a CSV of ids and labels (its `columns`, by name)
-    naming the images of root, instead of the folder's layout. crop_scale, hflip, policy: the
+    naming the images of root, instead of the folder's layout; held_out: image file names it leaves
+    out (those of a validation CSV over the same folder). crop_scale, hflip, policy: the
     training images' augmentation (data.transforms.train_transform).
     """
 
@@ -53,6 +54,7 @@ class DogCat(ImageFiles):
         fold=0,
         labels=None,
         columns=('', ''),
+        held_out=frozenset(),
     ):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
@@ -65,7 +67,7 @@ class DogCat(ImageFiles):
             self.classes, self.layout = list(classes or ()), 'test images'
             targets = [i if isinstance(i, int) else n for n, i in enumerate(self.ids)]
         else:
-            listed = list_labelled(root, classes, labels, columns)
+            listed = list_labelled(root, classes, labels, columns, held_out, count_unnamed=mode == 'train')
             paths, targets, self.classes, self.layout, self.ignored, self.ids = listed
             if val_ratio or folds:
                 kept = _split(targets, len(self.classes), val_ratio, seed, folds, fold)[mode]
@@ -78,12 +80,12 @@ class DogCat(ImageFiles):
             super().__init__(paths, targets, eval_transform(image_size), draft=image_size)
 
 
-def list_labelled(root, classes=None, labels=None, columns=('', '')):
+def list_labelled(root, classes=None, labels=None, columns=('', ''), held_out=frozenset(), count_unnamed=True):
     """(paths, targets, classes, layout, ignored names, ids) of a training folder in either layout,
     or of the images in it that the CSV file `labels` names (ids: the CSV's, else the paths);
     columns: the CSV's (image id, label) columns, by name, empty for the usual ones."""
     if labels:
-        samples, ignored = _named_in_csv(root, labels, *columns)
+        samples, ignored = _named_in_csv(root, labels, *columns, held_out, count_unnamed)
         layout, by_class = f'labels from {Path(labels).name}', _class_order
     else:
         samples, layout, ignored = _listed(root)
@@ -140,11 +142,12 @@ def _listed(root):
     return {c: [(file, file) for file in files] for c, files in samples.items()}, layout, ignored
 
 
-def _named_in_csv(root, file, image_column='', label_column=''):
+def _named_in_csv(root, file, image_column='', label_column='', held_out=frozenset(), count_unnamed=True):
     """({label: [(id, file name)]}, unnamed image files) of the rows of the CSV `file` whose image
-    is in root; an id matches a file name with or without its extension. What does not match (an
-    id without an image, an image without an id, a duplicate id, an empty label) is counted in one
-    warning line, and an error only when nothing is left."""
+    is in root and not held_out; an id matches a file name with or without its extension. What does
+    not match (an id without an image, a duplicate id, an empty label, an image held out, and with
+    count_unnamed an image without an id) is counted in one warning line, each kind once a process,
+    and is an error only when nothing is left."""
     try:
         with open(file, newline='', encoding='utf-8-sig') as f:
             lines = [row for row in csv.reader(f) if row]
@@ -161,10 +164,12 @@ def _named_in_csv(root, file, image_column='', label_column=''):
     i, j = header.index(image_column), header.index(label_column)
     images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
     by_name = {name: name for name in images}
-    for name in reversed(images):  # an id names x.jpg rather than x.png
+    for name in images:  # sorted: an id names x.jpg rather than x.png
         by_name.setdefault(Path(name).stem, name)
+    if header[i] in by_name:
+        raise UserError(f'{file}: its first line names the image {header[i]}; a CSV of labels starts with a header line')
     samples, used = {}, set()
-    left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': []}
+    left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': [], 'validation images': []}
     for line, row in enumerate(lines[1:], start=2):
         id_, label = (row + [''] * len(header))[i].strip(), (row + [''] * len(header))[j].strip()
         image = by_name.get(id_)
@@ -174,22 +179,26 @@ def _named_in_csv(root, file, image_column='', label_column=''):
             left_out['empty ids or labels'].append(id_ or f'line {line}')
         elif image is None:
             left_out['ids without an image'].append(id_)
+        elif image in held_out:
+            left_out['validation images'].append(id_)
         else:
             samples.setdefault(label, []).append((id_, image))
         used.add(id_)
-    named = {image for members in samples.values() for _, image in members}
-    left_out['images the CSV does not name'] = unnamed = [name for name in images if name not in named]
-    counted = '; '.join(
-        f'{kind}: {len(ids)} ({", ".join(ids[:3])}{", ..." if len(ids) > 3 else ""})'
+    named = {image for members in samples.values() for _, image in members} | set(held_out)
+    unnamed = [name for name in images if name not in named]
+    left_out['images the CSV does not name'] = unnamed if count_unnamed else []
+    counted = {
+        kind: f'{kind}: {len(ids)} ({", ".join(ids[:3])}{", ..." if len(ids) > 3 else ""})'
         for kind, ids in left_out.items()
         if ids
-    )
+    }
     if not samples:
-        raise UserError(f'{file}: none of its {len(lines) - 1} rows names an image of {root} with a label ({counted})')
-    warning = f'warning: {file} and {root}: left out {counted}'
-    if counted and warning not in WARNED:  # once, though the training and validation sets both read it
-        WARNED.add(warning)
-        print(warning, file=sys.stderr)
+        raise UserError(f'{file}: none of its {len(lines) - 1} rows names an image of {root} with a label '
+                        f'({"; ".join(counted.values())})')  # fmt: skip
+    new = [line for kind, line in counted.items() if (file, kind) not in WARNED]  # the training and
+    WARNED.update((file, kind) for kind in counted)  # validation sets may read the same CSV
+    if new:
+        print(f'warning: {file} and {root}: left out {"; ".join(new)}', file=sys.stderr)
     return samples, unnamed
 
 

@@ -67,7 +67,8 @@ class TimmModel(BasicModule):
         return self.name
 
     def head(self):
-        return self.net.get_classifier()
+        head = self.net.get_classifier()  # a tuple for models with two heads (distilled DeiT, LeViT)
+        return torch.nn.ModuleList(head) if isinstance(head, tuple) else head
 
     def forward(self, x):
         if self.renormalise:

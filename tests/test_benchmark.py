@@ -25,6 +25,7 @@ def test_benchmark_smoke_prints_every_ratio_with_its_figures():
         '1. loop efficiency, SqueezeNet',
         '2a. train transform / decode only',
         '2b. train transform / classic recipe',
+        '2c. --auto_augment=augmix / without',
         '3. test / bare inference, SqueezeNet',
         '4. peak RSS, 2000 files / 100 files',
         '5. whole `train` run / classic pipeline, SqueezeNet',

@@ -10,7 +10,7 @@ import torch
 
 import main
 from config import ROOT, DefaultConfig, UserError
-from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
 from data import DogCat
 from data.demo import make_demo_data
 from data.transforms import MEAN, STD
@@ -115,9 +115,17 @@ def test_a_validation_csv_names_the_validation_images(tmp_path, csv_data, capsys
     train = write_rows(tmp_path / 'train.csv', rows[:31])
     val = write_rows(tmp_path / 'val.csv', rows[:1] + rows[31:])
     main.train(**fast_options(tmp_path, csv_data, train_labels=str(train), val_labels=str(val)))
+    assert '30 training and 10 validation images' in capsys.readouterr().out
+    # a validation CSV that names training images too: they are left out of training, and counted
+    both = write_rows(tmp_path / 'both.csv', rows[:1] + rows[21:])
+    main.train(**fast_options(tmp_path / 'both', csv_data, train_labels=str(both), val_labels=str(val)))
     out, err = capsys.readouterr()
-    assert '30 training and 10 validation images' in out
-    assert 'images the CSV does not name: 10' in err and 'images the CSV does not name: 30' in err
+    assert '10 training and 10 validation images' in out and 'validation images: 10' in err
+    assert 'images the CSV does not name: 20' in err  # img-0 to img-19: the validation CSV's are no strays
+    # val of the run with another validation CSV: the images are still those of its training folder
+    where = dict(checkpoint_dir=str(tmp_path / 'checkpoints'), use_gpu=False, num_workers=0, vis=False)
+    main.val(**where, val_labels=str(write_rows(tmp_path / 'val5.csv', rows[:1] + rows[31:36])))
+    assert '5 validation images' in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -189,6 +197,15 @@ def test_a_timm_model_trains_resumes_exports_and_explains(tmp_path, tiny_data, t
     by_onnx = onnx.stdout.split()
     assert by_onnx[1] == by_torch[1] and float(by_onnx[2]) == pytest.approx(float(by_torch[2]), abs=0.01)  # bf16
     assert (tmp_path / '1-cam.png').is_file()
+
+
+@pytest.mark.slow
+def test_a_timm_model_on_csv_data_trains_under_torchrun(tmp_path, csv_data):
+    result = torchrun('train', *as_flags(csv_options(tmp_path, csv_data, model=TIMM)))
+    assert result.returncode == 0, result.stderr
+    assert 'timm/test_resnet: 372,882 parameters on cpu in each of 2 processes' in result.stdout
+    assert 'labels from train.csv; 2 classes: cat, dog' in result.stdout
+    assert 'x 2 processes' in (newest_run(tmp_path / 'checkpoints') / 'config.json').read_text()
 
 
 def test_a_name_timm_lacks_is_an_error_with_the_closest_names():

@@ -15,7 +15,7 @@ from config import DefaultConfig, UserError
 from conftest import as_flags, fast_options, newest_run, scripted_validation, torchrun
 from data import ImageFiles
 from data.transforms import eval_transform
-from training import engine
+from training import engine, recipe
 from training.checkpoint import NO_PROGRESS, load_trained
 from training.recipe import WARMUP_START, Training, batch_augment
 from training.report import Reporter
@@ -241,7 +241,7 @@ def test_each_option_resumes_exactly(tmp_path, tiny_data, recipe, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main.train(**fast_options(parts, tiny_data, max_epoch=3, **recipe))
     monkeypatch.undo()
-    main.train(**fast_options(parts, tiny_data, max_epoch=3, resume='latest', **recipe))
+    main.train(**fast_options(parts, tiny_data, max_epoch=3, resume='latest'))  # the recipe from the checkpoint
     assert run_records(parts) == [
         {**r, 'seconds': p['seconds'], 'images_per_second': p['images_per_second']}
         for r, p in zip(run_records(whole), run_records(parts))
@@ -293,7 +293,7 @@ def test_the_recipe_under_torchrun_resumes_exactly(tmp_path, tiny_data):
 def spied_model(monkeypatch):
     """[(channels_last input?, autocast dtype or False, training?)] of every forward pass of the
     model that main.train builds."""
-    seen, real = [], main.build_model
+    seen, real = [], recipe.build_model
 
     def build(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -308,7 +308,7 @@ def spied_model(monkeypatch):
         )
         return model
 
-    monkeypatch.setattr(main, 'build_model', build)
+    monkeypatch.setattr(recipe, 'build_model', build)
     return seen
 
 
@@ -377,14 +377,14 @@ def test_train_augments_as_its_options_say(tmp_path, tiny_data, monkeypatch, aug
 
 def first_inputs(monkeypatch, tmp_path, tiny_data, **options):
     """The normalised batch the network saw first in main.train(options)."""
-    seen, real = [], main.build_model
+    seen, real = [], recipe.build_model
 
     def build(*args, **kwargs):
         model = real(*args, **kwargs)
         model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().float().clone()))
         return model
 
-    monkeypatch.setattr(main, 'build_model', build)
+    monkeypatch.setattr(recipe, 'build_model', build)
     main.train(**fast_options(tmp_path, tiny_data, hflip=False, **options))
     monkeypatch.undo()
     return seen[0]

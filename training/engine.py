@@ -244,6 +244,18 @@ def infer_dataset(cfg, model, data, tta=False):
         return infer(on_device(model, rt), make_loader(data, cfg, rt), rt, tta), rt
 
 
+def training_data(cfg, root):
+    """The training and validation sets: the training images less a held-out share, unless
+    --val_data_root or --val_labels name the validation images."""
+    whole = cfg.val_data_root or cfg.val_labels
+    split = dict(val_ratio=0) if whole else dict(val_ratio=cfg.val_ratio, folds=cfg.folds, fold=cfg.fold)
+    # a validation CSV of images in the training folder: they are left out of the training set
+    shared = cfg.val_labels and not cfg.val_data_root
+    held_out = frozenset(Path(path).name for path in validation_data(cfg).paths) if shared else frozenset()
+    train_data = labelled_data(cfg, 'train', root, 'train_labels', held_out=held_out, **split)
+    return train_data, validation_data(cfg, train_data.classes)
+
+
 def labelled_data(cfg, mode, root, labels, **split):
     """DogCat of root's labelled images in `mode` as the options say; labels: the option naming
     their CSV (train_labels, val_labels), if it is given, else the folder's layout says."""

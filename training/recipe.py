@@ -1,4 +1,4 @@
-"""The parts of the training recipe that options choose: the optimizer, the learning-rate
+"""The parts of the training recipe that options choose: the model as it trains, the optimizer, the learning-rate
 schedules, what changes a batch (random erasing, MixUp/CutMix) and the moving average of the
 weights, held together in a Training
 that engine.train_one_epoch() steps and checkpoint.py saves and restores."""
@@ -7,9 +7,17 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, LinearLR, ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import v2
+
+from config import UserError
+from models import build_model
+
+from .checkpoint import load_weights
+from .engine import on_device
 
 WARMUP_START = 0.01  # the warm-up's first steps run at this share of --lr
 
@@ -38,6 +46,32 @@ def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_cla
     return Training(
         model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, augment
     )
+
+
+def model_of(cfg, classes, rt, fresh=True):
+    """(model, model_without_ddp): the model the options make for `classes`, on the device, as it
+    trains; fresh: with its starting weights (--pretrained, --pretrained_path, --load_model_path)."""
+    model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
+    if cfg.freeze_features:
+        model.freeze_features()
+    if cfg.load_model_path:
+        load_weights(model, cfg.path('load_model_path'))
+    if cfg.sync_bn and rt.distributed:
+        if rt.device.type != 'cuda':
+            raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model = on_device(model, rt)
+    if rt.distributed:
+        model = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == 'cuda' else None)
+    if cfg.compile:
+        model = torch.compile(model)  # the same parameters
+    print(
+        f'{cfg.model}: {model_without_ddp.num_parameters():,} parameters on {rt.device}'
+        + (f' in each of {rt.world_size} processes' if rt.distributed else '')
+        + f', computing in {rt.precision}'
+        + (f' (--amp={cfg.amp})' if rt.dtype is not None else '')
+    )
+    return model, model_without_ddp
 
 
 def make_optimizer(model, cfg, device):
@@ -95,13 +129,14 @@ def batch_augment(cfg, num_classes):
     if cfg.cutmix_alpha:
         mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
     mix = v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
-    erase = v2.RandomErasing(p=cfg.random_erase) if cfg.random_erase else None
+    erase = v2.RandomErasing(p=cfg.random_erase, inplace=True) if cfg.random_erase else None
     if mix is None and erase is None:
         return None
 
     def augment(images, targets):
-        if erase is not None:  # v2 erases one rectangle per call: one call an image
-            images = torch.stack([erase(image) for image in images])
+        if erase is not None:  # v2 erases one rectangle per call: one call an image, in the batch itself
+            for image in images:
+                erase(image)
         return mix(images, targets) if mix is not None else (images, targets)
 
     return augment

@@ -21,11 +21,10 @@ from typing import NamedTuple
 import torch
 
 from config import NOT_RECIPE, DefaultConfig, UserError, whole_number
-from data.dataset import list_labelled
 from data.decode import load_rgb
 from models import check_options
 from training.checkpoint import load_one
-from training.engine import Predictions, infer_dataset, score, validation_data
+from training.engine import Predictions, infer_dataset, labelled_data, score, validation_data
 from utils.board import Board
 from utils.files import load_checkpoint, unused, write_csv
 from utils.run_folders import KfoldRecord, check_folder_name, point_latest
@@ -119,11 +118,10 @@ def checked(options, folds):
     cfg.check_values(options)
     check_options(cfg)
     root = cfg.require_dir('train_data_root')
-    labels = cfg.path('train_labels') if cfg.train_labels else None
-    _, targets, classes, *_ = list_labelled(root, None, labels, (cfg.image_column, cfg.label_column))
-    fewest, count = min(collections.Counter(targets).items(), key=lambda item: item[1])
+    data = labelled_data(cfg, 'train', root, 'train_labels', val_ratio=0)  # one class only: its UserError
+    fewest, count = min(collections.Counter(data.targets).items(), key=lambda item: item[1])
     if count < folds:
-        raise UserError(f'{root} has {count} images of {classes[fewest]}, fewer than --folds={folds}')
+        raise UserError(f'{root} has {count} images of {data.classes[fewest]}, fewer than --folds={folds}')
     return cfg
 
 

@@ -15,14 +15,37 @@ import shlex
 
 import torch
 
-from training.engine import Diverged, LossWindow, forward_backward, optimizer_step
+from config import UserError
+from training.engine import Diverged, LossWindow, forward_backward, make_loader, optimizer_step, training_data
+from training.recipe import make_training, model_of
 from utils.board import Board
-from utils.files import write_csv
+from utils.files import writable_folder, write_csv
 from utils.run_folders import new_run_dir
+from utils.runtime import runtime_of, seed_everything
 
 START, END = 1e-7, 10.0  # the range of rates tested
 SMOOTHING = 0.98  # the smoothed loss: this share of it, the rest from the step's loss
 DIVERGED = 4  # the test stops when the smoothed loss is this many times its lowest
+
+
+def run_lr_find(cfg, options, steps):
+    """The range test of a new run made with `cfg` (train's `options`, as given), in up to `steps`
+    optimizer steps, and its report."""
+    for option, why in (('resume', 'it tests the rates a new run could start at'), ('name', 'its folder is named')):
+        if getattr(cfg, option):
+            raise UserError(f'--{option}: lr_find writes a folder of its own ({why}); drop --{option}')
+    root = cfg.require_dir('train_data_root')
+    writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
+    with runtime_of(cfg) as rt:
+        seed_everything(cfg.seed)  # the data, order and weights a train with these options starts from
+        train_data, _ = training_data(cfg, root)
+        loader = make_loader(train_data, cfg, rt, shuffle=True)
+        model, model_without_ddp = model_of(cfg, train_data.classes, rt)
+        training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(loader),
+                                 num_classes=len(train_data.classes))  # fmt: skip
+        rates, losses = range_test(training, loader, rt, cfg, steps)
+        if rt.is_main:
+            report(cfg, options, rates, losses, rt.world_size)
 
 
 def range_test(training, loader, rt, cfg, steps):
@@ -63,16 +86,24 @@ def endless(loader):
     for epoch in itertools.count():
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
-        yield from (batch for batch in loader if batch.images is not None)
+        loaded = 0
+        for batch in loader:
+            if batch.images is not None:
+                loaded += 1
+                yield batch
+        if not loaded:
+            raise UserError(f'none of the {len(loader.dataset)} training images could be read')
 
 
 def suggestions(rates, losses):
-    """{name: rate}: where the smoothed loss falls fastest against log(rate) ('steepest'), and the
-    middle of its longest fall ('valley', fastai's default: it seldom lands on a spike). The first
-    tenth is left out: there the smoothed loss still leans on a few steps."""
+    """{name: rate}: the middle of the smoothed loss's longest fall ('valley', fastai's default: it
+    seldom lands on a spike), and where it falls fastest against log(rate) on its way to its
+    lowest ('steepest'). The first tenth is left out: there the smoothed loss still leans on a
+    few steps."""
     skip = len(losses) // 10
     rates, losses = rates[skip:], losses[skip:]
-    slopes = torch.gradient(torch.tensor(losses), spacing=(torch.tensor(rates).log(),))[0]
+    falling = max(losses.index(min(losses)) + 1, 2)  # up to the lowest (a gradient needs two points)
+    slopes = torch.gradient(torch.tensor(losses[:falling]), spacing=(torch.tensor(rates[:falling]).log(),))[0]
     return {'valley': rates[valley(losses)], 'steepest': rates[int(slopes.argmin())]}
 
 
@@ -91,7 +122,7 @@ def report(cfg, options, rates, losses, processes=1):
     """Write the test's folder (lr_find.png, lr_find.csv, TensorBoard's curve) and print the
     suggestions, with the command that trains at one in as many `processes`."""
     suggested = suggestions(rates, losses)
-    folder = new_run_dir(cfg.path('checkpoint_dir'), f'lr_find-{cfg.model}', cfg.name)
+    folder = new_run_dir(cfg.path('checkpoint_dir'), f'lr_find-{cfg.model}')
     rows = [(f'{rate:.4e}', f'{loss:.6f}') for rate, loss in zip(rates, losses)]
     write_csv(folder / 'lr_find.csv', [('lr', 'smoothed_loss'), *rows])
     plot(rates, losses, suggested, folder / 'lr_find.png')
@@ -104,7 +135,7 @@ def report(cfg, options, rates, losses, processes=1):
     print(f'lr_find: {len(rates)} steps at rates from {START:.0e} to {rates[-1]:.1e}, {ended}')
     print(f'the smoothed loss against the rate: {folder / "lr_find.png"} and TensorBoard')
     print(f'suggested --lr: {suggested["valley"]:.1e} (valley), {suggested["steepest"]:.1e} (steepest fall)')
-    given = [f'--{key}={shlex.quote(str(value))}' for key, value in options.items() if key not in ('lr', 'name')]
+    given = [f'--{key}={shlex.quote(str(value))}' for key, value in options.items() if key != 'lr']
     launch = 'python main.py' if processes == 1 else f'torchrun --nproc_per_node={processes} main.py'
     print(' '.join([launch, 'train', *given, f'--lr={suggested["valley"]:.1e}']))
     return suggested
