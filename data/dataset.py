@@ -167,7 +167,7 @@ def _named_in_csv(root, file, image_column='', label_column='', held_out=frozens
     for name in images:  # sorted: an id names x.jpg rather than x.png
         by_name.setdefault(Path(name).stem, name)
     if header[i] in by_name:
-        raise UserError(f'{file}: its first line names the image {header[i]}; a CSV of labels starts with a header line')
+        raise UserError(f'{file}: its first line names the image {header[i]}; the CSV needs a header line first')
     samples, used = {}, set()
     left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': [], 'validation images': []}
     for line, row in enumerate(lines[1:], start=2):

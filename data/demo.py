@@ -22,8 +22,9 @@ def make_demo_data(
     says (label noise for kfold's suspect list), listed in root/flipped.txt.
     layout 'kaggle': train/cat.N.jpg ..., test1/N.jpg (ids from 1); 'folders': train/<class>/N.jpg,
     test1/photo-N.jpg; 'csv': train/img-N.jpg with their labels in train.csv (id,label), as
-    later competitions ship them, and test1/photo-N.jpg. blur: a Gaussian blur's radius, as a lens softens a photo; it sets the
-    bytes a file takes, so its decoding time: 1.5 gives files a little larger than Kaggle's.
+    later competitions ship them, and test1/photo-N.jpg. blur: a Gaussian blur's radius, as a
+    lens softens a photo; it sets the bytes a file takes, so its decoding time: 1.5 gives files
+    a little larger than Kaggle's.
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -44,7 +45,7 @@ def make_demo_data(
         rows.append((f'img-{i}', names[label]))
         drawn = (label + int(flips.integers(1, classes))) % classes if i in flipped else label
         _draw(drawn, rng, sizes, blur).save(root / 'train' / file, quality=int(rng.integers(75, 96)))
-        wrong += [file] if i in flipped else []
+        wrong += [rows[-1][0] if layout == 'csv' else file] if i in flipped else []  # as kfold names it
     if layout == 'csv':
         (root / 'train.csv').write_text(''.join(f'{id_},{label}\n' for id_, label in rows))
     (root / 'flipped.txt').unlink(missing_ok=True)  # a list of an earlier call's

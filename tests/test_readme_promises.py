@@ -11,6 +11,7 @@ import torch
 
 import main
 from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main
+from models import build_model
 from training import report
 from training.checkpoint import load_weights
 from utils.files import load_checkpoint
@@ -91,7 +92,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stoppe
 def test_squeezenet_learns_at_the_default_learning_rate(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=2))  # SqueezeNet at --lr=0.001
     assert all(abs(r['train_loss'] - math.log(2)) > 1e-3 for r in records(tmp_path))
-    model = load_weights(main.build_model('SqueezeNet'), newest_run(tmp_path / 'checkpoints') / 'last.pth').eval()
+    model = load_weights(build_model('SqueezeNet'), newest_run(tmp_path / 'checkpoints') / 'last.pth').eval()
     with torch.no_grad():
         answers = model(torch.randn(8, 3, 32, 32)).softmax(1)[:, 1]
     assert answers.std() > 1e-4  # not one answer for every image

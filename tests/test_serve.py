@@ -23,6 +23,7 @@ import requests
 
 import main
 from conftest import ROOT, fast_options, newest_run
+from models import build_model
 
 pytestmark = pytest.mark.slow  # a server in a process of its own
 
@@ -247,7 +248,7 @@ def test_requests_that_wait_go_through_the_model_together_each_with_its_own_answ
     from verbs.serve import Classifier
 
     torch.manual_seed(0)
-    model, batches, release = main.build_model('ResNet34', 2).eval(), [], threading.Event()
+    model, batches, release = build_model('ResNet34', 2).eval(), [], threading.Event()
 
     class Counting(torch.nn.Module):  # the model, holding its first batch until the others wait
         def __init__(self):

@@ -19,6 +19,7 @@ from conftest import as_flags, assert_one_line_error, fast_options, newest_run, 
 from data import DogCat
 from data.demo import _draw, make_demo_data
 from data.transforms import model_input
+from models import build_model
 from training.checkpoint import load_trained
 from training.explain import find_layer, heatmaps, overlay
 from training.report import LOOKED
@@ -172,14 +173,14 @@ def test_the_layer_is_found_in_every_kind_of_model_and_can_be_named():
         ('AlexNet', 64, 'net.features.10'),
         ('mobilenet_v3_small', 64, 'net.features'),
     ):
-        model = main.build_model(name, 2).eval()
+        model = build_model(name, 2).eval()
         assert find_layer(model, size)[0] == layer, name
         maps = heatmaps(model, torch.randn(2, 3, size, size), torch.tensor([0, 1]), layer)
         assert maps.shape == (2, size, size) and 0 <= maps.min() and maps.max() <= 1
     with pytest.raises(
         UserError, match=r'--cam_layer=.net.layer5.: ResNet34 has no layer of that name; did you mean .*net.layer4'
     ):
-        find_layer(main.build_model('ResNet34', 2), 64, 'net.layer5')
+        find_layer(build_model('ResNet34', 2), 64, 'net.layer5')
 
 
 def test_dashboards_show_where_the_model_looked_and_leave_training_as_it_was(tmp_path, one_picture, monkeypatch):
@@ -349,7 +350,7 @@ def test_the_dashboards_map_is_the_predicted_classs_at_the_layer_asked_for(tiny_
     from utils.runtime import Runtime
 
     torch.manual_seed(0)
-    model, classes = main.build_model('ResNet34', 2).eval(), ['cat', 'dog']
+    model, classes = build_model('ResNet34', 2).eval(), ['cat', 'dog']
     data = DogCat(tiny_data / 'train', 'val', 32, classes=classes)
     labels = torch.tensor([data[i][1] for i in range(4)])
     wrong = 1 - labels  # the most-wrong images: every prediction the other class
