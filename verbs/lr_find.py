@@ -31,7 +31,7 @@ DIVERGED = 4  # the test stops when the smoothed loss is this many times its low
 def run_lr_find(cfg, options, steps):
     """The range test of a new run made with `cfg` (train's `options`, as given), in up to `steps`
     optimizer steps, and its report."""
-    for option, why in (('resume', 'it tests the rates a new run could start at'), ('name', 'its folder is named')):
+    for option, why in (('resume', 'it tests the rates a new run starts at'), ('name', '<time>-lr_find-<model>')):
         if getattr(cfg, option):
             raise UserError(f'--{option}: lr_find writes a folder of its own ({why}); drop --{option}')
     root = cfg.require_dir('train_data_root')
