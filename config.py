@@ -157,11 +157,7 @@ class DefaultConfig:
             ('folds', self.folds == 0 or self.folds >= 2, '0 (off) or a whole number >= 2'),
             ('fold', 1 <= self.fold <= self.folds or self.fold == self.folds == 0, 'a whole number from 1 to --folds'),
             ('crop_scale', 0 < self.crop_scale <= 1, 'a number in (0, 1]'),
-            (
-                'auto_augment',
-                self.auto_augment in ('', 'trivial', 'rand', 'augmix'),
-                'trivial, rand or augmix (empty: off)',
-            ),
+            ('auto_augment', self.auto_augment in ('', 'trivial', 'rand', 'augmix'), 'trivial, rand or augmix'),
             ('random_erase', 0 <= self.random_erase <= 1, 'a number in [0, 1]'),
             ('image_column', self.train_labels or self.val_labels or not self.image_column, NO_CSV),
             ('label_column', self.train_labels or self.val_labels or not self.label_column, NO_CSV),

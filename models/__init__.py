@@ -75,14 +75,5 @@ def imagenet_state(weights):
     return load_checkpoint(file), file
 
 
-__all__ = [
-    'AlexNet',
-    'BasicModule',
-    'FoldEnsemble',
-    'MODELS',
-    'ResNet34',
-    'SqueezeNet',
-    'TimmModel',
-    'TorchvisionModel',
-]
-__all__ += ['build_model', 'check_options']
+__all__ = ['AlexNet', 'BasicModule', 'FoldEnsemble', 'MODELS', 'ResNet34', 'SqueezeNet', 'TimmModel']
+__all__ += ['TorchvisionModel', 'build_model', 'check_options']

@@ -43,6 +43,9 @@ def test_unknown_option_far_from_any_points_to_help():
         ('use_gpu', 'maybe', r'--use_gpu=.maybe. is invalid; it takes True or False'),
         ('model', 'ResNet35', r'--model=.ResNet35. is invalid; it takes one of ResNet34, SqueezeNet, AlexNet'),
         ('val_ratio', 1.0, r'--val_ratio=1.0 is invalid'),
+        ('auto_augment', 'ta_wide', r"--auto_augment='ta_wide' is invalid; it takes trivial, rand or augmix"),
+        ('random_erase', 1.5, r'--random_erase=1.5 is invalid; it takes a number in \[0, 1\]'),
+        ('image_column', 'name', r"--image_column='name' is invalid; it takes a column of the CSV of --train_labels"),
     ],
 )
 def test_bad_values_name_the_option_and_what_it_accepts(key, value, message):
