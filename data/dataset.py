@@ -171,7 +171,8 @@ def _named_in_csv(root, file, image_column='', label_column='', held_out=frozens
     samples, used = {}, set()
     left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': [], 'validation images': []}
     for line, row in enumerate(lines[1:], start=2):
-        id_, label = (row + [''] * len(header))[i].strip(), (row + [''] * len(header))[j].strip()
+        row = row + [''] * len(header)  # a short row's missing cells are empty
+        id_, label = row[i].strip(), row[j].strip()
         image = by_name.get(id_)
         if id_ in used:
             left_out['duplicate ids'].append(id_)
