@@ -13,6 +13,7 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from config import UserError
 
@@ -26,36 +27,35 @@ TEST_NAME = re.compile(r'(\d+)' + EXTENSIONS, re.IGNORECASE)
 WARNED = set()  # the CSV warnings printed by this process
 
 
+class Split(NamedTuple):
+    """Which images of a labelled folder a DogCat takes: its mode's share, stratified by class."""
+
+    val_ratio: float = 0.3  # share of each class held out for 'val'; 0: the whole folder for either mode
+    seed: int = 0  # the same seed, the same split
+    folds: int = 0  # instead of val_ratio: 'val' is fold `fold` (from 1) of this many folds, 'train' the rest
+    fold: int = 0
+    held_out: frozenset = frozenset()  # file names left out first (a validation CSV's, over the same folder)
+
+
+class Labels(NamedTuple):
+    """A CSV of ids and labels that names the images of a folder, instead of the folder's layout."""
+
+    file: str
+    image_column: str = ''  # empty: id, else the first column
+    label_column: str = ''  # empty: label, else the second column
+
+
 class DogCat(ImageFiles):
-    """Samples of one of the modes 'train', 'val' (a held-out share of the folder) or 'test'.
+    """Samples of one of the modes 'train', 'val' (the `split` share of a labelled folder) or 'test'.
 
     The target is the class index (train, val) or, in a Kaggle test folder, the id; `ids` has
-    the id of every image (of a labelled one: its CSV id, else its path). val_ratio=0 takes the
-    whole folder (data that comes split). folds, fold: hold out fold `fold` (from 1) of `folds`
-    stratified folds instead of val_ratio. `classes`: the classes the model knows; the folder may
-    lack some of them, not add others. labels: a CSV of ids and labels (its `columns`, by name)
-    naming the images of root, instead of the folder's layout; held_out: image file names it leaves
-    out (those of a validation CSV over the same folder). crop_scale, hflip, policy: the
-    training images' augmentation (data.transforms.train_transform).
+    the id of every image (of a labelled one: its CSV id, else its path). `classes`: the classes
+    the model knows; the folder may lack some of them, not add others. labels: the Labels naming
+    the images instead of the folder's layout. transform: the training images' augmentation
+    (default: data.transforms.train_transform(image_size)).
     """
 
-    def __init__(
-        self,
-        root,
-        mode='train',
-        image_size=224,
-        val_ratio=0.3,
-        seed=0,
-        crop_scale=0.08,
-        hflip=True,
-        policy='',
-        classes=None,
-        folds=0,
-        fold=0,
-        labels=None,
-        columns=('', ''),
-        held_out=frozenset(),
-    ):
+    def __init__(self, root, mode='train', image_size=224, split=Split(), classes=None, labels=None, transform=None):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
         root = Path(root)
@@ -67,28 +67,29 @@ class DogCat(ImageFiles):
             self.classes, self.layout = list(classes or ()), 'test images'
             targets = [i if isinstance(i, int) else n for n, i in enumerate(self.ids)]
         else:
-            listed = list_labelled(root, classes, labels, columns, held_out, count_unnamed=mode == 'train')
+            listed = list_labelled(root, classes, labels, split.held_out, count_unnamed=mode == 'train')
             paths, targets, self.classes, self.layout, self.ignored, self.ids = listed
-            if val_ratio or folds:
-                kept = _split(targets, len(self.classes), val_ratio, seed, folds, fold)[mode]
+            if split.val_ratio or split.folds:
+                kept = _split(targets, len(self.classes), split)[mode]
                 paths, targets, self.ids = ([column[i] for i in kept] for column in (paths, targets, self.ids))
                 if not paths:
-                    raise UserError(f'{root}: too few images to hold out a {mode} split at val_ratio={val_ratio}')
+                    raise UserError(f'{root}: too few images to hold out a {mode} split at val_ratio={split.val_ratio}')
         if mode == 'train':
-            super().__init__(paths, targets, train_transform(image_size, crop_scale, hflip, policy))
+            super().__init__(paths, targets, transform or train_transform(image_size))
         else:  # a JPEG may be decoded straight to a smaller scale, never below image_size
             super().__init__(paths, targets, eval_transform(image_size), draft=image_size)
 
 
-def list_labelled(root, classes=None, labels=None, columns=('', ''), held_out=frozenset(), count_unnamed=True):
+def list_labelled(root, classes=None, labels=None, held_out=frozenset(), count_unnamed=True):
     """(paths, targets, classes, layout, ignored names, ids) of a training folder in either layout,
-    or of the images in it that the CSV file `labels` names (ids: the CSV's, else the paths);
-    columns: the CSV's (image id, label) columns, by name, empty for the usual ones."""
+    or of the images in it that the Labels `labels` name (ids: the CSV's, else the paths), less
+    the files held_out."""
     if labels:
-        samples, ignored = _named_in_csv(root, labels, *columns, held_out, count_unnamed)
-        layout, by_class = f'labels from {Path(labels).name}', _class_order
+        samples, ignored = _named_in_csv(root, labels, held_out, count_unnamed)
+        layout, by_class = f'labels from {Path(labels.file).name}', _class_order
     else:
         samples, layout, ignored = _listed(root)
+        samples = {c: kept for c, files in samples.items() if (kept := [f for f in files if f[1] not in held_out])}
         by_class = None
     found = sorted(samples, key=by_class)
     if classes is None:
@@ -142,12 +143,13 @@ def _listed(root):
     return {c: [(file, file) for file in files] for c, files in samples.items()}, layout, ignored
 
 
-def _named_in_csv(root, file, image_column='', label_column='', held_out=frozenset(), count_unnamed=True):
-    """({label: [(id, file name)]}, unnamed image files) of the rows of the CSV `file` whose image
-    is in root and not held_out; an id matches a file name with or without its extension. What does
-    not match (an id without an image, a duplicate id, an empty label, an image held out, and with
-    count_unnamed an image without an id) is counted in one warning line, each kind once a process,
-    and is an error only when nothing is left."""
+def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
+    """({label: [(id, file name)]}, unnamed image files) of the rows of the CSV of `labels` whose
+    image is in root and not held_out; an id matches a file name with or without its extension. What
+    does not match (an id without an image, a duplicate id, an empty label, an image held out, and
+    with count_unnamed an image without an id) is counted in one warning line, each kind once a
+    process, and is an error only when nothing is left."""
+    file = labels.file
     try:
         with open(file, newline='', encoding='utf-8-sig') as f:
             lines = [row for row in csv.reader(f) if row]
@@ -156,8 +158,8 @@ def _named_in_csv(root, file, image_column='', label_column='', held_out=frozens
     header = lines[0] if lines else []
     if len(header) < 2:
         raise UserError(f'{file} is not a CSV of labels: its first line should name an id and a label column')
-    image_column = image_column or ('id' if 'id' in header else header[0])
-    label_column = label_column or ('label' if 'label' in header else header[1])
+    image_column = labels.image_column or ('id' if 'id' in header else header[0])
+    label_column = labels.label_column or ('label' if 'label' in header else header[1])
     for option, name in (('image_column', image_column), ('label_column', label_column)):
         if name not in header:
             raise UserError(f'{file} has no column {name!r} (--{option}); its columns: {", ".join(header)}')
@@ -251,15 +253,18 @@ def list_unlabelled(root):
     return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
 
 
-def _split(targets, n_classes, val_ratio, seed, folds=0, fold=0):
-    """{'train': indices, 'val': indices}, each class split on its own (stratified) and shuffled
-    by `seed`: same seed, same split. With `folds`, fold `fold` (from 1) is held out: every
+def _split(targets, n_classes, split):
+    """{'train': indices, 'val': indices}, each class split on its own (stratified) and shuffled by
+    split.seed: same seed, same split. With split.folds, fold split.fold (from 1) is held out: every
     folds-th image of each class, so that folds 1 to `folds` hold each image once."""
     parts = {'train': [], 'val': []}
     for label in range(n_classes):
         members = [i for i, t in enumerate(targets) if t == label]
-        random.Random(seed).shuffle(members)
-        held = members[fold - 1 :: folds] if folds else members[: round(len(members) * val_ratio)]
+        random.Random(split.seed).shuffle(members)
+        if split.folds:
+            held = members[split.fold - 1 :: split.folds]
+        else:
+            held = members[: round(len(members) * split.val_ratio)]
         out = set(held)
         parts['val'] += held
         parts['train'] += [i for i in members if i not in out]

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from config import UserError
-from data import DogCat, collate_fn, decode
+from data import DogCat, Split, collate_fn, decode
 from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
 
@@ -25,8 +25,8 @@ def labelled_names(n_per_class):
 def test_labels_come_from_the_file_name_not_the_folder(tmp_path):
     # the original template read the label from the whole path: everything under .../dog/... was a dog
     root = write_images(tmp_path / 'dog' / 'dogs-and-cats', ['cat.1.jpg', 'cat.2.JPG', 'dog.3.jpeg', 'Dog.4.PNG'])
-    data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
-    val = DogCat(root, 'val', image_size=32, val_ratio=0.5)
+    data = DogCat(root, 'train', image_size=32, split=Split(0.5))
+    val = DogCat(root, 'val', image_size=32, split=Split(0.5))
     labels = {p.rsplit('/', 1)[1]: t for p, t in zip(data.paths + val.paths, data.targets + val.targets)}
     assert labels == {'cat.1.jpg': 0, 'cat.2.JPG': 0, 'dog.3.jpeg': 1, 'Dog.4.PNG': 1}
 
@@ -44,7 +44,7 @@ def test_names_that_are_not_samples_are_ignored_and_counted(tmp_path):
     root = write_images(tmp_path, labelled_names(2) + ['notes.jpg', 'cat.jpg', '12.jpg'])
     (root / 'readme.txt').write_text('hello')
     (root / 'sub').mkdir()
-    data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
+    data = DogCat(root, 'train', image_size=32, split=Split(0.5))
     assert data.ignored == ['12.jpg', 'cat.jpg', 'notes.jpg', 'readme.txt', 'sub']
 
 
@@ -61,19 +61,19 @@ def test_a_missing_folder_is_a_clear_error(tmp_path):
 
 def test_split_is_disjoint_complete_stratified_and_deterministic(tmp_path):
     root = write_images(tmp_path, labelled_names(10))
-    train = DogCat(root, 'train', val_ratio=0.3, seed=5)
-    val = DogCat(root, 'val', val_ratio=0.3, seed=5)
+    train = DogCat(root, 'train', split=Split(0.3, 5))
+    val = DogCat(root, 'val', split=Split(0.3, 5))
     assert not set(train.paths) & set(val.paths)
     assert len(set(train.paths) | set(val.paths)) == 20
     assert sorted(val.targets) == [0, 0, 0, 1, 1, 1]  # 30 % of each class
-    assert DogCat(root, 'val', val_ratio=0.3, seed=5).paths == val.paths
-    assert DogCat(root, 'val', val_ratio=0.3, seed=6).paths != val.paths
+    assert DogCat(root, 'val', split=Split(0.3, 5)).paths == val.paths
+    assert DogCat(root, 'val', split=Split(0.3, 6)).paths != val.paths
 
 
 def test_transforms_give_the_configured_size(tmp_path):
     root = write_images(tmp_path, labelled_names(3), size=(90, 50))
     for mode in ('train', 'val'):
-        image, label, _ = DogCat(root, mode, image_size=48, val_ratio=0.4)[0]
+        image, label, _ = DogCat(root, mode, image_size=48, split=Split(0.4))[0]
         assert image.shape == (3, 48, 48)
 
 
@@ -105,7 +105,7 @@ def test_a_batch_of_only_bad_images_collates_to_none():
 
 def test_dataset_keeps_paths_not_images(tmp_path):
     root = write_images(tmp_path, labelled_names(3))
-    data = DogCat(root, 'train', val_ratio=0.4)
+    data = DogCat(root, 'train', split=Split(0.4))
     assert all(isinstance(p, str) for p in data.paths)
     assert set(vars(data)) == {'mode', 'ignored', 'paths', 'targets', 'transform', 'draft', 'classes', 'layout', 'ids'}
     assert data.ids == data.paths  # no CSV: an image's id is its path
@@ -115,7 +115,7 @@ def test_dataset_keeps_paths_not_images(tmp_path):
 def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
     root = write_images(tmp_path, labelled_names(1))
     with pytest.raises(UserError, match='too few images to hold out a val split'):
-        DogCat(root, 'val', val_ratio=0.3)
+        DogCat(root, 'val', split=Split(0.3))
 
 
 def pillow_pixels(path, draft=None):

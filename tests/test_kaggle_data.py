@@ -4,6 +4,7 @@ import csv
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +12,11 @@ import torch
 import main
 from config import ROOT, DefaultConfig, UserError
 from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
-from data import DogCat
+from data import DogCat, Labels, Split
 from data.demo import make_demo_data
 from data.transforms import MEAN, STD
 from models import build_model, check_options
+from training import engine
 from utils.files import load_checkpoint
 
 
@@ -53,7 +55,7 @@ def test_a_csv_names_the_images_and_what_does_not_match_is_counted_in_one_line(t
             ('d', '', 'x'),  # no label
         ],
     )
-    data = DogCat(folder, 'train', val_ratio=0, labels=labels, columns=('name', 'kind'))
+    data = DogCat(folder, 'train', split=Split(0), labels=Labels(labels, 'name', 'kind'))
     assert data.classes == ['2', '10']  # numbers sorted as numbers
     assert sorted(zip(data.ids, data.targets)) == [('a.jpg', 1), ('b', 0), ('c', 1)]
     assert sorted(p.rsplit('/', 1)[1] for p in data.paths) == ['a.jpg', 'b.jpg', 'c.png']
@@ -127,6 +129,16 @@ def test_a_validation_csv_names_the_validation_images(tmp_path, csv_data, capsys
     main.val(**where, val_labels=str(write_rows(tmp_path / 'val5.csv', rows[:1] + rows[31:36])))
     assert '5 validation images' in capsys.readouterr().out
 
+
+
+def test_a_validation_csv_over_a_kaggle_folder_takes_its_images_out_of_training(tmp_path, tiny_data):
+    names = ['cat.0.jpg', 'cat.1.jpg', 'cat.2.jpg', 'dog.0.jpg', 'dog.1.jpg', 'dog.2.jpg']
+    val = write_rows(tmp_path / 'val.csv', [('id', 'label'), *((name, name.split('.')[0]) for name in names)])
+    cfg = DefaultConfig()
+    cfg.check_values(fast_options(tmp_path, tiny_data, val_labels=str(val)))
+    train_data, val_data = engine.training_data(cfg, tiny_data / 'train')
+    assert sorted(Path(p).name for p in val_data.paths) == names
+    assert len(train_data) == 40 - len(names) and not set(train_data.paths) & set(val_data.paths)
 
 @pytest.mark.slow
 def test_kfold_on_csv_data_names_the_csv_ids(tmp_path, csv_data):

@@ -210,10 +210,10 @@ def test_val_figures_are_those_of_a_model_whose_answers_are_known(tmp_path, tiny
 def test_evaluate_counts_every_validation_image_once(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data)
     from config import DefaultConfig
-    from data import DogCat
+    from data import DogCat, Split
 
     cfg = DefaultConfig().parse(options)
-    data = DogCat(tiny_data / 'train', 'val', 32, cfg.val_ratio, cfg.seed)
+    data = DogCat(tiny_data / 'train', 'val', 32, split=Split(cfg.val_ratio, cfg.seed))
     model = SqueezeNet().eval()
     rt = Runtime(torch.device('cpu'))
     metrics = engine.score(engine.infer(model, engine.make_loader(data, cfg, rt), rt))

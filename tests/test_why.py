@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import main
 from config import DefaultConfig, UserError
 from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
-from data import DogCat
+from data import DogCat, Split
 from data.demo import _draw, make_demo_data
 from data.transforms import model_input
 from models import build_model
@@ -82,9 +82,9 @@ def test_every_training_image_is_predicted_once_by_the_model_that_did_not_train_
     parent, options = trained_folds
     oof = rows(parent / 'oof.csv')
     files = [row['file'] for row in oof]
-    assert sorted(files) == sorted(DogCat(flipped_demo / 'train', 'train', val_ratio=0).paths)
+    assert sorted(files) == sorted(DogCat(flipped_demo / 'train', 'train', split=Split(0)).paths)
     for k in range(1, FOLDS + 1):
-        trained_on = set(DogCat(flipped_demo / 'train', 'train', folds=FOLDS, fold=k).paths)
+        trained_on = set(DogCat(flipped_demo / 'train', 'train', split=Split(folds=FOLDS, fold=k)).paths)
         assert not trained_on & {row['file'] for row in oof if row['fold'] == str(k)}
     # fold 2's rows are fold 2's model's own predictions, and val on fold 2 takes its split
     held = [row for row in oof if row['fold'] == '2']
@@ -327,10 +327,11 @@ def test_kfold_scores_each_fold_on_the_images_it_held_out_at_any_seed(tmp_path, 
     kfold.run_kfold(options, 2, train=main.train_with)
     oof = rows(tmp_path / 'checkpoints' / 'seeded' / 'oof.csv')
     root = tiny_data / 'train'
-    assert sorted(row['file'] for row in oof) == sorted(DogCat(root, 'train', val_ratio=0).paths)
+    assert sorted(row['file'] for row in oof) == sorted(DogCat(root, 'train', split=Split(0)).paths)
     for k in (1, 2):
         held = {row['file'] for row in oof if row['fold'] == str(k)}
-        trained_on = set(DogCat(root, 'train', 32, seed=1, folds=2, fold=k).paths)  # as the fold's run split them
+        # as the fold's run split them
+        trained_on = set(DogCat(root, 'train', 32, split=Split(seed=1, folds=2, fold=k)).paths)
         assert held and not held & trained_on
 
 

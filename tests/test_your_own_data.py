@@ -11,10 +11,10 @@ from PIL import Image
 import main
 from config import UserError
 from conftest import as_flags, assert_one_line_error, fast_options, imagenet_weights_in_cache, newest_run, run_main
-from data import DogCat
+from data import DogCat, Split
 from data.decode import load_pixels
 from data.demo import make_demo_data
-from data.transforms import eval_transform
+from data.transforms import eval_transform, train_transform
 from models import SqueezeNet, build_model
 from utils.files import load_checkpoint
 
@@ -136,7 +136,7 @@ def kaggle_names(root, counts):
 
 def test_the_kaggle_layout_takes_any_class_word(tmp_path):
     root = kaggle_names(tmp_path / 'train', {'fox': 4, 'owl': 4, 'cat': 4})
-    data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
+    data = DogCat(root, 'train', image_size=32, split=Split(0.5))
     assert data.classes == ['cat', 'fox', 'owl'] and data.layout.startswith('Kaggle layout')
     assert sorted(data.targets) == [0, 0, 1, 1, 2, 2]
 
@@ -181,7 +181,7 @@ def test_petimages_layout_skips_unreadable_files_and_ignores_the_rest(tmp_path, 
     main.train(**fast_options(tmp_path, tiny_data, train_data_root=str(root), val_ratio=0.5))
     record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == 2 and record['classes'] == ['Cat', 'Dog']
-    data = DogCat(root, 'train', image_size=32, val_ratio=0.5)
+    data = DogCat(root, 'train', image_size=32, split=Split(0.5))
     assert data.ignored == ['Cat/Thumbs.db', 'Dog/Thumbs.db']
 
 
@@ -189,10 +189,10 @@ def test_augmentation_options_are_stored_and_turn_the_randomness_off(tmp_path, t
     main.train(**fast_options(tmp_path, tiny_data, crop_scale=1.0, hflip=False))
     config = load_checkpoint(newest_run(tmp_path / 'checkpoints') / 'last.pth')['config']
     assert (config['crop_scale'], config['hflip']) == (1.0, False)
-    train = DogCat(tiny_data / 'train', 'train', 32, crop_scale=1.0, hflip=False)
+    train = DogCat(tiny_data / 'train', 'train', 32, transform=train_transform(32, crop_scale=1.0, hflip=False))
     image, _, index = train[0]  # no crop, no mirror: the central square, as evaluation sees it
     assert torch.equal(image, eval_transform(32)(load_pixels(train.paths[index])))
-    flipping = DogCat(tiny_data / 'train', 'train', 32, crop_scale=1.0, hflip=True)
+    flipping = DogCat(tiny_data / 'train', 'train', 32, transform=train_transform(32, crop_scale=1.0, hflip=True))
     flips = {bool((flipping[0][0] != image).any()) for _ in range(20)}
     assert flips == {False, True}  # mirrored half the time, else the same square
 

@@ -26,10 +26,10 @@ from torch import nn
 from torchvision import transforms as classic
 
 from config import ROOT, DefaultConfig
-from data import DogCat, ImageFiles
+from data import DogCat, ImageFiles, Split
 from data.decode import load_pixels, load_rgb
 from data.demo import make_demo_data
-from data.transforms import MEAN, POLICIES, STD
+from data.transforms import MEAN, POLICIES, STD, train_transform
 from models import build_model
 from training import engine
 from training.recipe import Training
@@ -122,7 +122,7 @@ def loop_efficiency(root, args, model_name, vis_port, out):
         return steps * cfg.batch_size / (time.perf_counter() - started)
 
     bare_steps(2)  # warm-up: allocator, kernel choice
-    train = DogCat(root / 'train', 'train', cfg.image_size, cfg.val_ratio)
+    train = DogCat(root / 'train', 'train', cfg.image_size, split=Split(cfg.val_ratio))
     steps = max(2, min(len(train) // cfg.batch_size, round(bare_steps(3) * args.epoch_seconds / cfg.batch_size)))
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: steps * cfg.batch_size]
     train = ImageFiles([train.paths[i] for i in chosen], [train.targets[i] for i in chosen], train.transform)
@@ -168,7 +168,7 @@ def pictures(root, args, model_name, loop_rate, out):
     cfg = options(root, args, model_name, vis=False)
     rt = runtime_of(cfg, args)
     model = engine.on_device(build_model(model_name), rt)  # untrained: about half the images are wrong
-    val_data = DogCat(root / 'train', 'val', cfg.image_size, cfg.val_ratio)
+    val_data = DogCat(root / 'train', 'val', cfg.image_size, split=Split(cfg.val_ratio))
     training = Training(model=model, model_without_ddp=model, criterion=nn.CrossEntropyLoss(), optimizer=None,
                         step_scheduler=None, epoch_scheduler=None, scaler=None, ema=None, augment=None)  # fmt: skip
     metrics = engine.validate(training, engine.make_loader(val_data, cfg, rt), rt)
@@ -207,7 +207,7 @@ def loader_headroom(root, args, out):
     """One worker's work per image: decode + train transform, against decode alone and against
     the classic recipe that resamples twice."""
     torch.set_num_threads(1)  # as in a DataLoader worker
-    data = DogCat(root / 'train', 'train', args.image_size, 0.1)
+    data = DogCat(root / 'train', 'train', args.image_size, split=Split(0.1))
     paths = data.paths
     classic_recipe = classic.Compose(
         [
@@ -231,7 +231,8 @@ def loader_headroom(root, args, out):
     old = rate(lambda i: classic_recipe(load_rgb(paths[i])))  # Pillow's image, as the recipe wants
     policies = {}
     for policy in POLICIES:  # --auto_augment: what each policy costs a worker
-        augmented = DogCat(root / 'train', 'train', args.image_size, 0.1, policy=policy)
+        transform = train_transform(args.image_size, policy=policy)
+        augmented = DogCat(root / 'train', 'train', args.image_size, split=Split(0.1), transform=transform)
         policies[policy] = rate(augmented.__getitem__)
     torch.set_num_threads(args.threads)
     out['transform/decode'] = ratio('2a. train transform / decode only', ours, decode)

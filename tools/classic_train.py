@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from config import DefaultConfig
-from data import DogCat
+from data import DogCat, Split
 from data.transforms import MEAN, STD
 from models import build_model
 
@@ -49,7 +49,8 @@ def main():
     device, size = torch.device(args.device), args.image_size
 
     # the same files as main.py's split; only the way they are read and transformed differs
-    listing = {mode: DogCat(args.train_data_root, mode, size, args.val_ratio, args.seed) for mode in ('train', 'val')}
+    split = Split(args.val_ratio, args.seed)
+    listing = {mode: DogCat(args.train_data_root, mode, size, split=split) for mode in ('train', 'val')}
     normalize = T.Normalize(MEAN, STD)
     transforms = {
         'train': T.Compose(

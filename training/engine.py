@@ -18,8 +18,8 @@ from torchnet import meter
 from tqdm import tqdm
 
 from config import UserError
-from data import DogCat, collate_fn
-from data.transforms import model_input
+from data import DogCat, Labels, Split, collate_fn
+from data.transforms import model_input, train_transform
 from utils.runtime import runtime_of, seed_everything
 
 # Kaggle scores log loss, which punishes a confident mistake without bound: keep every
@@ -247,22 +247,20 @@ def infer_dataset(cfg, model, data, tta=False):
 def training_data(cfg, root):
     """The training and validation sets: the training images less a held-out share, unless
     --val_data_root or --val_labels name the validation images."""
-    whole = cfg.val_data_root or cfg.val_labels
-    split = dict(val_ratio=0) if whole else dict(val_ratio=cfg.val_ratio, folds=cfg.folds, fold=cfg.fold)
-    # a validation CSV of images in the training folder: they are left out of the training set
-    shared = cfg.val_labels and not cfg.val_data_root
-    held_out = frozenset(Path(path).name for path in validation_data(cfg).paths) if shared else frozenset()
-    train_data = labelled_data(cfg, 'train', root, 'train_labels', held_out=held_out, **split)
+    split = Split(0) if cfg.val_data_root or cfg.val_labels else split_of(cfg)
+    if cfg.val_labels and not cfg.val_data_root:
+        # a validation CSV of images in the training folder: they are left out of the training set
+        split = split._replace(held_out=frozenset(Path(path).name for path in validation_data(cfg).paths))
+    train_data = labelled_data(cfg, 'train', root, 'train_labels', split)
     return train_data, validation_data(cfg, train_data.classes)
 
 
-def labelled_data(cfg, mode, root, labels, **split):
+def labelled_data(cfg, mode, root, labels, split, classes=None):
     """DogCat of root's labelled images in `mode` as the options say; labels: the option naming
     their CSV (train_labels, val_labels), if it is given, else the folder's layout says."""
-    csv_file = cfg.path(labels) if getattr(cfg, labels) else None
-    augment = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip, policy=cfg.auto_augment)
-    columns = (cfg.image_column, cfg.label_column)
-    return DogCat(root, mode, cfg.image_size, seed=cfg.seed, labels=csv_file, columns=columns, **augment, **split)
+    csv_file = Labels(cfg.path(labels), cfg.image_column, cfg.label_column) if getattr(cfg, labels) else None
+    augment = train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.auto_augment) if mode == 'train' else None
+    return DogCat(root, mode, cfg.image_size, split, classes, csv_file, augment)
 
 
 def validation_data(cfg, classes=None):
@@ -270,9 +268,12 @@ def validation_data(cfg, classes=None):
     data the run holds out (--val_ratio, or fold --fold of --folds)."""
     if cfg.val_data_root or cfg.val_labels:
         root = cfg.require_dir('val_data_root' if cfg.val_data_root else 'train_data_root')
-        return labelled_data(cfg, 'val', root, 'val_labels', val_ratio=0, classes=classes)
-    split = dict(val_ratio=cfg.val_ratio, folds=cfg.folds, fold=cfg.fold)
-    return labelled_data(cfg, 'val', cfg.require_dir('train_data_root'), 'train_labels', classes=classes, **split)
+        return labelled_data(cfg, 'val', root, 'val_labels', Split(0), classes)
+    return labelled_data(cfg, 'val', cfg.require_dir('train_data_root'), 'train_labels', split_of(cfg), classes)
+
+
+def split_of(cfg):
+    return Split(cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold)
 
 
 def on_device(model, rt):

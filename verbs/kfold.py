@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from config import NOT_RECIPE, DefaultConfig, UserError, whole_number
+from data import Split
 from data.decode import load_rgb
 from models import check_options
 from training.checkpoint import load_one
@@ -118,7 +119,7 @@ def checked(options, folds):
     cfg.check_values(options)
     check_options(cfg)
     root = cfg.require_dir('train_data_root')
-    data = labelled_data(cfg, 'train', root, 'train_labels', val_ratio=0)  # one class only: its UserError
+    data = labelled_data(cfg, 'train', root, 'train_labels', Split(0))  # one class only: its UserError
     fewest, count = min(collections.Counter(data.targets).items(), key=lambda item: item[1])
     if count < folds:
         raise UserError(f'{root} has {count} images of {data.classes[fewest]}, fewer than --folds={folds}')
