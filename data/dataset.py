@@ -150,20 +150,7 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
     with count_unnamed an image without an id) is counted in one warning line, each kind once a
     process, and is an error only when nothing is left."""
     file = labels.file
-    try:
-        with open(file, newline='', encoding='utf-8-sig') as f:
-            lines = [row for row in csv.reader(f) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f'{file} cannot be read as a CSV of labels ({e})') from None
-    header = lines[0] if lines else []
-    if len(header) < 2:
-        raise UserError(f'{file} is not a CSV of labels: its first line should name an id and a label column')
-    image_column = labels.image_column or ('id' if 'id' in header else header[0])
-    label_column = labels.label_column or ('label' if 'label' in header else header[1])
-    for option, name in (('image_column', image_column), ('label_column', label_column)):
-        if name not in header:
-            raise UserError(f'{file} has no column {name!r} (--{option}); its columns: {", ".join(header)}')
-    i, j = header.index(image_column), header.index(label_column)
+    header, rows, i, j = _read_csv(labels)
     images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
     by_name = {name: name for name in images}
     for name in images:  # sorted: an id names x.jpg rather than x.png
@@ -172,7 +159,7 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
         raise UserError(f'{file}: its first line names the image {header[i]}; the CSV needs a header line first')
     samples, used = {}, set()
     left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': [], 'validation images': []}
-    for line, row in enumerate(lines[1:], start=2):
+    for line, row in enumerate(rows, start=2):
         row = row + [''] * len(header)  # a short row's missing cells are empty
         id_, label = row[i].strip(), row[j].strip()
         image = by_name.get(id_)
@@ -196,13 +183,32 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
         if ids
     }
     if not samples:
-        raise UserError(f'{file}: none of its {len(lines) - 1} rows names an image of {root} with a label '
+        raise UserError(f'{file}: none of its {len(rows)} rows names an image of {root} with a label '
                         f'({"; ".join(counted.values())})')  # fmt: skip
     new = [line for kind, line in counted.items() if (file, kind) not in WARNED]  # the training and
     WARNED.update((file, kind) for kind in counted)  # validation sets may read the same CSV
-    if new:
+    if new and os.environ.get('RANK', '0') == '0':  # under torchrun every process reads it: one says so
         print(f'warning: {file} and {root}: left out {"; ".join(new)}', file=sys.stderr)
     return samples, unnamed
+
+
+def _read_csv(labels):
+    """(header, rows, index of the image column, index of the label column) of the CSV of `labels`."""
+    file = labels.file
+    try:
+        with open(file, newline='', encoding='utf-8-sig') as f:
+            lines = [row for row in csv.reader(f) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f'{file} cannot be read as a CSV of labels ({e})') from None
+    header = lines[0] if lines else []
+    if len(header) < 2:
+        raise UserError(f'{file} is not a CSV of labels: its first line should name an id and a label column')
+    image_column = labels.image_column or ('id' if 'id' in header else header[0])
+    label_column = labels.label_column or ('label' if 'label' in header else header[1])
+    for option, name in (('image_column', image_column), ('label_column', label_column)):
+        if name not in header:
+            raise UserError(f'{file} has no column {name!r} (--{option}); its columns: {", ".join(header)}')
+    return header, lines[1:], header.index(image_column), header.index(label_column)
 
 
 def _class_order(name):

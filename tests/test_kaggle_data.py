@@ -130,7 +130,6 @@ def test_a_validation_csv_names_the_validation_images(tmp_path, csv_data, capsys
     assert '5 validation images' in capsys.readouterr().out
 
 
-
 def test_a_validation_csv_over_a_kaggle_folder_takes_its_images_out_of_training(tmp_path, tiny_data):
     names = ['cat.0.jpg', 'cat.1.jpg', 'cat.2.jpg', 'dog.0.jpg', 'dog.1.jpg', 'dog.2.jpg']
     val = write_rows(tmp_path / 'val.csv', [('id', 'label'), *((name, name.split('.')[0]) for name in names)])
@@ -139,6 +138,7 @@ def test_a_validation_csv_over_a_kaggle_folder_takes_its_images_out_of_training(
     train_data, val_data = engine.training_data(cfg, tiny_data / 'train')
     assert sorted(Path(p).name for p in val_data.paths) == names
     assert len(train_data) == 40 - len(names) and not set(train_data.paths) & set(val_data.paths)
+
 
 @pytest.mark.slow
 def test_kfold_on_csv_data_names_the_csv_ids(tmp_path, csv_data):
@@ -213,8 +213,11 @@ def test_a_timm_model_trains_resumes_exports_and_explains(tmp_path, tiny_data, t
 
 @pytest.mark.slow
 def test_a_timm_model_on_csv_data_trains_under_torchrun(tmp_path, csv_data):
-    result = torchrun('train', *as_flags(csv_options(tmp_path, csv_data, model=TIMM)))
+    labels = tmp_path / 'train.csv'  # with a row of no image: one warning, not one a process
+    labels.write_text((csv_data / 'train.csv').read_text() + 'ghost,cat\n')
+    result = torchrun('train', *as_flags(csv_options(tmp_path, csv_data, model=TIMM, train_labels=str(labels))))
     assert result.returncode == 0, result.stderr
+    assert result.stderr.count('left out ids without an image: 1 (ghost)') == 1, result.stderr
     assert 'timm/test_resnet: 372,882 parameters on cpu in each of 2 processes' in result.stdout
     assert 'labels from train.csv; 2 classes: cat, dog' in result.stdout
     assert 'x 2 processes' in (newest_run(tmp_path / 'checkpoints') / 'config.json').read_text()

@@ -95,48 +95,44 @@ def overlay(picture, heat):
 def explain_rows(model, dataset, metrics, rows, classes, rt, layer=''):
     """(picture, caption) of the validation images at `rows` of `metrics` (engine.score's) as the
     network saw them, overlaid with the map of the class predicted: 'name true->predicted P'."""
-    probs, labels = metrics['probs'], metrics['labels']
+    probs, labels, indices = metrics['probs'], metrics['labels'], metrics['indices']
+    picks = [(int(indices[row]), int(probs[row].argmax()), row) for row in rows]
     items = []
-    for chunk in batches(rows):
-        samples = [dataset[int(metrics['indices'][i])] for i in chunk]
-        kept = [(i, image) for i, (image, _, _) in zip(chunk, samples) if image is not None]  # a file gone since
-        if not kept:
-            continue
-        pixels = torch.stack([image for _, image in kept])
-        predicted = probs[[i for i, _ in kept]].argmax(dim=1)
-        heat = heatmaps(model, model_input(pixels, rt.device, rt.layout), predicted.to(rt.device), layer)
-        for (i, image), guess, h in zip(kept, predicted.tolist(), heat):
-            name = Path(dataset.paths[int(metrics['indices'][i])]).name
-            caption = f'{name} {classes[labels[i]]}->{classes[guess]} {probs[i, guess]:.2f}'
-            items.append((overlay(Image.fromarray(image.permute(1, 2, 0).numpy()), h), caption))
+    for (index, guess, row), image, heat in maps_of(model, dataset, picks, rt, layer):
+        caption = f'{Path(dataset.paths[index]).name} {classes[labels[row]]}->{classes[guess]} {probs[row, guess]:.2f}'
+        items.append((overlay(Image.fromarray(image.permute(1, 2, 0).numpy()), heat), caption))
     return items
 
 
-def write_overlays(model, data, indices, predicted, captions, folder, rt, layer=''):
-    """The files written into `folder`: per image of `data` at `indices`, <image>-cam.png (or -cam-2.png...),
-    its central square at up to 512 px overlaid with the map of its `predicted` class, captioned."""
+def write_overlays(model, data, picks, folder, rt, layer=''):
+    """The files written into `folder`: per (index in `data`, class, caption) of `picks`, <image>-cam.png
+    (or -cam-2.png...), its central square at up to 512 px overlaid with the map of the class, captioned."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for chunk in batches(range(len(indices))):
-        pixels = torch.stack([data[indices[j]][0] for j in chunk])
-        targets = torch.tensor([predicted[j] for j in chunk], device=rt.device)
-        heat = heatmaps(model, model_input(pixels, rt.device, rt.layout), targets, layer)
-        for j, h in zip(chunk, heat):
-            path = Path(data.paths[indices[j]])
-            picture = load_rgb(str(path))
-            side = min(min(picture.size), 512)
-            square = ImageOps.fit(picture, (side, side))  # the central square, as the eval transform crops
-            tile = captioned_tiles([(overlay(square, h), captions[j])], size=side)[0]
-            file = next(f for f in numbered(folder, f'{path.stem}-cam', '.png') if f not in written)
-            with atomic_open(file, 'wb') as f:
-                Image.fromarray((tile.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(f, format='PNG')
-            written.append(file)
+    for (index, _, caption), _, heat in maps_of(model, data, picks, rt, layer):
+        path = Path(data.paths[index])
+        picture = load_rgb(str(path))
+        side = min(min(picture.size), 512)
+        square = ImageOps.fit(picture, (side, side))  # the central square, as the eval transform crops
+        tile = captioned_tiles([(overlay(square, heat), caption)], size=side)[0]
+        file = next(f for f in numbered(folder, f'{path.stem}-cam', '.png') if f not in written)
+        with atomic_open(file, 'wb') as f:
+            Image.fromarray((tile.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(f, format='PNG')
+        written.append(file)
     return written
 
 
-def batches(items):
-    items = list(items)
-    return [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+def maps_of(model, data, picks, rt, layer=''):
+    """(pick, image, map) of each pick (index in `data`, class, ...) whose image loads: the image as
+    the network saw it and heatmaps() of the class over it, BATCH images a backward pass."""
+    for start in range(0, len(picks), BATCH):
+        loaded = [(pick, data[pick[0]][0]) for pick in picks[start : start + BATCH]]
+        loaded = [(pick, image) for pick, image in loaded if image is not None]  # a file gone since
+        if loaded:
+            pixels = model_input(torch.stack([image for _, image in loaded]), rt.device, rt.layout)
+            targets = torch.tensor([pick[1] for pick, _ in loaded], device=rt.device)
+            for (pick, image), heat in zip(loaded, heatmaps(model, pixels, targets, layer)):
+                yield pick, image, heat
 
 
 def check_layer(model, size, name=''):

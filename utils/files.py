@@ -21,7 +21,7 @@ def atomic_open(path, mode='wb'):
     """Open a temporary file beside `path`; on success rename it over `path` (atomic: a kill or a
     full disk mid-write never leaves a truncated file), else delete it."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    tmp = _temporary(path)
     created = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,11 +38,17 @@ def atomic_open(path, mode='wb'):
         if created:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(
-                f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
-                f'the previous {path.name}, if any, is unchanged'
-            ) from None
+            raise _unwritten(e, path, tmp) from None
         raise
+
+
+def _temporary(path):  # beside path, on its file system: os.replace() is atomic only there
+    return path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+
+
+def _unwritten(error, path, tmp):
+    reason = _reason(error, path.parent, path, tmp)
+    return UserError(f'could not write {path} ({reason}); the previous {path.name}, if any, is unchanged')
 
 
 def write_json(path, record):
@@ -107,7 +113,7 @@ def atomic_link(source, path):
     """Make `path` hold the finished file `source`, atomically: a hard link where the file system
     allows, else a copy. Both stay independent: atomic_save renames a new file over, never in place."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    tmp = _temporary(path)
     with interrupts_deferred():
         try:
             try:
@@ -117,10 +123,7 @@ def atomic_link(source, path):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise UserError(
-                f'could not write {path} ({_reason(e, path.parent, path, tmp)}); '
-                f'the previous {path.name}, if any, is unchanged'
-            ) from None
+            raise _unwritten(e, path, tmp) from None
 
 
 def load_checkpoint(path):

@@ -58,7 +58,8 @@ def predict_files(cfg, trained, paths, out='', explain=False):
     if explain and rt.is_main:
         folder = Path(out).resolve().parent if out else unused(trained.path.parent, 'explained')
         captions = [f'{Path(n).name} {classes[g]} {p[g]:.2f}' for n, g, p in zip(names, guesses, probs)]
-        written = write_overlays(trained.model, data, indices, guesses, captions, folder, rt, cfg.cam_layer)
+        picks = list(zip(indices, guesses, captions))
+        written = write_overlays(trained.model, data, picks, folder, rt, cfg.cam_layer)
         print(f'wrote {len(written)} pictures of where the model looked (<image>-cam.png) to {folder}')
     if predictions.skipped and rt.is_main:
         first = ', '.join(files[i] for i in predictions.skipped[:5])

@@ -17,7 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from config import UserError, whole_number
 from data.decode import UNREADABLE, load_pixels
@@ -143,26 +146,27 @@ def answer(name, p, classes):
     return {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
 
 
+class LimitedParser(MultiPartParser):
+    """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of the
+    request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
+
+    def __init__(self, headers, stream, max_bytes, **limits):
+        super().__init__(headers, stream, **limits)
+        self.max_bytes = max_bytes
+
+    def on_part_begin(self):
+        super().on_part_begin()
+        self.part_bytes = 0
+
+    def on_part_data(self, data, start, end):
+        self.part_bytes += end - start
+        if self.part_bytes > self.max_bytes:
+            name = getattr(self._current_part.file, 'filename', None) or 'a part'
+            raise Refused(413, f'{name} is over the {self.max_bytes / 1e6:g} MB this server takes (--max_mb)')
+        super().on_part_data(data, start, end)
+
+
 def make_app(classifier, max_bytes, title):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    class LimitedParser(MultiPartParser):
-        """Starlette's multipart parser, stopping at the first file over max_bytes: the rest of the
-        request is never kept (uvicorn drops it as it comes, so the client hears the 413)."""
-
-        def on_part_begin(self):
-            super().on_part_begin()
-            self.part_bytes = 0
-
-        def on_part_data(self, data, start, end):
-            self.part_bytes += end - start
-            if self.part_bytes > max_bytes:
-                name = getattr(self._current_part.file, 'filename', None) or 'a part'
-                raise Refused(413, f'{name} is over the {max_bytes / 1e6:g} MB this server takes (--max_mb)')
-            super().on_part_data(data, start, end)
-
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batches = asyncio.create_task(classifier.run_batches())
@@ -185,7 +189,8 @@ def make_app(classifier, max_bytes, title):
         if not request.headers.get('content-type', '').startswith('multipart/form-data'):
             raise Refused(400, 'send the images as multipart/form-data files (curl -F files=@photo.jpg ...)')
         try:
-            form = await LimitedParser(request.headers, request.stream(), max_files=MAX_FILES, max_fields=16).parse()
+            parser = LimitedParser(request.headers, request.stream(), max_bytes, max_files=MAX_FILES, max_fields=16)
+            form = await parser.parse()
         except MultiPartException as e:
             raise Refused(413 if 'Too many files' in e.message else 400, e.message) from None
         files = [f for _, f in form.multi_items() if not isinstance(f, str)]
