@@ -159,14 +159,14 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
         raise UserError(f'{file}: its first line names the image {header[i]}; the CSV needs a header line first')
     samples, used = {}, set()
     left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': [], 'validation images': []}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         row = row + [''] * len(header)  # a short row's missing cells are empty
         id_, label = row[i].strip(), row[j].strip()
         image = by_name.get(id_)
-        if id_ in used:
-            left_out['duplicate ids'].append(id_)
-        elif not (id_ and label):
+        if not (id_ and label):
             left_out['empty ids or labels'].append(id_ or f'line {line}')
+        elif id_ in used:
+            left_out['duplicate ids'].append(id_)
         elif image is None:
             left_out['ids without an image'].append(id_)
         elif image in held_out:
@@ -193,14 +193,15 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
 
 
 def _read_csv(labels):
-    """(header, rows, index of the image column, index of the label column) of the CSV of `labels`."""
+    """(header, [(line number, row)], index of the image column, of the label column) of the CSV of `labels`."""
     file = labels.file
     try:
         with open(file, newline='', encoding='utf-8-sig') as f:
-            lines = [row for row in csv.reader(f) if row]
+            reader = csv.reader(f)
+            lines = [(reader.line_num, row) for row in reader if row]  # the file's line numbers: blank ones skipped
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f'{file} cannot be read as a CSV of labels ({e})') from None
-    header = lines[0] if lines else []
+    header = lines[0][1] if lines else []
     if len(header) < 2:
         raise UserError(f'{file} is not a CSV of labels: its first line should name an id and a label column')
     image_column = labels.image_column or ('id' if 'id' in header else header[0])
@@ -241,9 +242,7 @@ def list_unlabelled(root):
             match = TEST_NAME.fullmatch(entry.name)
             if match and entry.is_file():
                 numbered.append((int(match[1]), entry.name))
-            elif (
-                entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith('.')
-            ):
+            elif entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.startswith('.'):
                 named.append((Path(entry.name).stem, entry.name))
             else:
                 ignored.append(entry.name)

@@ -53,6 +53,9 @@ def test_a_csv_names_the_images_and_what_does_not_match_is_counted_in_one_line(t
             ('ghost', '2', 'x'),  # no such image
             ('b', '10', 'x'),  # a duplicate: the first row counts
             ('d', '', 'x'),  # no label
+            (),  # a blank line, skipped: the next rows are named by their line in the file
+            ('', '2', 'x'),  # no id, twice: not a duplicate
+            ('', '10', 'x'),
         ],
     )
     data = DogCat(folder, 'train', split=Split(0), labels=Labels(labels, 'name', 'kind'))
@@ -64,7 +67,7 @@ def test_a_csv_names_the_images_and_what_does_not_match_is_counted_in_one_line(t
     for counted in (
         'ids without an image: 1 (ghost)',
         'duplicate ids: 1 (b)',
-        'empty ids or labels: 1 (d)',
+        'empty ids or labels: 3 (d, line 9, line 10)',
         'images the CSV does not name: 2 (d.jpg, stray.jpg)',
     ):
         assert counted in warning
