@@ -5,6 +5,7 @@ import difflib
 from pathlib import Path
 
 import torch
+from torchvision.models import get_model_weights
 
 from config import UserError
 from utils.files import load_checkpoint
@@ -50,7 +51,7 @@ def build_model(name, num_classes=2, pretrained=False, pretrained_path=''):
     if pretrained_path:
         state, source = load_checkpoint(pretrained_path), pretrained_path
     elif pretrained:
-        weights = MODELS[name].imagenet_weights if name in MODELS else TorchvisionModel.imagenet_weights_of(name)
+        weights = MODELS[name].imagenet_weights if name in MODELS else get_model_weights(name).DEFAULT
         state, source = imagenet_state(weights)
     try:
         if name in MODELS:

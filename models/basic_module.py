@@ -19,10 +19,11 @@ class BasicModule(nn.Module):
 
     min_image_size = 32  # smallest input side the network's pooling layers accept
     imagenet_weights = None  # torchvision's weights enum entry for --pretrained
+    name = ''  # of a model built by name (torchvision's, timm's); empty: the class's
 
     @property
     def model_name(self):
-        return type(self).__name__
+        return self.name or type(self).__name__
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())

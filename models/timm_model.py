@@ -62,10 +62,6 @@ class TimmModel(BasicModule):
         if set(missing) - head or unexpected:
             raise UserError(f'{path} does not hold weights of {self.name}')
 
-    @property
-    def model_name(self):
-        return self.name
-
     def head(self):
         head = self.net.get_classifier()  # a tuple for models with two heads (distilled DeiT, LeViT)
         return torch.nn.ModuleList(head) if isinstance(head, tuple) else head

@@ -34,14 +34,6 @@ class TorchvisionModel(BasicModule):
         parent, _, attribute = self.head_name.rpartition('.')
         setattr(self.net.get_submodule(parent), attribute, new)
 
-    @property
-    def model_name(self):
-        return self.name
-
-    @classmethod
-    def imagenet_weights_of(cls, name):
-        return models.get_model_weights(name).DEFAULT
-
     def head(self):
         return self.net.get_submodule(self.head_name)
 
@@ -53,12 +45,7 @@ def _last_imagenet_layer(net):
     """The name of the last layer with 1000 outputs: the ImageNet classifier."""
     found = None
     for name, module in net.named_modules():
-        if (
-            isinstance(module, nn.Linear)
-            and module.out_features == IMAGENET_CLASSES
-            or isinstance(module, nn.Conv2d)
-            and module.out_channels == IMAGENET_CLASSES
-        ):
+        if isinstance(module, nn.Linear | nn.Conv2d) and module.weight.shape[0] == IMAGENET_CLASSES:
             found = name
     if found is None:
         raise ValueError(f'{type(net).__name__} has no layer with {IMAGENET_CLASSES} outputs to replace')

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -75,19 +75,19 @@ class Classifier:
     def decode(self, name, data):
         """The (3, size, size) uint8 image that `predict` makes of the file `name` holding `data`."""
         if not data:
-            raise Refused(400, f'{name} is empty')
+            raise HTTPException(400, f'{name} is empty')
         try:
             return eval_transform(self.size)(load_pixels(io.BytesIO(data), draft=self.size))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise Refused(413, f'{name} has more pixels than the {MAX_PIXELS:,} this server decodes') from None
+            raise HTTPException(413, f'{name} has more pixels than the {MAX_PIXELS:,} this server decodes') from None
         except UnidentifiedImageError:
-            raise Refused(415, f'{name} is not an image (JPEG, PNG or another format Pillow reads)') from None
+            raise HTTPException(415, f'{name} is not an image (JPEG, PNG or another format Pillow reads)') from None
         except UNREADABLE as e:
-            raise Refused(422, f'{name} is a broken image ({e})') from None
+            raise HTTPException(422, f'{name} is a broken image ({e})') from None
 
     async def probabilities(self, names, blobs):
-        """Each image's probabilities, or the Refused that says why it is no image we can read, in
-        order; the first Refused when no image is good."""
+        """Each image's probabilities, or the HTTPException that says why it is no image we can read, in
+        order; the first HTTPException when no image is good."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(loop.run_in_executor(self.decoders, self.decode, n, b) for n, b in zip(names, blobs)),
@@ -96,13 +96,13 @@ class Classifier:
         images = [image for image in decoded if not isinstance(image, BaseException)]
         if not images:
             raise decoded[0]
-        bug = next((e for e in decoded if isinstance(e, BaseException) and not isinstance(e, Refused)), None)
+        bug = next((e for e in decoded if isinstance(e, BaseException) and not isinstance(e, HTTPException)), None)
         if bug is not None:
             raise bug
         future = loop.create_future()
         await self.waiting.put((images, future))
         probs = iter(await future)
-        return [image if isinstance(image, Refused) else next(probs) for image in decoded]
+        return [image if isinstance(image, HTTPException) else next(probs) for image in decoded]
 
     async def run_batches(self):
         while True:
@@ -133,16 +133,10 @@ class Classifier:
         return probs.tolist()
 
 
-class Refused(Exception):
-    def __init__(self, status, detail):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
 def answer(name, p, classes):
     """One image's JSON: its class and probabilities, or why it was refused."""
-    if isinstance(p, Refused):  # this image alone: the others are answered
-        return {'name': name, 'error': p.detail, 'status': p.status}
+    if isinstance(p, HTTPException):  # this image alone: the others are answered
+        return {'name': name, 'error': p.detail, 'status': p.status_code}
     return {'name': name, 'label': classes[predicted(classes, p)], 'probabilities': dict(zip(classes, p))}
 
 
@@ -162,7 +156,7 @@ class LimitedParser(MultiPartParser):
         self.part_bytes += end - start
         if self.part_bytes > self.max_bytes:
             name = getattr(self._current_part.file, 'filename', None) or 'a part'
-            raise Refused(413, f'{name} is over the {self.max_bytes / 1e6:g} MB this server takes (--max_mb)')
+            raise HTTPException(413, f'{name} is over the {self.max_bytes / 1e6:g} MB this server takes (--max_mb)')
         super().on_part_data(data, start, end)
 
 
@@ -176,10 +170,6 @@ def make_app(classifier, max_bytes, title):
     app = FastAPI(title='dogcat', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     page_html = Path(__file__).with_name('serve.html').read_text().replace('TITLE', html.escape(title))
 
-    @app.exception_handler(Refused)
-    async def refused(request, e):
-        return JSONResponse({'detail': e.detail}, status_code=e.status)
-
     @app.get('/', response_class=HTMLResponse)
     async def page():
         return page_html
@@ -187,12 +177,12 @@ def make_app(classifier, max_bytes, title):
     @app.post('/predict')
     async def predict(request: Request):
         if not request.headers.get('content-type', '').startswith('multipart/form-data'):
-            raise Refused(400, 'send the images as multipart/form-data files (curl -F files=@photo.jpg ...)')
+            raise HTTPException(400, 'send the images as multipart/form-data files (curl -F files=@photo.jpg ...)')
         try:
             parser = LimitedParser(request.headers, request.stream(), max_bytes, max_files=MAX_FILES, max_fields=16)
             form = await parser.parse()
         except MultiPartException as e:
-            raise Refused(413 if 'Too many files' in e.message else 400, e.message) from None
+            raise HTTPException(413 if 'Too many files' in e.message else 400, e.message) from None
         files = [f for _, f in form.multi_items() if not isinstance(f, str)]
         try:
             blobs = [await f.read() for f in files]
@@ -200,7 +190,7 @@ def make_app(classifier, max_bytes, title):
             await form.close()
         names = [f.filename or f'image {n + 1}' for n, f in enumerate(files)]
         if not files:
-            raise Refused(400, 'the request holds no images: send one or more as multipart/form-data files')
+            raise HTTPException(400, 'the request holds no images: send one or more as multipart/form-data files')
         probabilities = await classifier.probabilities(names, blobs)
         return [answer(name, p, classifier.classes) for name, p in zip(names, probabilities)]
 
