@@ -19,8 +19,6 @@ NOT_RECIPE = set(
     'env vis vis_server vis_port tensorboard checkpoint_dir name result_file resume load_model_path num_workers '
     'nice_workers print_freq debug_file use_gpu test_data_root tta cam_layer'.split()
 )
-
-
 NO_CSV = 'a column of the CSV of --train_labels or --val_labels, and neither is given'
 
 
@@ -32,10 +30,8 @@ class UserError(Exception):
 def unknown(kind, word, valid, prefix=''):
     """The UserError for a mistyped `word`, naming the closest of `valid`."""
     close = difflib.get_close_matches(word, valid, n=3, cutoff=0.6)
-    hint = (
-        f'; did you mean {" or ".join(prefix + c for c in close)}?' if close else '; `python main.py help` lists them'
-    )
-    return UserError(f'unknown {kind} {prefix}{word}{hint}')
+    hint = f'did you mean {" or ".join(prefix + c for c in close)}?' if close else '`python main.py help` lists them'
+    return UserError(f'unknown {kind} {prefix}{word}; {hint}')
 
 
 def whole_number(name, value, low=0, high=None):
@@ -233,6 +229,4 @@ def option_help():
     """{option: (default, comment)} read from the comments beside the fields above."""
     source = Path(__file__).read_text(encoding='utf-8')
     comments = dict(re.findall(r'^    (\w+): \w+ = .*?  # (.*)$', source, flags=re.M))
-    return {
-        f.name: (getattr(DefaultConfig(), f.name), comments.get(f.name, '')) for f in dataclasses.fields(DefaultConfig)
-    }
+    return {name: (default, comments.get(name, '')) for name, default in DefaultConfig().to_dict().items()}

@@ -52,16 +52,18 @@ def train_with(kwargs, on_epoch=None):
         return fit(cfg, root, resume, rt, on_epoch)
 
 
-def options(kwargs):
-    """The defaults with the command line's overrides, each checked (--model against the models)."""
-    cfg = DefaultConfig().parse(kwargs)
+def options(kwargs, run=()):
+    """The defaults with the command line's overrides, each checked (--model against the models);
+    run: the verb's RUN word, if given, for --load_model_path."""
+    if len(run) > 1:
+        raise UserError(f'give one run, not {len(run)}: {" ".join(map(str, run))}')
+    cfg = DefaultConfig().parse({**kwargs, 'load_model_path': str(run[0])} if run else kwargs)
     check_options(cfg)
     return cfg
 
 
 def fit(cfg, root, resume, rt, on_epoch=None):
     """The training recipe; under torchrun every process runs it on its share of the data."""
-    device = rt.device
     seed_everything(cfg.seed)
 
     # step 1: data, and the classes it holds
@@ -92,10 +94,8 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     run_dir = rt.broadcast(start_run(cfg, resume, classes, rt) if rt.is_main else None)
     reporter = Reporter(cfg, rt, run_dir, len(train_loader), resume.start_epoch)
     if fresh:
-        reporter.graph(
-            model_without_ddp,
-            model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), device, rt.layout),
-        )
+        blank = model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), rt.device, rt.layout)
+        reporter.graph(model_without_ddp, blank)
     finished = resume.start_epoch  # epochs whose checkpoint is on disk
     try:
         for epoch in range(resume.start_epoch, cfg.max_epoch):
@@ -172,7 +172,7 @@ def start_run(cfg, resume, classes, rt):
     else:
         run_dir = resume.file.parent
         for stale in run_dir.glob('.*.tmp'):  # left by a run killed while saving
-            stale.unlink()
+            stale.unlink(missing_ok=True)
     write_config(run_dir, cfg, classes, rt.device, rt.world_size)
     if run_dir.parent == checkpoint_dir.resolve():  # a run folder, not checkpoint files of their own (--resume=FILE)
         point_latest(checkpoint_dir, run_dir)
@@ -238,9 +238,7 @@ def export(*run, format='onnx', **kwargs):
     """
     from verbs.export import export_model  # onnx and onnxruntime load only here
 
-    cfg = options(kwargs)
-    if run:
-        cfg.load_model_path = str(run[0])
+    cfg = options(kwargs, run)
     export_model(cfg, load_trained(cfg, HELD_OUT), format)  # checked on val's images
 
 
@@ -253,9 +251,7 @@ def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
     """
     from verbs.serve import serve_model  # the web stack loads only here
 
-    cfg = options(kwargs)
-    if run:
-        cfg.load_model_path = str(run[0])
+    cfg = options(kwargs, run)
     serve_model(cfg, load_trained(cfg), host, port, max_mb)
 
 

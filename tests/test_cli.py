@@ -94,6 +94,8 @@ def test_help_and_mistyped_words_answer_without_importing_torch():
         (['demo_data', '--clases=3'], ['unknown option --clases; did you mean --classes?']),
         (['demo_data', '--lr=0.1'], ['unknown option --lr']),
         (['demo_data', '--n_train=abc'], ["--n_train='abc' is invalid; it takes a whole number"]),
+        (['export', 'run-1', 'run-2'], ['give one run, not 2: run-1 run-2']),
+        (['serve', 'run-1', 'run-2'], ['give one run, not 2: run-1 run-2']),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, fragments):

@@ -511,3 +511,11 @@ def test_a_cosine_run_resumed_for_more_epochs_stretches_its_decay(tmp_path, tiny
     main.train(**{**options, 'max_epoch': 3, 'resume': 'latest'})
     # 4 steps an epoch: epoch 3 starts half-way along the 8 decay steps of a 3-epoch run
     assert run_records(tmp_path)[2]['lr'] == pytest.approx(1e-3 * 0.5)
+
+
+def test_a_cosine_run_resumed_at_another_batch_size_goes_on_from_its_epoch(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, max_epoch=2, warmup_epochs=1, lr_scheduler='cosine')
+    main.train(**options)
+    main.train(**{**options, 'max_epoch': 3, 'batch_size': 4, 'resume': 'latest'})
+    # 7 steps an epoch now, not 4: epoch 3 still starts half-way along the decay, now of 14 steps
+    assert run_records(tmp_path)[2]['lr'] == pytest.approx(1e-3 * 0.5)

@@ -17,6 +17,7 @@ from conftest import fast_options, newest_run, scripted_validation
 from models import SqueezeNet
 from training import engine
 from training.checkpoint import load_weights
+from training.report import read_metrics
 from utils.files import load_checkpoint
 from utils.runtime import Runtime
 
@@ -111,6 +112,14 @@ def test_resume_from_weights_only_says_to_use_load_model_path(tmp_path, tiny_dat
     path = SqueezeNet().save(tmp_path / 'weights.pth')
     with pytest.raises(UserError, match='--load_model_path'):
         main.train(**fast_options(tmp_path, tiny_data, resume=str(path)))
+
+
+def test_a_run_started_from_weights_resumes_without_them(tmp_path, tiny_data):
+    path = SqueezeNet().save(tmp_path / 'weights.pth')
+    main.train(**fast_options(tmp_path, tiny_data, load_model_path=str(path)))
+    path.unlink()  # the resumed run's weights come from its last.pth: the file it started from may go
+    main.train(**fast_options(tmp_path, tiny_data, load_model_path=str(path), max_epoch=2, resume='latest'))
+    assert [r['epoch'] for r in read_metrics(newest_run(tmp_path / 'checkpoints'))] == [1, 2]
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_data, capsys):

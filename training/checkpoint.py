@@ -95,9 +95,7 @@ class Resume:
     @property
     def progress(self):
         """Where the run stands (NO_PROGRESS); a run resumed after stopping early gets a fresh patience."""
-        if self.state is None:
-            return dict(NO_PROGRESS)
-        progress = {key: self.state.get(key, value) for key, value in NO_PROGRESS.items()}
+        progress = {key: (self.state or {}).get(key, value) for key, value in NO_PROGRESS.items()}
         if progress['stopped_early']:
             progress.update(stale_epochs=0, stopped_early=False)
         return progress
@@ -151,8 +149,10 @@ def restore(resume, training, classes):
             scheduler.load_state_dict(state[key])
     schedule = training.step_scheduler
     if isinstance(schedule, LambdaLR):
-        # cosine and step decay: the rate at the step the run stands at, from the schedule as the
-        # options draw it now; resumed with a higher --max_epoch, the decay stretches to the new end
+        # cosine and step decay: the rate at the start of the epoch the run resumes at, from the
+        # schedule as the options draw it now; a higher --max_epoch stretches the decay to the new end,
+        # and another --batch_size or number of processes changes the steps an epoch takes
+        schedule.last_epoch = resume.start_epoch * training.steps_per_epoch
         for group, base, factor in zip(training.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
             group['lr'] = base * factor(schedule.last_epoch)
     if state['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
@@ -198,9 +198,7 @@ def load_trained(cfg, data_options=()):
             path = model_file(path.parent) or path
     else:
         path = newest_model(checkpoint_dir)
-    if path.is_dir():
-        return load_folds(cfg, path, data_options)
-    return load_one(cfg, path, data_options)
+    return (load_folds if path.is_dir() else load_one)(cfg, path, data_options)
 
 
 def model_file(folder):

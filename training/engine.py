@@ -63,10 +63,9 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
             window_loss = window.read(rt)  # every process joins, whatever it holds
             if window_loss is not None and not math.isfinite(window_loss):
                 first = (step - 1) // cfg.print_freq * cfg.print_freq + 1
-                raise Diverged(
-                    f'the loss became {window_loss} in epoch {epoch + 1} (steps {first}-{step}); try a lower '
-                    f"--lr. The run's last.pth holds the last good epoch"
-                )
+                kept = f"; the run's last.pth holds epoch {epoch}, the last good one" if epoch else ''
+                raise Diverged(f'the loss became {window_loss} in epoch {epoch + 1} (steps {first}-{step}); '
+                               f'try a lower --lr{kept}')  # fmt: skip
             if window_loss is not None and step % cfg.print_freq == 0:
                 bar.set_postfix(loss=f'{window_loss:.4f}')
                 reporter.train_loss(window_loss, epoch * steps + step)

@@ -35,16 +35,18 @@ class Training:
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled otherwise
     ema: AveragedModel | None  # the moving average of the weights (--ema_decay)
     augment: object  # random erasing, MixUp / CutMix of each normalised batch, or None
+    steps_per_epoch: int = 0  # optimizer steps in an epoch: where a resumed run's schedule stands
 
 
 def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_classes):
     """The Training of `model` as the options say; steps_per_epoch: batches in an epoch."""
     optimizer = make_optimizer(model_without_ddp, cfg, rt.device)
-    step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, math.ceil(steps_per_epoch / cfg.grad_accum_steps))
+    steps = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
+    step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, steps)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     scaler, ema, augment = rt.grad_scaler(), make_ema(model_without_ddp, cfg), batch_augment(cfg, num_classes)
     return Training(
-        model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, augment
+        model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, augment, steps
     )
 
 
@@ -54,7 +56,7 @@ def model_of(cfg, classes, rt, fresh=True):
     model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
     if cfg.freeze_features:
         model.freeze_features()
-    if cfg.load_model_path:
+    if cfg.load_model_path and fresh:
         load_weights(model, cfg.path('load_model_path'))
     if cfg.sync_bn and rt.distributed:
         if rt.device.type != 'cuda':
@@ -123,11 +125,8 @@ def batch_augment(cfg, num_classes):
     (--random_erase; erased pixels are 0, the mean, as after torchvision's Normalize), then MixUp
     or CutMix (one of them at random per batch when both are on), which turn the labels into
     probabilities. None when all are off."""
-    mixes = []
-    if cfg.mixup_alpha:
-        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
-    if cfg.cutmix_alpha:
-        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    kinds = ((v2.MixUp, cfg.mixup_alpha), (v2.CutMix, cfg.cutmix_alpha))
+    mixes = [kind(alpha=alpha, num_classes=num_classes) for kind, alpha in kinds if alpha]
     mix = v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
     erase = v2.RandomErasing(p=cfg.random_erase, inplace=True) if cfg.random_erase else None
     if mix is None and erase is None:
