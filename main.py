@@ -42,8 +42,9 @@ def train(**kwargs):
 
 
 def train_with(kwargs, on_epoch=None):
-    """train(**kwargs), returning the run's folder; on_epoch(epoch, metrics, rt), if given, is
-    called after every epoch is saved (a sweep's pruner, say: what it raises ends the run)."""
+    """train(**kwargs), returning the run's folder; on_epoch(epoch, metrics, last), if given, is
+    called after every epoch is saved, last: whether the run ends with it (at --max_epoch, or
+    stopped early). A sweep's pruner, say: what it raises ends the run."""
     cfg = options(kwargs)
     resume = resume_point(cfg)  # a new run, or where --resume's run stands; its options taken into cfg
     root = cfg.require_dir('train_data_root')
@@ -124,7 +125,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                                   seen=seen, skipped_files=unreadable)  # fmt: skip
             reporter.epoch(record, metrics, val_data, training)
             if on_epoch is not None:
-                on_epoch(epoch, metrics, rt)
+                on_epoch(epoch, metrics, epoch + 1 == cfg.max_epoch or progress['stopped_early'])
             if progress['stopped_early']:
                 print(
                     f'stopped early: the validation loss has not improved for {cfg.early_stop} epochs '

@@ -3,6 +3,7 @@ diverge, a study that several processes share and a second start continues."""
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -209,6 +210,21 @@ def test_a_trial_that_trained_all_its_epochs_is_complete_however_it_compares(tmp
     trials = trials_of(folder)
     assert [t.state.name for t in trials.values()] == ['COMPLETE'] * 3
     assert [t.params['lr'] for t in trials.values()] == [1e-3, 1e-3, 0.1]  # behind the median after epoch 2 of 2
+
+
+def test_a_trial_that_stopped_early_is_complete_however_it_compares(tmp_path, tiny_data, monkeypatch):
+    falls_behind, calls = bad_rate_falls_behind(engine.validate), itertools.count()
+
+    def never_better(*args, **kwargs):  # a validation loss that grows: each trial stops after epoch 2 of 3
+        return {**falls_behind(*args, **kwargs), 'loss': float(next(calls))}
+
+    monkeypatch.setattr(engine, 'validate', never_better)
+    options = sweep_options(tmp_path, tiny_data, batch_size=8, max_epoch=3, early_stop=1)
+    _, folder = sweep_here(3, 'lr=0.1|1e-3', options)
+    trials = trials_of(folder)
+    assert [t.state.name for t in trials.values()] == ['COMPLETE'] * 3
+    assert [t.params['lr'] for t in trials.values()] == [1e-3, 1e-3, 0.1]  # behind the median at its last epoch
+    assert all(epochs_of(folder / f'trial-{number}') == [1, 2] for number in trials)
 
 
 def assert_pruned_behind_the_median(folder):

@@ -253,7 +253,7 @@ def test_kfold_resumes_the_fold_it_was_in(tmp_path, tiny_data):
     def train(run, stop_at=None):
         trained.append(run)
 
-        def on_epoch(epoch, metrics, rt):
+        def on_epoch(epoch, metrics, last):
             if (run['fold'], epoch) == stop_at:
                 raise KeyboardInterrupt
 

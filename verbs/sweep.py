@@ -149,7 +149,7 @@ def train_as_told(rt, train):
     """A process of rank > 0 under torchrun: trains each trial's options that rank 0 hands it,
     and stops a trial when rank 0 says so; rank 0's text instead of options is its error."""
 
-    def report(epoch, metrics, trial_rt):
+    def report(epoch, metrics, last):
         if rt.broadcast(None) is not None:
             raise Stopped
 
@@ -211,7 +211,7 @@ def run_trial(trial, study, plan, train, share):
     print(f'\nsweep {plan.folder.name}: trial {trial.number}, ' + ' '.join(f'{k}={v}' for k, v in params.items()))
     run = {**plan.fixed, **params, 'checkpoint_dir': str(plan.folder), 'name': f'trial-{trial.number}'}
     run.setdefault('env', f'{plan.folder.name}-trial-{trial.number}')  # visdom: trials of two sweeps apart
-    kept = Kept(trial, plan.metric, params.get('max_epoch', plan.base.max_epoch), share)
+    kept = Kept(trial, plan.metric, share)
     state, note = 'failed', ''
     try:
         train(share(run), kept.report)
@@ -247,11 +247,11 @@ class Kept:
     """A trial's figure of its best.pth's weights (the best validation accuracy, the later of a tie),
     reported to Optuna every epoch: train's on_epoch, which ends a trial the pruner stops."""
 
-    def __init__(self, trial, metric, max_epoch, share):
-        self.trial, self.metric, self.max_epoch, self.share = trial, metric, max_epoch, share
+    def __init__(self, trial, metric, share):
+        self.trial, self.metric, self.share = trial, metric, share
         self.accuracy, self.value = -1.0, None
 
-    def report(self, epoch, metrics, rt):
+    def report(self, epoch, metrics, last):
         import optuna
 
         stop = None
@@ -261,8 +261,8 @@ class Kept:
             if metrics['accuracy'] >= self.accuracy:
                 self.accuracy, self.value = metrics['accuracy'], metrics[self.metric]
             self.trial.report(self.value, epoch)
-            # a trial that has trained all its epochs is complete, whatever the others did
-            if epoch + 1 < self.max_epoch and self.trial.should_prune():
+            # a trial that has trained all its epochs (or stopped early) is complete, whatever the others did
+            if not last and self.trial.should_prune():
                 stop = f'behind the median after epoch {epoch + 1}'
         if self.share(stop) is not None:  # every epoch, so that the other processes stop with this one
             raise optuna.TrialPruned(stop)
