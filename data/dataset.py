@@ -40,7 +40,7 @@ class Split(NamedTuple):
 class Labels(NamedTuple):
     """A CSV of ids and labels that names the images of a folder, instead of the folder's layout."""
 
-    file: str
+    file: Path
     image_column: str = ''  # empty: id, else the first column
     label_column: str = ''  # empty: label, else the second column
 
@@ -198,7 +198,7 @@ def _read_csv(labels):
     try:
         with open(file, newline='', encoding='utf-8-sig') as f:
             reader = csv.reader(f)
-            lines = [(reader.line_num, row) for row in reader if row]  # the file's line numbers: blank ones skipped
+            lines = [(reader.line_num, row) for row in reader if row]  # each row with its line in the file
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f'{file} cannot be read as a CSV of labels ({e})') from None
     header = lines[0][1] if lines else []

@@ -152,7 +152,7 @@ def restore(resume, training, classes):
         # cosine and step decay: the rate at the start of the epoch the run resumes at, from the
         # schedule as the options draw it now; a higher --max_epoch stretches the decay to the new end,
         # and another --batch_size or number of processes changes the steps an epoch takes
-        schedule.last_epoch = resume.start_epoch * training.steps_per_epoch
+        schedule.last_epoch = resume.start_epoch * training.epoch_steps
         for group, base, factor in zip(training.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
             group['lr'] = base * factor(schedule.last_epoch)
     if state['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)

@@ -35,7 +35,7 @@ class Training:
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled otherwise
     ema: AveragedModel | None  # the moving average of the weights (--ema_decay)
     augment: object  # random erasing, MixUp / CutMix of each normalised batch, or None
-    steps_per_epoch: int = 0  # optimizer steps in an epoch: where a resumed run's schedule stands
+    epoch_steps: int = 0  # optimizer steps in an epoch: where a resumed run's schedule stands
 
 
 def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_classes):
