@@ -222,10 +222,10 @@ def _images_in(folder, others):
     parent = Path(folder).parent
     images = []
     for path in sorted(Path(folder).rglob('*')):
-        if path.name.startswith('.') or not path.is_file():
+        relative = path.relative_to(parent)
+        if any(part.startswith('.') for part in relative.parts) or not path.is_file():  # .ipynb_checkpoints/...
             continue
-        relative = str(path.relative_to(parent))
-        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(relative)
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(str(relative))
     return images
 
 

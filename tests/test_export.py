@@ -48,7 +48,7 @@ def run(tmp_path_factory, tiny_data):
 def photos(tmp_path_factory, tiny_data):
     """A folder of what people have: the tiny set's test images, and in a subfolder a large JPEG
     (decoded at a reduced scale), a progressive, a grey, a CMYK and an EXIF-rotated one, a PNG with
-    alpha, a 16-bit PNG, a broken file, a hidden file and a text file."""
+    alpha, a 16-bit PNG, a broken file, a hidden file, a hidden folder and a text file."""
     folder = tmp_path_factory.mktemp('photos')
     (folder / 'more').mkdir()
     for file in sorted((tiny_data / 'test1').glob('*.jpg')):
@@ -68,6 +68,8 @@ def photos(tmp_path_factory, tiny_data):
     Image.fromarray(np.asarray(photo.convert('L')).astype(np.uint16) * 257).save(folder / 'more' / 'deep.png')
     (folder / 'more' / 'broken.jpg').write_bytes((tiny_data / 'test1' / '2.jpg').read_bytes()[:300])
     (folder / 'more' / '.hidden.jpg').write_bytes((tiny_data / 'test1' / '2.jpg').read_bytes())
+    (folder / '.thumbnails').mkdir()  # a hidden folder: its images are not the user's photos
+    (folder / '.thumbnails' / '1.jpg').write_bytes((tiny_data / 'test1' / '1.jpg').read_bytes())
     (folder / 'notes.txt').write_text('not an image')
     return folder
 

@@ -178,11 +178,14 @@ def test_petimages_layout_skips_unreadable_files_and_ignores_the_rest(tmp_path, 
             shutil.copy(source, root / folder / source.name.split('.', 1)[1])
         (root / folder / '666.jpg').write_bytes(b'')  # the Microsoft release has broken files
         (root / folder / 'Thumbs.db').write_bytes(b'\xd0\xcf')
+        (root / folder / '.ipynb_checkpoints').mkdir()  # a hidden folder's copies are no training images
+        shutil.copy(source, root / folder / '.ipynb_checkpoints' / 'copy.jpg')
     main.train(**fast_options(tmp_path, tiny_data, train_data_root=str(root), val_ratio=0.5))
     record = json.loads((newest_run(tmp_path / 'checkpoints') / 'metrics.jsonl').read_text())
     assert record['skipped'] == 2 and record['classes'] == ['Cat', 'Dog']
     data = DogCat(root, 'train', image_size=32, split=Split(0.5))
     assert data.ignored == ['Cat/Thumbs.db', 'Dog/Thumbs.db']
+    assert not [path for path in DogCat(root, 'train', split=Split(0)).paths if '.ipynb_checkpoints' in path]
 
 
 def test_augmentation_options_are_stored_and_turn_the_randomness_off(tmp_path, tiny_data):

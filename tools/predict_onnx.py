@@ -73,11 +73,8 @@ def find_images(paths):
     files = []
     for path in (Path(p).expanduser() for p in paths):
         if path.is_dir():
-            files += sorted(
-                f
-                for f in path.rglob('*')
-                if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith('.') and f.is_file()
-            )
+            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            files += sorted(f for f in images if not any(part.startswith('.') for part in f.relative_to(path).parts))
         elif path.is_file():
             files.append(path)
         else:

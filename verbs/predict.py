@@ -82,9 +82,9 @@ def find_images(paths):
         raise UserError('predict needs images or folders: python main.py predict PATH [PATH ...]')
     files = []
     for path in (Path(str(p)).expanduser() for p in paths):  # str: fire reads `123.jpg`... and `7` as 7
-        if path.is_dir():
-            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith('.'))
-            files += sorted(f for f in images if f.is_file())
+        if path.is_dir():  # hidden files and folders left out (.ipynb_checkpoints, .thumbnails)
+            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            files += sorted(f for f in images if not any(part.startswith('.') for part in f.relative_to(path).parts))
         elif path.is_file():
             files.append(path)
         else:
