@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from config import UserError
 
-from .decode import IMAGE_SUFFIXES
+from .decode import IMAGE_SUFFIXES, hidden
 from .images import ImageFiles
 from .transforms import eval_transform, train_transform
 
@@ -151,16 +151,12 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
     process, and is an error only when nothing is left."""
     file = labels.file
     header, rows, i, j = _read_csv(labels)
-    images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
-    by_name = {name: name for name in images}
-    for name in images:  # sorted: an id names x.jpg rather than x.png
-        by_name.setdefault(Path(name).stem, name)
+    images, by_name = _images_by_id(root)
     if header[i] in by_name:
         raise UserError(f'{file}: its first line names the image {header[i]}; the CSV needs a header line first')
     samples, used = {}, set()
     left_out = {'ids without an image': [], 'duplicate ids': [], 'empty ids or labels': [], 'validation images': []}
     for line, row in rows:
-        row = row + [''] * len(header)  # a short row's missing cells are empty
         id_, label = row[i].strip(), row[j].strip()
         image = by_name.get(id_)
         if not (id_ and label):
@@ -209,7 +205,25 @@ def _read_csv(labels):
     for option, name in (('image_column', image_column), ('label_column', label_column)):
         if name not in header:
             raise UserError(f'{file} has no column {name!r} (--{option}); its columns: {", ".join(header)}')
-    return header, lines[1:], header.index(image_column), header.index(label_column)
+    rows = [(line, row + [''] * len(header)) for line, row in lines[1:]]  # a short row's missing cells are empty
+    return header, rows, header.index(image_column), header.index(label_column)
+
+
+def _images_by_id(root):
+    """(the names of root's image files, sorted; {id: name}): an id is a name with or without its extension."""
+    images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    by_name = {name: name for name in images}
+    for name in images:  # sorted: an id names x.jpg rather than x.png
+        by_name.setdefault(Path(name).stem, name)
+    return images, by_name
+
+
+def csv_images(root, labels):
+    """The names of root's image files that the CSV of `labels` names with a label: those a
+    validation CSV over the training folder takes out of training."""
+    _, rows, i, j = _read_csv(labels)
+    by_name = _images_by_id(root)[1]
+    return frozenset(by_name[row[i].strip()] for _, row in rows if row[i].strip() in by_name and row[j].strip())
 
 
 def _class_order(name):
@@ -222,10 +236,10 @@ def _images_in(folder, others):
     parent = Path(folder).parent
     images = []
     for path in sorted(Path(folder).rglob('*')):
-        relative = path.relative_to(parent)
-        if any(part.startswith('.') for part in relative.parts) or not path.is_file():  # .ipynb_checkpoints/...
+        if hidden(path, parent) or not path.is_file():
             continue
-        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(str(relative))
+        relative = str(path.relative_to(parent))
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(relative)
     return images
 
 

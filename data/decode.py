@@ -13,6 +13,12 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')  # in any case: .JPG counts
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+def hidden(path, root):
+    """Whether `path` is hidden below `root`: its name or a folder's between starts with '.'
+    (.DS_Store, .ipynb_checkpoints/..., .thumbnails/...): no image of the user's."""
+    return any(part.startswith('.') for part in path.relative_to(root).parts)
+
+
 def load_rgb(path, draft=None):
     """Decode `path` now (a broken file fails here, not in the transform), upright, as RGB; one of
     UNREADABLE if it is not a whole image or is over Pillow's pixel limit (which only warns).

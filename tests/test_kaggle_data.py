@@ -141,6 +141,11 @@ def test_a_validation_csv_over_a_kaggle_folder_takes_its_images_out_of_training(
     train_data, val_data = engine.training_data(cfg, tiny_data / 'train')
     assert sorted(Path(p).name for p in val_data.paths) == names
     assert len(train_data) == 40 - len(names) and not set(train_data.paths) & set(val_data.paths)
+    # a validation CSV of one class: the validation set takes the training set's classes
+    cats = write_rows(tmp_path / 'cats.csv', [('id', 'label'), *((name, 'cat') for name in names[:3])])
+    cfg.val_labels = str(cats)
+    train_data, val_data = engine.training_data(cfg, tiny_data / 'train')
+    assert len(train_data) == 40 - 3 and val_data.classes == ['cat', 'dog'] and set(val_data.targets) == {0}
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from config import UserError
 from data import DogCat, Labels, Split, collate_fn
+from data.dataset import csv_images
 from data.transforms import model_input, train_transform
 from utils.runtime import runtime_of, seed_everything
 
@@ -249,7 +250,7 @@ def training_data(cfg, root):
     split = Split(0) if cfg.val_data_root or cfg.val_labels else split_of(cfg)
     if cfg.val_labels and not cfg.val_data_root:
         # a validation CSV of images in the training folder: they are left out of the training set
-        split = split._replace(held_out=frozenset(Path(path).name for path in validation_data(cfg).paths))
+        split = split._replace(held_out=csv_images(root, labels_of(cfg, 'val_labels')))
     train_data = labelled_data(cfg, 'train', root, 'train_labels', split)
     return train_data, validation_data(cfg, train_data.classes)
 
@@ -257,9 +258,13 @@ def training_data(cfg, root):
 def labelled_data(cfg, mode, root, labels, split, classes=None):
     """DogCat of root's labelled images in `mode` as the options say; labels: the option naming
     their CSV (train_labels, val_labels), if it is given, else the folder's layout says."""
-    csv_file = Labels(cfg.path(labels), cfg.image_column, cfg.label_column) if getattr(cfg, labels) else None
     augment = train_transform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.auto_augment) if mode == 'train' else None
-    return DogCat(root, mode, cfg.image_size, split, classes, csv_file, augment)
+    return DogCat(root, mode, cfg.image_size, split, classes, labels_of(cfg, labels), augment)
+
+
+def labels_of(cfg, option):
+    """The Labels of the CSV that the option (train_labels, val_labels) names, or None."""
+    return Labels(cfg.path(option), cfg.image_column, cfg.label_column) if getattr(cfg, option) else None
 
 
 def validation_data(cfg, classes=None):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from config import UserError
 from data import DogCat, ImageFiles
-from data.decode import IMAGE_SUFFIXES
+from data.decode import IMAGE_SUFFIXES, hidden
 from data.transforms import eval_transform
 from training.engine import clipped_probabilities, infer_dataset, predicted
 from training.explain import check_layer, write_overlays
@@ -82,9 +82,9 @@ def find_images(paths):
         raise UserError('predict needs images or folders: python main.py predict PATH [PATH ...]')
     files = []
     for path in (Path(str(p)).expanduser() for p in paths):  # str: fire reads `123.jpg`... and `7` as 7
-        if path.is_dir():  # hidden files and folders left out (.ipynb_checkpoints, .thumbnails)
-            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            files += sorted(f for f in images if not any(part.startswith('.') for part in f.relative_to(path).parts))
+        if path.is_dir():
+            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and not hidden(f, path))
+            files += sorted(f for f in images if f.is_file())
         elif path.is_file():
             files.append(path)
         else:
