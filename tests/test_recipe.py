@@ -519,3 +519,20 @@ def test_a_cosine_run_resumed_at_another_batch_size_goes_on_from_its_epoch(tmp_p
     main.train(**{**options, 'max_epoch': 3, 'batch_size': 4, 'resume': 'latest'})
     # 7 steps an epoch now, not 4: epoch 3 still starts half-way along the decay, now of 14 steps
     assert run_records(tmp_path)[2]['lr'] == pytest.approx(1e-3 * 0.5)
+
+
+def test_a_warm_up_resumed_at_another_batch_size_ends_at_its_epoch(tmp_path, tiny_data):
+    options = fast_options(tmp_path, tiny_data, max_epoch=3, warmup_epochs=2, batch_size=4)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics, last):
+        raise Stop  # after epoch 1 is saved, as a crash would
+
+    with pytest.raises(Stop):
+        main.train_with(options, on_epoch=stop)
+    main.train(**{**options, 'batch_size': 8, 'resume': 'latest'})
+    # 7 steps in epoch 1, 4 an epoch now: the plateau's warm-up of 2 epochs still ends as epoch 3 starts
+    halfway = 1e-3 * (WARMUP_START + (1 - WARMUP_START) / 2)
+    assert [r['lr'] for r in run_records(tmp_path)] == pytest.approx([1e-3 * WARMUP_START, halfway, 1e-3])

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LinearLR
 
 from config import UserError
 from models import FoldEnsemble, build_model
@@ -147,12 +147,17 @@ def restore(resume, training, classes):
     for scheduler, key in ((training.epoch_scheduler, 'scheduler'), (training.step_scheduler, 'step_scheduler')):
         if scheduler is not None and state.get(key):
             scheduler.load_state_dict(state[key])
-    schedule = training.step_scheduler
+    # another --batch_size or number of processes changes the steps an epoch takes: a schedule
+    # stepped per optimizer step goes on from the resumed epoch's start, counted in the new steps
+    schedule, done = training.step_scheduler, resume.start_epoch * training.epoch_steps
+    if isinstance(schedule, LinearLR) and schedule.last_epoch:
+        # the plateau's warm-up: as long in epochs as before, at the rate it had reached
+        schedule.total_iters = round(schedule.total_iters * done / schedule.last_epoch)
+        schedule.last_epoch = done
     if isinstance(schedule, LambdaLR):
-        # cosine and step decay: the rate at the start of the epoch the run resumes at, from the
-        # schedule as the options draw it now; a higher --max_epoch stretches the decay to the new end,
-        # and another --batch_size or number of processes changes the steps an epoch takes
-        schedule.last_epoch = resume.start_epoch * training.epoch_steps
+        # cosine and step decay: the rate at the resumed epoch's start, from the schedule as the
+        # options draw it now (a higher --max_epoch stretches the decay to the new end)
+        schedule.last_epoch = done
         for group, base, factor in zip(training.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
             group['lr'] = base * factor(schedule.last_epoch)
     if state['scaler']:  # {} from a run without loss scaling (CPU, bf16, no --amp)
