@@ -32,8 +32,9 @@ from verbs.runs import print_runs
 HELD_OUT = ('train_data_root', 'val_data_root', 'train_labels', 'val_labels', 'image_column', 'label_column',
             'val_ratio', 'folds', 'fold', 'seed')  # fmt: skip
 # ...and those val takes when told which images to validate on: a --val_labels CSV may name the
-# images of the run's training folder, in the run's columns
-WHERE = ('train_data_root', 'image_column', 'label_column')
+# images of the run's training folder, in the run's columns, and a moved training folder holds
+# out the run's own share
+WHERE = ('train_data_root', 'image_column', 'label_column', 'val_ratio', 'folds', 'fold', 'seed')
 
 
 def train(**kwargs):

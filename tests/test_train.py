@@ -458,3 +458,13 @@ def test_the_confusion_table_of_ten_classes_fits_a_terminal():
     assert seven.startswith('  true seven') and seven.split()[2:] == [str(j + 1000 * (j == 7)) for j in range(10)]
     for j, name in enumerate(classes):  # each count right under its class
         assert header.index(name) + len(name) == seven.index(seven.split()[2 + j]) + len(seven.split()[2 + j])
+
+
+def test_val_on_the_named_training_folder_holds_out_the_runs_own_share(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data, val_ratio=0.5, seed=3))
+    options = fast_options(tmp_path, tiny_data)
+    del options['model']
+    main.val(**options)  # the data named, as after moving it: not the default share of 0.3 at seed 0
+    named = capsys.readouterr().out
+    main.val(**{k: v for k, v in options.items() if 'data_root' not in k})
+    assert '20 validation images' in named and named.splitlines()[-5:] == capsys.readouterr().out.splitlines()[-5:]
