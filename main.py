@@ -117,13 +117,14 @@ def fit(cfg, root, resume, rt, on_epoch=None):
             progress = advance(progress, metrics, cfg)
 
             state = training_state(cfg, classes, epoch, training, progress)
-            with interrupts_deferred():  # Ctrl-C meanwhile: after the epoch is saved whole
-                if rt.is_main:
-                    save_epoch(state, run_dir, best=metrics['accuracy'] == progress['best_accuracy'])
-                finished = epoch + 1
             unreadable = [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']]
             record = epoch_record(epoch, metrics, lr=lr, train_loss=train_loss, classes=classes, seconds=seconds,
                                   seen=seen, skipped_files=unreadable)  # fmt: skip
+            with interrupts_deferred():  # Ctrl-C meanwhile: after the epoch and its record are saved whole
+                if rt.is_main:
+                    save_epoch(state, run_dir, best=metrics['accuracy'] == progress['best_accuracy'])
+                reporter.keep(record)
+                finished = epoch + 1
             reporter.epoch(record, metrics, val_data, training)
             if on_epoch is not None:
                 on_epoch(epoch, metrics, epoch + 1 == cfg.max_epoch or progress['stopped_early'])

@@ -390,6 +390,30 @@ def test_a_signal_during_a_save_waits_for_the_save_to_finish(tmp_path, monkeypat
     assert load_checkpoint(tmp_path / 'last.pth') == {'epoch': 3}  # written whole, then stopped
 
 
+def test_a_signal_during_an_epochs_save_keeps_its_line_in_the_metrics(tmp_path, tiny_data, monkeypatch):
+    from utils import Interrupted, raise_interrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    real_save = torch.save
+
+    def save_and_get_killed(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler stops the run while epoch 1 is saved
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, 'save', save_and_get_killed)
+    options = fast_options(tmp_path, tiny_data, max_epoch=2, name='stopped')
+    try:
+        with pytest.raises(Interrupted):
+            main.train(**options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run = tmp_path / 'checkpoints' / 'stopped'
+    assert load_checkpoint(run / 'last.pth')['epoch'] == 0
+    monkeypatch.setattr(torch, 'save', real_save)
+    main.train(**{**options, 'name': '', 'resume': 'stopped'})
+    assert [json.loads(line)['epoch'] for line in (run / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+
+
 @pytest.mark.parametrize('umask', [0o022, 0o077], ids=['umask022', 'umask077'])
 def test_checkpoints_and_the_submission_get_the_permissions_a_plain_write_gives(tmp_path, umask):
     # written through a temporary file and a rename, yet readable by whoever the umask allows,

@@ -45,12 +45,15 @@ class Reporter:
         self.vis.plot('train_loss', value, x=step)
         self.board.scalar('train/loss', value, step)
 
-    def epoch(self, record, metrics, val_data, training=None):
-        """The epoch's record into metrics.jsonl, the terminal and the dashboards, with the validation
-        images it got wrong; given `training` (recipe.Training), those again with their Grad-CAM maps."""
+    def keep(self, record):
+        """The epoch's line of metrics.jsonl: written with its checkpoint, as `runs` reads them together."""
         if self.metrics_file is not None:
             with open(self.metrics_file, 'a') as f:
                 f.write(json.dumps(record) + '\n')
+
+    def epoch(self, record, metrics, val_data, training=None):
+        """The epoch's record on the terminal and the dashboards, with the validation images it got
+        wrong; given `training` (recipe.Training), those again with their Grad-CAM maps."""
         summary = epoch_line(record, self.max_epoch)
         print(summary)
         warn_if_stuck(record, metrics['probs'])
