@@ -62,7 +62,7 @@ class DefaultConfig:
     image_column: str = ''  # the CSVs' column of image ids (empty: id, else the first column)
     label_column: str = ''  # the CSVs' column of labels (empty: label, else the second column)
     test_data_root: str = 'data/test1'  # images to predict: N.jpg (Kaggle test1/) or any names
-    load_model_path: str = ''  # weights or checkpoint to start from (val/test/predict: the newest run's best.pth)
+    load_model_path: str = ''  # a run (its best.pth), checkpoint or weights to start from (val/test: the newest run)
     resume: str = ''  # the run to continue: latest, a run folder or name, or a last.pth file
     checkpoint_dir: str = 'checkpoints'  # holds a folder per run (last.pth, best.pth, metrics.jsonl)
     name: str = ''  # the new run's folder name (default: its start time and model)

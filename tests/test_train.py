@@ -15,7 +15,7 @@ import main
 from config import UserError
 from conftest import fast_options, newest_run, scripted_validation
 from models import SqueezeNet
-from training import engine
+from training import engine, recipe
 from training.checkpoint import load_weights
 from training.report import read_metrics
 from utils.files import load_checkpoint
@@ -468,3 +468,14 @@ def test_val_on_the_named_training_folder_holds_out_the_runs_own_share(tmp_path,
     named = capsys.readouterr().out
     main.val(**{k: v for k, v in options.items() if 'data_root' not in k})
     assert '20 validation images' in named and named.splitlines()[-5:] == capsys.readouterr().out.splitlines()[-5:]
+
+
+@pytest.mark.parametrize('named', ['first', 'latest', 'folder'])
+def test_a_run_starts_from_the_best_weights_of_a_run_named_as_val_names_it(tmp_path, tiny_data, named):
+    main.train(**fast_options(tmp_path, tiny_data, name='first'))
+    best = tmp_path / 'checkpoints' / 'first' / 'best.pth'
+    value = str(best.parent) if named == 'folder' else named
+    cfg = main.options(fast_options(tmp_path, tiny_data, load_model_path=value))
+    _, model = recipe.model_of(cfg, ['cat', 'dog'], Runtime(torch.device('cpu')))
+    kept = load_checkpoint(best)['model']
+    assert all(torch.equal(tensor, kept[key]) for key, tensor in model.state_dict().items())

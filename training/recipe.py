@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from config import UserError
 from models import build_model
+from utils.run_folders import find_checkpoint
 
 from .checkpoint import load_weights
 from .engine import on_device
@@ -56,8 +57,10 @@ def model_of(cfg, classes, rt, fresh=True):
     model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
     if cfg.freeze_features:
         model.freeze_features()
-    if cfg.load_model_path and fresh:
-        load_weights(model, cfg.path('load_model_path'))
+    if cfg.load_model_path and fresh:  # a file, or a run as val names one: its best.pth
+        load_weights(
+            model, find_checkpoint(cfg.path('checkpoint_dir'), cfg.load_model_path, 'best.pth', 'load_model_path')
+        )
     if cfg.sync_bn and rt.distributed:
         if rt.device.type != 'cuda':
             raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
