@@ -109,6 +109,8 @@ def test_training_and_test_run_through_a_messy_folder(tmp_path, messy_data, caps
     expected = set(range(1, 9)) | set(range(910, 921))
     assert sorted(ids) == sorted(expected)
     assert f'could not read {len(test_bad)} images' in out
+    # photo.png beside the N.jpg, say: said, not dropped unseen
+    assert f'left out {len(test_ignored)} other entries of {root / "test1"}: ' in out
 
 
 def test_exif_rotation_is_applied(tmp_path):

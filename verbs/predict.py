@@ -16,7 +16,8 @@ from utils.files import unused, writable_folder, write_csv
 def write_submission(cfg, trained):
     """Predict test_data_root and write the submission (see main.test) into the run's folder,
     or --result_file; an earlier submission is never overwritten."""
-    data = DogCat(cfg.require_dir('test_data_root'), 'test', cfg.image_size)
+    folder = cfg.require_dir('test_data_root')
+    data = DogCat(folder, 'test', cfg.image_size)
     result_file = cfg.path('result_file') if cfg.result_file else unused(trained.path.parent, 'result', '.csv')
     writable_folder(result_file.parent, 'result_file')
     predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
@@ -30,6 +31,8 @@ def write_submission(cfg, trained):
     header, columns = (['id', 'label'], probs[:, 1:]) if two else (['id', *trained.classes], probs)
     write_csv(result_file, [header, *((i, *(f'{p:.4f}' for p in row)) for i, row in zip(ids, columns.tolist()))])
     print(f'wrote {len(ids)} predictions to {result_file}')
+    if data.ignored:  # other names beside Kaggle's N.jpg: said, not dropped unseen
+        print(f'left out {len(data.ignored)} other entries of {folder}: {", ".join(data.ignored[:5])}')
     if predictions.skipped:
         names = [data.paths[i] for i in predictions.skipped]
         print(f'could not read {len(names)} images, left out: {", ".join(names[:5])}')
