@@ -246,6 +246,20 @@ def test_predict_explain_writes_a_picture_per_image_beside_the_csv(trained_folds
         main.predict(str(test1), explain=True, cam_layer='net.nothing', load_model_path=str(parent), **common)
 
 
+def test_predict_explain_again_keeps_its_pictures_and_predicts_the_photos_only(tmp_path, tiny_data, capsys):
+    options = fast_options(tmp_path, tiny_data, image_size=64)
+    main.train(**options)
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for n in (1, 2):
+        (photos / f'{n}.jpg').write_bytes((tiny_data / 'test1' / f'{n}.jpg').read_bytes())
+    out = photos / 'predictions.csv'  # the pictures go beside it, among the photos
+    for _ in range(2):
+        main.predict(str(photos), out=str(out), explain=True, **options)
+        assert [row['path'] for row in rows(out)] == [str(photos / '1.jpg'), str(photos / '2.jpg')]
+    assert sorted(p.name for p in photos.glob('*.png')) == ['1-cam-2.png', '1-cam.png', '2-cam-2.png', '2-cam.png']
+
+
 def test_kfold_resumes_the_fold_it_was_in(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data, max_epoch=2)
     trained = []

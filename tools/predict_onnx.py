@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -69,12 +70,14 @@ def main(argv=None):
 
 
 def find_images(paths):
-    """predict.find_images(): the image files among `paths`, folders searched recursively."""
+    """predict.find_images(): the image files among `paths`, folders searched recursively, less
+    the pictures of predict --explain."""
     files = []
     for path in (Path(p).expanduser() for p in paths):
         if path.is_dir():
             images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            files += sorted(f for f in images if not any(part.startswith('.') for part in f.relative_to(path).parts))
+            mine = (f for f in images if not any(part.startswith('.') for part in f.relative_to(path).parts))
+            files += sorted(f for f in mine if not re.search(r'-cam(-\d+)?\.png$', f.name))  # predict --explain's
         elif path.is_file():
             files.append(path)
         else:

@@ -14,7 +14,7 @@ from config import UserError
 from data.decode import load_rgb
 from data.transforms import model_input
 from models import FoldEnsemble
-from utils.files import atomic_open, numbered
+from utils.files import atomic_open, unused
 from utils.pictures import captioned_tiles
 
 # cold to hot: dark blue, cyan, yellow, red; readable over any picture
@@ -106,7 +106,7 @@ def explain_rows(model, dataset, metrics, rows, classes, rt, layer=''):
 
 def write_overlays(model, data, picks, folder, rt, layer=''):
     """The files written into `folder`: per (index in `data`, class, caption) of `picks`, <image>-cam.png
-    (or -cam-2.png...), its central square at up to 512 px overlaid with the map of the class, captioned."""
+    (or -cam-2.png... when taken), its central square at up to 512 px overlaid with the map of the class, captioned."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for (index, _, caption), _, heat in maps_of(model, data, picks, rt, layer):
@@ -115,7 +115,7 @@ def write_overlays(model, data, picks, folder, rt, layer=''):
         side = min(min(picture.size), 512)
         square = ImageOps.fit(picture, (side, side))  # the central square, as the eval transform crops
         tile = captioned_tiles([(overlay(square, heat), caption)], size=side)[0]
-        file = next(f for f in numbered(folder, f'{path.stem}-cam', '.png') if f not in written)
+        file = unused(folder, f'{path.stem}-cam', '.png')  # an earlier call's pictures are kept
         with atomic_open(file, 'wb') as f:
             Image.fromarray((tile.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(f, format='PNG')
         written.append(file)

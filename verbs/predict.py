@@ -1,6 +1,7 @@
 """What test and predict do with a trained model: the submission file, and the predictions for
 your own photos, on the terminal and in a CSV."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from data.transforms import eval_transform
 from training.engine import clipped_probabilities, infer_dataset, predicted
 from training.explain import check_layer, write_overlays
 from utils.files import unused, writable_folder, write_csv
+
+EXPLAINED = re.compile(r'-cam(-\d+)?\.png$')  # the pictures of predict --explain
 
 
 def write_submission(cfg, trained):
@@ -80,13 +83,15 @@ def prediction_rows(classes, names, probs):
 
 
 def find_images(paths):
-    """The image files among `paths`, folders searched recursively (relative to where you are)."""
+    """The image files among `paths`, folders searched recursively (relative to where you are), less
+    the pictures --explain wrote there (<image>-cam.png, -cam-2.png...)."""
     if not paths:
         raise UserError('predict needs images or folders: python main.py predict PATH [PATH ...]')
     files = []
     for path in (Path(str(p)).expanduser() for p in paths):  # str: fire reads `123.jpg`... and `7` as 7
         if path.is_dir():
-            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and not hidden(f, path))
+            images = (f for f in path.rglob('*') if f.suffix.lower() in IMAGE_SUFFIXES and not hidden(f, path)
+                      and not EXPLAINED.search(f.name))  # fmt: skip
             files += sorted(f for f in images if f.is_file())
         elif path.is_file():
             files.append(path)
