@@ -19,6 +19,10 @@ class TorchvisionModel(BasicModule):
         self.net = models.get_model(name, weights=None)  # 1000 classes, the shape of the ImageNet weights
         if imagenet_state is not None:
             self.net.load_state_dict(imagenet_state)
+        if hasattr(self.net, 'transform_input'):
+            # GoogLeNet, Inception v3: their ImageNet weights take (x - 0.5) / 0.5, which this makes of
+            # the input normalised as for every other model; torchvision sets it with its weights
+            self.net.transform_input = True
         if getattr(self.net, 'aux_logits', False):  # GoogLeNet, Inception v3: as torchvision does
             self.net.aux_logits = False
             for aux in ('aux1', 'aux2', 'AuxLogits'):

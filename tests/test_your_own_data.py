@@ -232,6 +232,23 @@ def test_pretrained_torchvision_model_gets_a_head_for_n_classes(tmp_path, monkey
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ['net.fc.weight', 'net.fc.bias']
 
 
+@pytest.mark.parametrize('name', ['googlenet', 'inception_v3'])
+def test_googlenet_and_inception_see_their_imagenet_weights_input_as_torchvisions_do(name):
+    from torchvision import models
+
+    imagenet = models.get_model(name, weights=None, init_weights=False).state_dict()  # the weights' keys and shapes
+    # torchvision's model as it builds it with its ImageNet weights
+    reference = models.get_model(name, weights=None, init_weights=False, transform_input=True)
+    reference.load_state_dict(imagenet)
+    model = build_model(name, 5)
+    model.net.load_state_dict({k: v for k, v in imagenet.items() if not k.startswith(('fc.', 'aux', 'AuxLogits'))},
+                              strict=False)  # fmt: skip
+    model.net.fc = reference.fc = torch.nn.Identity()  # the features the head is trained on
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(images), reference.eval()(images), rtol=1e-4, atol=1e-9)
+
+
 def test_a_checkpoint_of_cat_and_dog_tests_them_and_refuses_data_of_other_classes(tmp_path, tiny_data):
     old = tmp_path / 'old.pth'
     torch.save(
