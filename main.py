@@ -54,12 +54,16 @@ def train_with(kwargs, on_epoch=None):
         return fit(cfg, root, resume, rt, on_epoch)
 
 
-def options(kwargs, run=()):
+def options(kwargs, run=(), trains=True):
     """The defaults with the command line's overrides, each checked (--model against the models);
-    run: the verb's RUN word, if given, for --load_model_path."""
+    run: the verb's RUN word, if given, for --load_model_path; trains=False: a verb of a trained
+    model, which --name and --resume (the run a training makes or continues) would not pick."""
     if len(run) > 1:
         raise UserError(f'give one run, not {len(run)}: {" ".join(map(str, run))}')
     cfg = DefaultConfig().parse({**kwargs, 'load_model_path': str(run[0])} if run else kwargs)
+    training_only = set() if trains else {'name', 'resume'} & cfg.given
+    if training_only:
+        raise UserError(f'--{min(training_only)} names a run to train; pick the trained one with --load_model_path=RUN')
     check_options(cfg)
     return cfg
 
@@ -197,7 +201,7 @@ def lr_find(steps=100, **kwargs):
 
 def val(**kwargs):
     """Evaluate a checkpoint on the validation data: loss, accuracy, confusion, log loss."""
-    cfg = options(kwargs)
+    cfg = options(kwargs, trains=False)
     given_data = {'train_data_root', 'val_data_root', 'train_labels', 'val_labels'} & cfg.given
     trained = load_trained(cfg, WHERE if given_data else HELD_OUT)
     classes = trained.classes
@@ -219,7 +223,7 @@ def test(**kwargs):
     Two classes give Kaggle's id,label with the probability of the second; more give
     id,<class 1>,...,<class N>. By default it goes into the run's folder.
     """
-    cfg = options(kwargs)
+    cfg = options(kwargs, trains=False)
     write_submission(cfg, load_trained(cfg, ('test_data_root',)))
 
 
@@ -229,7 +233,7 @@ def predict(*paths, out='', explain=False, **kwargs):
     --out: a CSV file to write the predictions to (besides printing them)
     --explain: True: also <image>-cam.png, where the model looked (beside --out, else in the run's explained/)
     """
-    cfg = options(kwargs)
+    cfg = options(kwargs, trains=False)
     find_images(paths)  # a path that is not there is said before the model loads
     predict_files(cfg, load_trained(cfg), paths, out, explain)
 
@@ -241,7 +245,7 @@ def export(*run, format='onnx', **kwargs):
     """
     from verbs.export import export_model  # onnx and onnxruntime load only here
 
-    cfg = options(kwargs, run)
+    cfg = options(kwargs, run, trains=False)
     export_model(cfg, load_trained(cfg, HELD_OUT), format)  # checked on val's images
 
 
@@ -254,7 +258,7 @@ def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
     """
     from verbs.serve import serve_model  # the web stack loads only here
 
-    cfg = options(kwargs, run)
+    cfg = options(kwargs, run, trains=False)
     serve_model(cfg, load_trained(cfg), host, port, max_mb)
 
 

@@ -96,6 +96,8 @@ def test_help_and_mistyped_words_answer_without_importing_torch():
         (['demo_data', '--n_train=abc'], ["--n_train='abc' is invalid; it takes a whole number"]),
         (['export', 'run-1', 'run-2'], ['give one run, not 2: run-1 run-2']),
         (['serve', 'run-1', 'run-2'], ['give one run, not 2: run-1 run-2']),
+        (['val', '--name=mine'], ['--name names a run to train', '--load_model_path=RUN']),
+        (['predict', 'a.jpg', '--resume=latest'], ['--resume names a run to train', '--load_model_path=RUN']),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
