@@ -210,8 +210,9 @@ def _read_csv(labels):
 
 
 def _images_by_id(root):
-    """(the names of root's image files, sorted; {id: name}): an id is a name with or without its extension."""
-    images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    """(root's image files but hidden ones, sorted; {id: name}): an id is a name with or without its extension."""
+    images = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
+                    and not e.name.startswith('.'))  # fmt: skip
     by_name = {name: name for name in images}
     for name in images:  # sorted: an id names x.jpg rather than x.png
         by_name.setdefault(Path(name).stem, name)

@@ -41,7 +41,7 @@ def write_rows(path, rows):
 def test_a_csv_names_the_images_and_what_does_not_match_is_counted_in_one_line(tmp_path, csv_data, capsys):
     folder = tmp_path / 'train'
     folder.mkdir()
-    for name in ('a.jpg', 'b.jpg', 'c.png', 'd.jpg', 'stray.jpg'):
+    for name in ('a.jpg', 'b.jpg', 'c.png', 'd.jpg', 'stray.jpg', '._a.jpg'):  # ._a.jpg: macOS's, hidden
         shutil.copy(csv_data / 'train' / 'img-0.jpg', folder / name)
     labels = write_rows(
         tmp_path / 'labels.csv',
