@@ -344,4 +344,4 @@ VERBS = {
 }
 
 if __name__ == '__main__':
-    run(VERBS, __file__)
+    run(VERBS)

@@ -14,17 +14,16 @@ from config import DefaultConfig, UserError, option_help, unknown
 from utils import raise_interrupt
 
 
-def run(verbs, main_file, argv=None):
-    """Call the verb named in argv with its --options. Exit codes: 2 for a UserError; 128 + the
-    signal's number when interrupted (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it."""
-    argv = _normalised(sys.argv[1:] if argv is None else list(argv))
+def run(verbs):
+    """Call the verb named on the command line, whose words answer_early() has checked, with its
+    --options. Exit codes: 2 for a UserError; 128 + the signal's number when interrupted (130 for
+    Ctrl-C, 143 for SIGTERM), as a shell reports it."""
     if int(os.environ.get('RANK', 0)) > 0:
         sys.stdout = open(os.devnull, 'w')  # under torchrun, rank 0 alone talks; errors still show
     signal.signal(signal.SIGINT, raise_interrupt)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        check_words(main_file, argv)
-        fire.Fire(verbs, command=argv, name='main.py')
+        fire.Fire(verbs, command=sys.argv[1:], name='main.py')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
@@ -40,21 +39,15 @@ def run(verbs, main_file, argv=None):
 def answer_early(main_file, argv):
     """`help`, and a mistyped verb, option or value, answered before main.py imports torch:
     at once instead of seconds later. Anything else returns to main.py, which runs it."""
-    argv = _normalised(argv)
     try:
-        if argv[0] == 'help':
+        # ours lists every option; fire's cannot see inside **kwargs
+        if not argv or argv[0] == 'help' or any(word in ('-h', '--help') for word in argv):
             print_help(main_file)
             sys.exit(0)
         check_words(main_file, argv)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-
-
-def _normalised(argv):
-    if not argv or any(word in ('-h', '--help') for word in argv):
-        return ['help']  # ours lists every option; fire's cannot see inside **kwargs
-    return argv
 
 
 @dataclasses.dataclass
