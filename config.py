@@ -120,7 +120,7 @@ class DefaultConfig:
 
     def check_values(self, kwargs):
         """The checks of parse(), without printing: names, types, ranges (--model and its image
-        sizes: models.check_options())."""
+        sizes: models.check_options()); returns self."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         for raw_key, value in kwargs.items():
             key = raw_key.replace('-', '_')
@@ -162,6 +162,7 @@ class DefaultConfig:
         for name, ok, accepts in rules:
             if not ok:
                 raise UserError(f'--{name}={getattr(self, name)!r} is invalid; it takes {accepts}')
+        return self
 
     def inherit(self, stored, keys, source, strict=True):
         """Take `keys` from the config a checkpoint was made with, unless given on the command line.

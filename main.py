@@ -234,8 +234,8 @@ def predict(*paths, out='', explain=False, **kwargs):
     --explain: True: also <image>-cam.png, where the model looked (beside --out, else in the run's explained/)
     """
     cfg = options(kwargs, trains=False)
-    find_images(paths)  # a path that is not there is said before the model loads
-    predict_files(cfg, load_trained(cfg), paths, out, explain)
+    files = find_images(paths)  # a path that is not there is said before the model loads
+    predict_files(cfg, load_trained(cfg), files, out, explain)
 
 
 def export(*run, format='onnx', **kwargs):
@@ -318,8 +318,7 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
 
 def runs(**kwargs):
     """List the training runs, newest first: epochs, best validation accuracy and log loss, when."""
-    cfg = DefaultConfig()
-    cfg.check_values(kwargs)  # no `config:` line: runs trains nothing
+    cfg = DefaultConfig().check_values(kwargs)  # no `config:` line: runs trains nothing
     print_runs(cfg.path('checkpoint_dir'))
 
 

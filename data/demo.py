@@ -15,8 +15,7 @@ CLASSES = ('cat', 'dog', 'fox')  # stripes, spots, checks
 def make_demo_data(
     root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2, layout='kaggle', flip_labels=0.0
 ):
-    """Write root/train and root/test1 with the first `classes` of CLASSES; return the test
-    labels by id.
+    """Write root/train and root/test1 with the first `classes` of CLASSES.
 
     flip_labels: this share of the training images is drawn as another class than its name
     says (label noise for kfold's suspect list), listed in root/flipped.txt.
@@ -51,13 +50,10 @@ def make_demo_data(
     (root / 'flipped.txt').unlink(missing_ok=True)  # a list of an earlier call's
     if wrong:
         (root / 'flipped.txt').write_text('\n'.join(wrong) + '\n')
-    test_labels = {}
     for kaggle_id in range(1, n_test + 1):  # Kaggle's test ids start at 1
         label = int(rng.integers(classes))
         name = f'{kaggle_id}.jpg' if layout == 'kaggle' else f'photo-{kaggle_id}.jpg'
         _draw(label, rng, sizes, blur).save(root / 'test1' / name, quality=int(rng.integers(75, 96)))
-        test_labels[kaggle_id if layout == 'kaggle' else Path(name).stem] = label
-    return test_labels
 
 
 def _draw(label, rng, sizes, blur):

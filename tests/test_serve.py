@@ -262,7 +262,7 @@ def test_requests_that_wait_go_through_the_model_together_each_with_its_own_answ
             return self.model(images)
 
     cpu = torch.device('cpu')
-    classifier = Classifier(Trained(Counting(), ['cat', 'dog'], Path('run'), {}, False), 32, Runtime(cpu))
+    classifier = Classifier(Trained(Counting(), ['cat', 'dog'], Path('run'), False), 32, Runtime(cpu))
     photos = sorted((tiny_data / 'train').glob('*.jpg'))[:20]
 
     def ask(photo):

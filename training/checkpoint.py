@@ -188,7 +188,6 @@ class Trained:
     model: object  # on the CPU, in eval mode: the better of the weights and their moving average
     classes: list
     path: Path  # the checkpoint file (a kfold's: its kfold.json)
-    config: dict  # the options it was trained with
     tta: bool  # --tta, for a model trained on mirror images; False otherwise
 
 
@@ -253,7 +252,7 @@ def load_one(cfg, path, data_options=()):
         print(f'using the moving average of the weights in {path}: it validated better')
         state = {**state, 'model': state['ema']}
     model = build_model(cfg.model, len(state['classes'])).load_state_dict_from(state['model'], path).eval()
-    return Trained(model, state['classes'], path, made, tta)
+    return Trained(model, state['classes'], path, tta)
 
 
 def load_folds(cfg, folder, data_options=()):
@@ -270,4 +269,4 @@ def load_folds(cfg, folder, data_options=()):
     print(f'using the {len(files)} folds of {folder} as one model: the mean of their probabilities')
     ensemble = FoldEnsemble([member.model for member in members]).eval()
     tta = all(member.tta for member in members)
-    return Trained(ensemble, members[0].classes, folder / 'kfold.json', members[0].config, tta)
+    return Trained(ensemble, members[0].classes, folder / 'kfold.json', tta)

@@ -115,8 +115,7 @@ def checked(options, folds):
             raise UserError(f'--{key}: {why}; drop it')
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise UserError('kfold does not run under torchrun: train one fold with train --folds=K --fold=k instead')
-    cfg = DefaultConfig()
-    cfg.check_values(options)
+    cfg = DefaultConfig().check_values(options)
     check_options(cfg)
     root = cfg.require_dir('train_data_root')
     data = labelled_data(cfg, 'train', root, 'train_labels', Split(0))  # one class only: its UserError
@@ -187,8 +186,7 @@ def out_of_fold(options, parent, folds):
     """The OutOfFold of the folds: each fold's held-out images predicted by its own best.pth."""
     files, ids, labels, log_probs, fold_of = [], [], [], [], []
     for k in range(1, folds + 1):
-        cfg = DefaultConfig()
-        cfg.check_values({**options, 'folds': folds, 'fold': k})
+        cfg = DefaultConfig().check_values({**options, 'folds': folds, 'fold': k})
         trained = load_one(cfg, parent / f'fold-{k}' / 'best.pth')
         data = validation_data(cfg, trained.classes)
         predictions, _ = infer_dataset(cfg, trained.model, data, trained.tta)

@@ -41,10 +41,9 @@ def write_submission(cfg, trained):
         print(f'could not read {len(names)} images, left out: {", ".join(names[:5])}')
 
 
-def predict_files(cfg, trained, paths, out='', explain=False):
-    """Print a line per image of `paths` (class, probability) and write them to `out` if given;
+def predict_files(cfg, trained, files, out='', explain=False):
+    """Print a line per image file (class, probability) and write them to `out` if given;
     explain: and a Grad-CAM picture per image (explain.py), beside `out` or in the run's explained/."""
-    files = find_images(paths)
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
     if out:
         writable_folder(Path(out).parent, 'out')

@@ -21,7 +21,7 @@ from pathlib import Path
 from config import NOT_RECIPE, DefaultConfig, UserError, unknown, whole_number
 from models import check_options
 from training.engine import Diverged
-from utils.run_folders import LATEST, SweepRecord, TrialRecord, check_folder_name, point_latest
+from utils.run_folders import SweepRecord, TrialRecord, check_folder_name, point_latest
 from utils.runtime import runtime
 
 FORMS = 'name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C'
@@ -66,9 +66,8 @@ def parse_dimension(word, fixed, taken):
         raise UserError(f'{where}--{name} is {again}; drop one')
 
     def checked(raw):
-        cfg = DefaultConfig()
         try:
-            cfg.check_values({**fixed, name: raw})
+            cfg = DefaultConfig().check_values({**fixed, name: raw})
             check_options(cfg)
         except UserError as e:
             raise UserError(where + str(e)) from None
@@ -113,8 +112,7 @@ def run_sweep(options, space, trials, metric, storage, train):
     if 'resume' in options:
         raise UserError('--resume: a sweep continues when the same command is started again')
     fixed = {key: value for key, value in options.items() if key != 'name'}
-    base = DefaultConfig()
-    base.check_values(fixed)
+    base = DefaultConfig().check_values(fixed)
     check_options(base)
     dimensions = []
     for word in str(space).split():
@@ -128,7 +126,7 @@ def run_sweep(options, space, trials, metric, storage, train):
     name = str(options.get('name') or f'sweep-{digest}')
     check_folder_name(name, 'sweep')
     folder = base.path('checkpoint_dir') / name
-    if name == LATEST or (folder / 'config.json').exists():
+    if (folder / 'config.json').exists():
         raise UserError(f'--name={name}: {folder} is a training run, not a sweep; choose another name')
     plan = Plan(folder, base, fixed, dimensions, metric, trials)
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
