@@ -22,6 +22,7 @@ from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest
 from data.decode import load_rgb
 from models import ResNet34, SqueezeNet
 from training.checkpoint import load_weights
+from training.report import read_metrics
 from utils.files import atomic_open, atomic_save, load_checkpoint
 
 
@@ -124,6 +125,18 @@ def test_exif_rotation_is_applied(tmp_path):
 def test_16_bit_images_keep_their_brightness(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / 'g.png')
     assert np.asarray(load_rgb(tmp_path / 'g.png')).mean() == pytest.approx(128, abs=1)
+
+
+def test_a_batch_left_with_one_image_by_a_bad_file_trains_on(tmp_path, tiny_data):
+    train = tmp_path / 'train'
+    train.mkdir()
+    for name in ('cat.0.jpg', 'dog.0.jpg'):
+        shutil.copy(tiny_data / 'train' / name, train / name)
+    (train / 'cat.1.jpg').write_bytes(b'')  # beside a good one in a batch of 2, it leaves that one alone
+    # ResNet34 at 32 px: the last BatchNorm sees a 1x1 map, which one image cannot train it on
+    main.train(**fast_options(tmp_path, tiny_data, train_data_root=str(train), val_data_root=str(tiny_data / 'train'),
+                              model='ResNet34', batch_size=2, max_epoch=3))  # fmt: skip
+    assert [r['skipped'] for r in read_metrics(newest_run(tmp_path / 'checkpoints'))] != [0, 0, 0]
 
 
 def test_a_folder_whose_images_all_fail_names_it(tmp_path):

@@ -48,11 +48,15 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
         group_size = min(accumulate, steps - (step - 1) // accumulate * accumulate)
         last_of_group = step % accumulate == 0 or step == steps
         weight = 1.0
+        if bad and images is not None and len(images) == 1:
+            # the rest of the batch failed to load: BatchNorm cannot train on one image whose feature
+            # map is 1x1 (small images), so it waits for the next epoch, as make_loader's drop_last
+            images = None
         if images is None and rt.distributed:
             # every image of this process's batch failed to load, but the other processes wait
-            # for its gradients: take part with one blank image whose loss counts zero
-            images = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
-            targets, weight = torch.zeros(1, dtype=torch.long), 0.0
+            # for its gradients: take part with two blank images whose loss counts zero
+            images = torch.zeros(2, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+            targets, weight = torch.zeros(2, dtype=torch.long), 0.0
         if images is not None:  # None: every image of the batch failed to load
             loss = forward_backward(training, images, targets, rt, weight / group_size, sync=last_of_group)
             window.add(loss, len(targets), weight)
