@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -479,3 +480,12 @@ def test_a_run_starts_from_the_best_weights_of_a_run_named_as_val_names_it(tmp_p
     _, model = recipe.model_of(cfg, ['cat', 'dog'], Runtime(torch.device('cpu')))
     kept = load_checkpoint(best)['model']
     assert all(torch.equal(tensor, kept[key]) for key, tensor in model.state_dict().items())
+
+
+def test_a_resume_keeps_the_command_that_made_the_run(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['main.py', 'train', '--max_epoch=1'])
+    main.train(**fast_options(tmp_path, tiny_data))
+    monkeypatch.setattr(sys, 'argv', ['main.py', 'train', '--resume=latest', '--max_epoch=2'])
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume='latest'))
+    made = json.loads((newest_run(tmp_path / 'checkpoints') / 'config.json').read_text())
+    assert made['command'][1:] == ['main.py', 'train', '--max_epoch=1'] and len(made['resumed']) == 1

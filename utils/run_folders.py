@@ -107,7 +107,7 @@ def write_config(run_dir, cfg, classes, device, world_size):
         {
             'options': cfg.to_dict(),
             'classes': list(classes),
-            'command': [Path(sys.executable).name, *sys.argv],
+            'command': earlier.get('command', [Path(sys.executable).name, *sys.argv]),  # the one that made it
             'started': earlier.get('started', now),
             'resumed': earlier.get('resumed', []) + ([now] if earlier else []),
             'device': str(device) + (f' x {world_size} processes' if world_size > 1 else ''),
