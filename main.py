@@ -17,7 +17,7 @@ from data.demo import CLASSES, make_demo_data
 from data.transforms import model_input
 from models import check_options
 from training import engine
-from training.checkpoint import load_trained, restore, resume_point, save_epoch, training_state
+from training.checkpoint import HELD_OUT, WHERE, load_trained, restore, resume_point, save_epoch, training_state
 from training.recipe import make_training, model_of
 from training.report import Reporter, confusion_table, epoch_record
 from utils import interrupts_deferred
@@ -27,14 +27,6 @@ from utils.run_folders import new_run_dir, note_interrupted, point_latest, write
 from utils.runtime import runtime_of, seed_everything
 from verbs.predict import find_images, predict_files, write_submission
 from verbs.runs import print_runs
-
-# the options that say which images a run validated on: val and export take them from its checkpoint
-HELD_OUT = ('train_data_root', 'val_data_root', 'train_labels', 'val_labels', 'image_column', 'label_column',
-            'val_ratio', 'folds', 'fold', 'seed')  # fmt: skip
-# ...and those val takes when told which images to validate on: a --val_labels CSV may name the
-# images of the run's training folder, in the run's columns, and a moved training folder holds
-# out the run's own share
-WHERE = ('train_data_root', 'image_column', 'label_column', 'val_ratio', 'folds', 'fold', 'seed')
 
 
 def train(**kwargs):

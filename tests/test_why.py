@@ -260,6 +260,30 @@ def test_predict_explain_again_keeps_its_pictures_and_predicts_the_photos_only(t
     assert sorted(p.name for p in photos.glob('*.png')) == ['1-cam-2.png', '1-cam.png', '2-cam-2.png', '2-cam.png']
 
 
+def test_a_kfold_is_one_model_once_its_last_fold_has_ended(tmp_path, tiny_data, capsys):
+    options = fast_options(tmp_path, tiny_data, max_epoch=2, name='k')
+
+    def stop_in_fold_2(run):
+        def on_epoch(epoch, metrics, last):
+            if run['fold'] == 2:
+                raise KeyboardInterrupt  # fold 2 has a best.pth of its first epoch, and more to train
+
+        return main.train_with(run, on_epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        kfold.run_kfold(options, 2, train=stop_in_fold_2)
+    parent, common = tmp_path / 'checkpoints' / 'k', dict(checkpoint_dir=options['checkpoint_dir'], num_workers=0)
+    with pytest.raises(UserError, match='has a trained model'):
+        main.test(**common, result_file=str(tmp_path / 'r.csv'))  # the kfold is latest, and no model yet
+    kfold.run_kfold(options, 2, train=main.train_with)
+    capsys.readouterr()
+    main.val(**common, load_model_path=str(parent), train_data_root=options['train_data_root'])  # other data
+    out = capsys.readouterr().out  # the options' share, 0.3 of 40 images, not a fold of one member's
+    assert f'using the 2 folds of {parent} as one model' in out and '12 validation images' in out
+    with pytest.raises(UserError, match='none left to validate on'):
+        main.val(**common, load_model_path=str(parent))  # its own held-out images: the folds trained on them all
+
+
 def test_kfold_resumes_the_fold_it_was_in(tmp_path, tiny_data):
     options = fast_options(tmp_path, tiny_data, max_epoch=2)
     trained = []

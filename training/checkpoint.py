@@ -36,6 +36,13 @@ RESUME_DEFAULTS = (
     'max_epoch train_data_root val_data_root test_data_root train_labels val_labels image_column label_column '
     'batch_size'
 ).split()
+# the options that say which images a run validated on: val and export take them from its checkpoint
+SPLIT = ('val_ratio', 'folds', 'fold', 'seed')
+HELD_OUT = ('train_data_root', 'val_data_root', 'train_labels', 'val_labels', 'image_column', 'label_column', *SPLIT)
+# ...and those val takes when told which images to validate on: a --val_labels CSV may name the
+# images of the run's training folder, in the run's columns, and a moved training folder holds
+# out the run's own share
+WHERE = ('train_data_root', 'image_column', 'label_column', *SPLIT)
 # what only continuing a run needs: best.pth keeps none of it once it parts from last.pth
 TRAINING_ONLY = ('optimizer', 'scheduler', 'step_scheduler', 'scaler', 'ema_updates')
 # where a run stands: the best validation accuracy and loss so far, the epochs since the loss
@@ -211,7 +218,7 @@ def model_file(folder):
     if (folder / 'best.pth').is_file():
         return folder / 'best.pth'
     kfold = KfoldRecord.load(folder)
-    if kfold and len(list(folder.glob('fold-*/best.pth'))) == kfold.folds:  # not while a fold is to come
+    if kfold and kfold.oof is not None:  # every fold trained to its end, not while one is to come or training
         return folder
     sweep = SweepRecord.load(folder)
     best = sweep and sweep.best_trial(folder)
@@ -258,12 +265,13 @@ def load_one(cfg, path, data_options=()):
 def load_folds(cfg, folder, data_options=()):
     """The Trained of a kfold's folder: the best.pth of its folds as a FoldEnsemble."""
     files = sorted(folder.glob('fold-*/best.pth'))
-    if 'val_ratio' in data_options:
+    if data_options == HELD_OUT:
         raise UserError(
             f'{folder} holds {len(files)} folds whose models together trained on every image, none left to '
             f'validate on: its out-of-fold figures are in oof.csv; for one fold, give {folder / "fold-1"}'
         )
-    members = [load_one(cfg, file, data_options) for file in files]
+    # each fold held out a share of its own; as one model they take the split the options give
+    members = [load_one(cfg, file, [key for key in data_options if key not in SPLIT]) for file in files]
     if any(member.classes != members[0].classes for member in members):
         raise UserError(f'the folds of {folder} were trained on different classes')
     print(f'using the {len(files)} folds of {folder} as one model: the mean of their probabilities')
