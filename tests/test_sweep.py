@@ -442,3 +442,11 @@ def test_a_log_range_draws_as_many_values_from_each_decade(word, below_1e3):
     assert all(1e-5 <= lr <= 1e-1 for lr in drawn)
     # log: 1e-5..1e-3 is half the range; linear: a hundredth of it
     assert sum(lr < 1e-3 for lr in drawn) / len(drawn) == pytest.approx(below_1e3, abs=0.06)
+
+
+def test_a_tie_of_trials_is_the_earliest_for_the_sweep_and_for_the_verbs(tmp_path, one_picture):
+    # one picture under every name: every trial validates at 50%
+    options = sweep_options(tmp_path, one_picture, max_epoch=1)
+    out, folder = sweep_here(5, 'lr=1e-4..1e-2:log', options, metric='accuracy')
+    assert 'best: trial 0, accuracy 0.5000' in out
+    assert model_file(folder) == folder / 'trial-0' / 'best.pth'

@@ -163,10 +163,16 @@ class SweepRecord(Record):
     metric: str  # log_loss (lower is better) or accuracy (higher is better)
 
     def best_trial(self, folder):
-        """The folder of the complete trial whose best.pth scored best (as Optuna's best_trial), or None."""
-        sign = 1 if self.metric == 'log_loss' else -1
-        done = [(t, run) for run in folder.glob('trial-*') if (t := TrialRecord.load(run)) and t.state == 'complete']
-        return min(done, key=lambda pair: sign * pair[0].value)[1] if done else None
+        """The folder of the complete trial whose best.pth scored best (best_of), or None."""
+        done = [t for run in folder.glob('trial-*') if (t := TrialRecord.load(run)) and t.state == 'complete']
+        best = best_of(done, self.metric)
+        return best and folder / f'trial-{best.number}'
+
+
+def best_of(trials, metric):
+    """The best of complete `trials` (Optuna's, or TrialRecords) by `metric`, the earliest of a tie, or None."""
+    sign = 1 if metric == 'log_loss' else -1
+    return min(trials, key=lambda t: (sign * t.value, t.number), default=None)
 
 
 @dataclasses.dataclass

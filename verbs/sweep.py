@@ -21,7 +21,7 @@ from pathlib import Path
 from config import NOT_RECIPE, DefaultConfig, UserError, unknown, whole_number
 from models import check_options
 from training.engine import Diverged
-from utils.run_folders import SweepRecord, TrialRecord, check_folder_name, point_latest
+from utils.run_folders import SweepRecord, TrialRecord, best_of, check_folder_name, point_latest
 from utils.runtime import runtime
 
 FORMS = 'name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C'
@@ -188,8 +188,9 @@ def sweep_trials(study, plan, train, share=lambda obj: obj):
             )
     finally:
         print_trials(study, plan.dimensions, label, time.perf_counter() - started)
-        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            best, again = study.best_trial, {**plan.fixed, **study.best_trial.params}
+        best = best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), plan.metric)
+        if best is not None:  # the trial whose best.pth test, predict and serve take
+            again = {**plan.fixed, **best.params}
             print(f'best: trial {best.number}, {label} {best.value:.4f}, in {plan.folder / f"trial-{best.number}"}:')
             print('python main.py train ' + ' '.join(shlex.quote(f'--{k}={v}') for k, v in again.items()))
 
