@@ -450,3 +450,13 @@ def test_a_tie_of_trials_is_the_earliest_for_the_sweep_and_for_the_verbs(tmp_pat
     out, folder = sweep_here(5, 'lr=1e-4..1e-2:log', options, metric='accuracy')
     assert 'best: trial 0, accuracy 0.5000' in out
     assert model_file(folder) == folder / 'trial-0' / 'best.pth'
+
+
+def test_a_draw_whose_values_do_not_go_together_is_pruned_and_the_sweep_goes_on(tmp_path, tiny_data):
+    options = sweep_options(tmp_path, tiny_data, max_epoch=1)
+    del options['model'], options['image_size']
+    out, folder = sweep_here(4, 'model=AlexNet|SqueezeNet image_size=32|64', options)
+    trials = trials_of(folder).values()
+    clashed = [t for t in trials if (t.params['model'], t.params['image_size']) == ('AlexNet', 32)]
+    assert clashed and all(t.state.name == 'PRUNED' for t in clashed)  # AlexNet needs 63 px: drawn, pruned
+    assert len(trials) == 4 and f'trial {clashed[0].number} pruned (--image_size=32 is invalid' in out

@@ -209,6 +209,11 @@ def run_trial(trial, study, plan, train, share):
     params = {d.name: d.suggest(trial) for d in plan.dimensions}
     print(f'\nsweep {plan.folder.name}: trial {trial.number}, ' + ' '.join(f'{k}={v}' for k, v in params.items()))
     run = {**plan.fixed, **params, 'checkpoint_dir': str(plan.folder), 'name': f'trial-{trial.number}'}
+    try:
+        check_options(DefaultConfig().check_values(run))
+    except UserError as e:  # values that do not go together, such as AlexNet at 32 px: nothing to train
+        print(f'trial {trial.number} pruned ({e})')
+        raise optuna.TrialPruned(str(e)) from None
     run.setdefault('env', f'{plan.folder.name}-trial-{trial.number}')  # visdom: trials of two sweeps apart
     kept = Kept(trial, plan.metric, share)
     state, note = 'failed', ''
