@@ -16,15 +16,17 @@ import time
 
 import optuna
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import main
 from config import UserError
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
-from training import engine
+from training import engine, recipe
 from training.checkpoint import model_file
 from utils.files import load_checkpoint
+from utils.runtime import Runtime
 from verbs import sweep
 
 SPACE = 'lr=1e-4..1e-2:log batch_size=4..8 label_smoothing=0|0.1'
@@ -450,6 +452,10 @@ def test_a_tie_of_trials_is_the_earliest_for_the_sweep_and_for_the_verbs(tmp_pat
     out, folder = sweep_here(5, 'lr=1e-4..1e-2:log', options, metric='accuracy')
     assert 'best: trial 0, accuracy 0.5000' in out
     assert model_file(folder) == folder / 'trial-0' / 'best.pth'
+    cfg = main.options({**options, 'load_model_path': 'latest'})  # the sweep: its best trial's weights to start from
+    _, model = recipe.model_of(cfg, ['cat', 'dog'], Runtime(torch.device('cpu')))
+    kept = load_checkpoint(folder / 'trial-0' / 'best.pth')['model']
+    assert all(torch.equal(tensor, kept[key]) for key, tensor in model.state_dict().items())
 
 
 def test_a_draw_whose_values_do_not_go_together_is_pruned_and_the_sweep_goes_on(tmp_path, tiny_data):

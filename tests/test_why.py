@@ -282,6 +282,8 @@ def test_a_kfold_is_one_model_once_its_last_fold_has_ended(tmp_path, tiny_data, 
     assert f'using the 2 folds of {parent} as one model' in out and '12 validation images' in out
     with pytest.raises(UserError, match='none left to validate on'):
         main.val(**common, load_model_path=str(parent))  # its own held-out images: the folds trained on them all
+    with pytest.raises(UserError, match='is a kfold, a model per fold; start from one'):
+        main.train(**{**options, 'name': '', 'load_model_path': 'k'})
 
 
 def test_kfold_resumes_the_fold_it_was_in(tmp_path, tiny_data):

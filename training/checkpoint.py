@@ -202,14 +202,16 @@ def load_trained(cfg, data_options=()):
     """The Trained of --load_model_path (a run, a file, a sweep's best trial, a kfold's folds as one
     model), else of the newest run that has one; its model name, image size and `data_options` (the
     folders it trained on, say) come from the checkpoint unless given on the command line."""
-    checkpoint_dir = cfg.path('checkpoint_dir')
-    if cfg.load_model_path:
-        path = find_checkpoint(checkpoint_dir, cfg.load_model_path, 'best.pth', 'load_model_path')
-        if not path.exists() and path.name == 'best.pth':  # a sweep's or a kfold's folder
-            path = model_file(path.parent) or path
-    else:
-        path = newest_model(checkpoint_dir)
+    path = named_model(cfg) if cfg.load_model_path else newest_model(cfg.path('checkpoint_dir'))
     return (load_folds if path.is_dir() else load_one)(cfg, path, data_options)
+
+
+def named_model(cfg):
+    """What --load_model_path names: a file, a run's best.pth, a sweep's best trial's, a kfold's folder."""
+    path = find_checkpoint(cfg.path('checkpoint_dir'), cfg.load_model_path, 'best.pth', 'load_model_path')
+    if not path.exists() and path.name == 'best.pth':  # a sweep's or a kfold's folder
+        path = model_file(path.parent) or path
+    return path
 
 
 def model_file(folder):

@@ -15,9 +15,8 @@ from torchvision.transforms import v2
 
 from config import UserError
 from models import build_model
-from utils.run_folders import find_checkpoint
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, named_model
 from .engine import on_device
 
 WARMUP_START = 0.01  # the warm-up's first steps run at this share of --lr
@@ -57,10 +56,13 @@ def model_of(cfg, classes, rt, fresh=True):
     model = build_model(cfg.model, len(classes), cfg.pretrained and fresh, cfg.pretrained_path if fresh else '')
     if cfg.freeze_features:
         model.freeze_features()
-    if cfg.load_model_path and fresh:  # a file, or a run as val names one: its best.pth
-        load_weights(
-            model, find_checkpoint(cfg.path('checkpoint_dir'), cfg.load_model_path, 'best.pth', 'load_model_path')
-        )
+    if cfg.load_model_path and fresh:  # a file, or a run as val names one
+        file = named_model(cfg)
+        if file.is_dir():
+            raise UserError(
+                f'--load_model_path: {file} is a kfold, a model per fold; start from one, {file / "fold-1"}'
+            )
+        load_weights(model, file)
     if cfg.sync_bn and rt.distributed:
         if rt.device.type != 'cuda':
             raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
