@@ -89,3 +89,19 @@ def test_under_torchrun_it_tests_the_batch_of_all_processes(tmp_path, tiny_data)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count('lr_find: ') == 1 and len(list((tmp_path / 'checkpoints').glob('*lr_find-*'))) == 1
     assert 'torchrun --nproc_per_node=2 main.py train ' in result.stdout
+
+
+def test_batches_left_with_one_image_by_unreadable_files_are_passed_over(tmp_path, tiny_data):
+    train = tmp_path / 'train'
+    train.mkdir()
+    for n in range(6):
+        for kind in ('cat', 'dog'):
+            (train / f'{kind}.{n}.jpg').write_bytes((tiny_data / 'train' / f'{kind}.{n}.jpg').read_bytes())
+            (train / f'{kind}.{n + 6}.jpg').write_bytes(b'')
+    # ResNet34 at 32 px: the last BatchNorm sees a 1x1 map, which one image cannot train it on
+    main.lr_find(steps=10, **fast_options(tmp_path, tiny_data, train_data_root=str(train), batch_size=2, **OPTIONS))
+    assert len(curve(tmp_path / 'checkpoints')[0]) >= 5
+    for file in train.glob('*.jpg'):
+        file.write_bytes(b'')
+    with pytest.raises(UserError, match='none of the 16 training images could be read'):
+        main.lr_find(steps=10, **fast_options(tmp_path, tiny_data, train_data_root=str(train), batch_size=2))

@@ -42,22 +42,19 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
                disable=None if rt.is_main else True)  # fmt: skip
     loss = None  # until a batch has loaded
     pending = False  # gradients computed since the last optimizer step
-    for step, (images, targets, _, bad) in enumerate(bar, start=1):
-        skipped += bad
+    for step, batch in enumerate(bar, start=1):
+        skipped += batch.skipped
+        images, targets = trainable(batch)
         # the batches of one optimizer step: grad_accum_steps of them, fewer at the end of the epoch
         group_size = min(accumulate, steps - (step - 1) // accumulate * accumulate)
         last_of_group = step % accumulate == 0 or step == steps
         weight = 1.0
-        if bad and images is not None and len(images) == 1:
-            # the rest of the batch failed to load: BatchNorm cannot train on one image whose feature
-            # map is 1x1 (small images), so it waits for the next epoch, as make_loader's drop_last
-            images = None
         if images is None and rt.distributed:
             # every image of this process's batch failed to load, but the other processes wait
             # for its gradients: take part with two blank images whose loss counts zero
             images = torch.zeros(2, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
             targets, weight = torch.zeros(2, dtype=torch.long), 0.0
-        if images is not None:  # None: every image of the batch failed to load
+        if images is not None:
             loss = forward_backward(training, images, targets, rt, weight / group_size, sync=last_of_group)
             window.add(loss, len(targets), weight)
             pending = True
@@ -79,6 +76,15 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
     bar.close()
     skipped = [i for part in rt.gather(skipped) for i in part]
     return window.meter.value()[0], window.meter.n, skipped
+
+
+def trainable(batch):
+    """(images, targets) of a training batch, or (None, None) when its images all failed to load or
+    all but one: BatchNorm cannot train on one image whose feature map is 1x1 (small images), so that
+    one waits for the next epoch, as a last batch of one does (make_loader's drop_last)."""
+    if batch.images is None or (batch.skipped and len(batch.images) == 1):
+        return None, None
+    return batch.images, batch.targets
 
 
 def forward_backward(training, images, targets, rt, scale, sync):

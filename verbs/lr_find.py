@@ -16,7 +16,15 @@ import shlex
 import torch
 
 from config import UserError
-from training.engine import Diverged, LossWindow, forward_backward, make_loader, optimizer_step, training_data
+from training.engine import (
+    Diverged,
+    LossWindow,
+    forward_backward,
+    make_loader,
+    optimizer_step,
+    trainable,
+    training_data,
+)
 from training.recipe import make_training, model_of
 from utils.board import Board
 from utils.files import writable_folder, write_csv
@@ -62,7 +70,7 @@ def range_test(training, loader, rt, cfg, steps):
             group['lr'] = rate
         window = LossWindow(rt.device)
         for k in range(cfg.grad_accum_steps):
-            images, targets, _, _ = next(batches)
+            images, targets = next(batches)
             loss = forward_backward(training, images, targets, rt, 1 / cfg.grad_accum_steps,
                                     sync=k == cfg.grad_accum_steps - 1)  # fmt: skip
             window.add(loss, len(targets), 1.0)
@@ -81,18 +89,19 @@ def range_test(training, loader, rt, cfg, steps):
 
 
 def endless(loader):
-    """The loader's batches, epoch after epoch, shuffled and augmented as train's epochs are;
-    batches whose images all failed to load left out."""
+    """(images, targets) of the loader's batches, epoch after epoch, shuffled and augmented as
+    train's epochs are; what train leaves out (engine.trainable) left out."""
     for epoch in itertools.count():
         loader.sampler.set_epoch(epoch)
         loader.dataset.set_epoch(epoch)
-        loaded = 0
+        readable = 0
         for batch in loader:
-            if batch.images is not None:
-                loaded += 1
-                yield batch
-        if not loaded:
-            raise UserError(f'none of the {len(loader.dataset)} training images could be read')
+            readable += 0 if batch.images is None else len(batch.images)
+            images, targets = trainable(batch)
+            if images is not None:
+                yield images, targets
+        if readable < 2:  # a batch to train on needs two
+            raise UserError(f'{readable or "none"} of the {len(loader.dataset)} training images could be read')
 
 
 def suggestions(rates, losses):
