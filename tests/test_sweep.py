@@ -347,6 +347,7 @@ def test_a_malformed_sweep_command_is_one_line_and_exit_2(tmp_path, tiny_data):
         (dict(metric='auc'), "--metric='auc' is invalid; it takes log_loss or accuracy"),
         (dict(name='a/b'), '--name=a/b: a sweep name is a folder name'),
         (dict(resume='latest'), '--resume: a sweep continues when the same command is started again'),
+        (dict(train_data_root='no/such/folder'), '--train_data_root: folder'),  # latest left alone
     ],
 )
 def test_the_sweeps_own_options_are_checked_before_anything_runs(tmp_path, tiny_data, more, fragment):

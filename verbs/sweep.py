@@ -114,6 +114,7 @@ def run_sweep(options, space, trials, metric, storage, train):
     fixed = {key: value for key, value in options.items() if key != 'name'}
     base = DefaultConfig().check_values(fixed)
     check_options(base)
+    base.require_dir('train_data_root')  # before the study and `latest` are touched
     dimensions = []
     for word in str(space).split():
         dimensions.append(parse_dimension(word, fixed, [d.name for d in dimensions]))
