@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -229,6 +230,14 @@ def test_runs_lists_the_readable_runs_and_names_a_broken_one(tmp_path, tiny_data
     main.runs(checkpoint_dir=str(tmp_path / 'checkpoints'))
     out, err = capsys.readouterr()
     assert 'good  SqueezeNet' in out and 'cut: cannot be read (JSONDecodeError)' in err
+    sweep = tmp_path / 'checkpoints' / 'sweep-cut'
+    shutil.copytree(tmp_path / 'checkpoints' / 'good', sweep / 'trial-0')
+    (sweep / 'sweep.json').write_text('{"space": ["lr=1e-4..1e-2"], "met')
+    main.runs(checkpoint_dir=str(tmp_path / 'checkpoints'))
+    out, err = capsys.readouterr()
+    assert 'sweep-cut/  1 runs' in out and f'{sweep / "sweep.json"} cannot be read (JSONDecodeError)' in err
+    with pytest.raises(UserError, match='sweep.json cannot be read'):  # one line, not a traceback
+        main.test(**fast_options(tmp_path, tiny_data, load_model_path='sweep-cut'))
 
 
 def test_a_verb_takes_the_newest_run_with_a_trained_model_and_says_so(tmp_path, tiny_data, capsys, monkeypatch):

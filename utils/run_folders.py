@@ -138,7 +138,10 @@ class Record:
     def load(cls, folder):
         """The record in `folder`, or None where it has none."""
         file = folder / cls.FILE
-        return cls(**json.loads(file.read_text())) if file.is_file() else None
+        try:
+            return cls(**json.loads(file.read_text())) if file.is_file() else None
+        except (ValueError, TypeError) as e:  # cut short by a kill or a full disk, or another program's
+            raise UserError(f'{file} cannot be read ({type(e).__name__}): fix or remove it') from None
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ beneath it. It reads the runs' JSON files only, so it answers at once."""
 import collections
 import sys
 
-from config import NOT_RECIPE
+from config import NOT_RECIPE, UserError
 from training.report import read_metrics
 from utils.run_folders import KfoldRecord, SweepRecord, TrialRecord, read_config
 
@@ -22,7 +22,11 @@ def list_runs(checkpoint_dir):
             continue
         members = [run for sub in sorted(folder.iterdir()) if (sub / 'config.json').is_file() for run in read_run(sub)]
         if members:
-            sweep, made = SweepRecord.load(folder), KfoldRecord.load(folder)
+            try:
+                sweep, made = SweepRecord.load(folder), KfoldRecord.load(folder)
+            except UserError as e:
+                print(e, file=sys.stderr)
+                sweep = made = None
             for member in members if sweep else []:
                 member['trial'] = member['trial'] or TrialRecord(-1, 'running', None, sweep.metric, {})  # until it ends
             members.sort(key=lambda r: (r['started'], r['name']))  # in the order they ran
@@ -35,7 +39,7 @@ def read_run(folder):
     """[the listing's entry of the run in `folder`], or [] when its files cannot be read."""
     try:
         made, records, trial = read_config(folder), read_metrics(folder), TrialRecord.load(folder)
-    except (OSError, ValueError, TypeError) as e:  # a file cut short by a kill or a full disk: say so, list the others
+    except (OSError, ValueError, TypeError, KeyError, UserError) as e:  # a file cut short: say so, list the others
         print(f'{folder.name}: cannot be read ({type(e).__name__})', file=sys.stderr)
         return []
     # the epoch best.pth holds: of the best accuracy, the later of a tie
