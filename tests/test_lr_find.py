@@ -39,7 +39,9 @@ def test_the_curve_falls_then_rises_and_the_suggestion_lies_inside_it(tmp_path, 
     assert not (tmp_path / 'checkpoints' / 'latest').exists()  # not a run: val, test and --resume never take it
 
 
-def test_it_tests_from_trains_starting_weights_and_a_train_after_it_is_unchanged(tmp_path, tiny_data, monkeypatch):
+def test_it_tests_from_trains_starting_weights_and_a_train_after_it_is_unchanged(
+    tmp_path, tiny_data, monkeypatch, capsys
+):
     starts, real = [], recipe.model_of
 
     def recorded(*args, **kwargs):
@@ -51,6 +53,7 @@ def test_it_tests_from_trains_starting_weights_and_a_train_after_it_is_unchanged
     monkeypatch.setattr(main, 'model_of', recorded)
     options = dict(OPTIONS, tensorboard=False)
     main.lr_find(steps=20, **fast_options(tmp_path / 'after', tiny_data, **options))
+    assert 'lr_find.png\n' in capsys.readouterr().out  # not '... and TensorBoard', which is off
     main.train(**fast_options(tmp_path / 'after', tiny_data, **options))
     main.train(**fast_options(tmp_path / 'alone', tiny_data, **options))
     assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])  # the weights train starts from

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 import main
+from config import DefaultConfig, UserError
 from conftest import ROOT, fast_options, newest_run
 from models import build_model
 
@@ -289,3 +290,12 @@ def test_requests_that_wait_go_through_the_model_together_each_with_its_own_answ
             image = classifier.decode(photo.name, photo.read_bytes())[None]
             own = model(model_input(image, cpu)).softmax(dim=1)[0].tolist()
             assert p == pytest.approx(own, abs=1e-5)  # its own image's probabilities, not another's
+
+
+def test_a_host_that_does_not_resolve_is_one_line_naming_it():
+    from training.checkpoint import Trained
+    from verbs.serve import serve_model
+
+    trained = Trained(build_model('SqueezeNet', 2), ['cat', 'dog'], Path('run'), False)
+    with pytest.raises(UserError, match=r'^--host=nosuch\.invalid: no such address \('):  # not 'Unknown error -2'
+        serve_model(DefaultConfig(), trained, host='nosuch.invalid', port=0)

@@ -26,6 +26,7 @@ from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest
 from training import engine, recipe
 from training.checkpoint import model_file
 from utils.files import load_checkpoint
+from utils.run_folders import KfoldRecord
 from utils.runtime import Runtime
 from verbs import sweep
 
@@ -420,6 +421,8 @@ def test_ctrl_c_stops_a_sweep_and_the_same_command_continues_it(tmp_path, tiny_d
     again = run_main('sweep', *args)
     assert again.returncode == 0, again.stderr
     assert f'sweep {folder}: 1 of 3 trials finished' in again.stdout
+    table = again.stdout.split('trials of sweep ')[1].splitlines()
+    assert table[3].split()[:2] == ['1', 'failed']  # as its trial.json and runs say
     trials = trials_of(folder)
     assert [t.state.name for t in trials.values()] == ['COMPLETE', 'FAIL', 'COMPLETE', 'COMPLETE']
     assert trial_record(folder, 1)['state'] == 'failed' and trial_record(folder, 1)['note'] == 'interrupted'
@@ -467,3 +470,11 @@ def test_a_draw_whose_values_do_not_go_together_is_pruned_and_the_sweep_goes_on(
     clashed = [t for t in trials if (t.params['model'], t.params['image_size']) == ('AlexNet', 32)]
     assert clashed and all(t.state.name == 'PRUNED' for t in clashed)  # AlexNet needs 63 px: drawn, pruned
     assert len(trials) == 4 and f'trial {clashed[0].number} pruned (--image_size=32 is invalid' in out
+
+
+def test_a_sweep_never_takes_a_kfolds_folder(tmp_path, tiny_data):
+    folder = tmp_path / 'checkpoints' / 'k'
+    KfoldRecord(2, {}).save(folder)
+    with pytest.raises(UserError, match='is a training run or a kfold, not a sweep'):
+        main.sweep(trials=1, space='hflip=True|False', **sweep_options(tmp_path, tiny_data), name='k')
+    assert sorted(p.name for p in folder.iterdir()) == ['kfold.json']

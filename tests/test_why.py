@@ -340,6 +340,7 @@ def test_demo_data_lists_the_labels_it_flips(tmp_path):
         ('too few', ['--folds=21'], 'has 20 images of cat, fewer than --folds=21'),
         ('one fold', ['--folds=1'], '--folds=1 is invalid'),
         ('latest', ['--folds=2', '--name=latest'], 'checkpoints/latest names the newest run; choose another name'),
+        ('val_ratio', ['--folds=2', '--val_ratio=0.5'], '--val_ratio: each fold validates on its fold'),
     ],
 )
 def test_kfold_refuses_what_it_cannot_split_in_one_line(tmp_path, tiny_data, case, flags, message):

@@ -110,6 +110,7 @@ def checked(options, folds):
         ('resume', 'the same kfold command continues an interrupted kfold'),
         ('val_data_root', 'each fold validates on its share of --train_data_root'),
         ('val_labels', 'each fold validates on its share of the training images'),
+        ('val_ratio', 'each fold validates on its fold, a 1/--folds share'),
     ):
         if key in options:
             raise UserError(f'--{key}: {why}; drop it')

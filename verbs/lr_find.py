@@ -142,7 +142,9 @@ def report(cfg, options, rates, losses, processes=1):
     board.close()
     ended = 'where the loss diverged' if rates[-1] < END * 0.99 else 'the end of the range'
     print(f'lr_find: {len(rates)} steps at rates from {START:.0e} to {rates[-1]:.1e}, {ended}')
-    print(f'the smoothed loss against the rate: {folder / "lr_find.png"} and TensorBoard')
+    print(
+        f'the smoothed loss against the rate: {folder / "lr_find.png"}' + (' and TensorBoard' if board.enabled else '')
+    )
     print(f'suggested --lr: {suggested["valley"]:.1e} (valley), {suggested["steepest"]:.1e} (steepest fall)')
     given = [f'--{key}={shlex.quote(str(value))}' for key, value in options.items() if key != 'lr']
     launch = 'python main.py' if processes == 1 else f'torchrun --nproc_per_node={processes} main.py'

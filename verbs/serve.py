@@ -49,6 +49,8 @@ def serve_model(cfg, trained, host='127.0.0.1', port=8000, max_mb=10):
     try:
         listener = socket.create_server((host, port), family=socket.AF_INET6 if ':' in host else socket.AF_INET)
     except OSError as e:
+        if e.errno < 0:  # getaddrinfo's: a name that does not resolve
+            raise UserError(f'--host={host}: no such address ({e.strerror.split(" (")[0]})') from None
         raise UserError(f'cannot listen on {host}:{port} ({os.strerror(e.errno)}); pick another --port') from None
     with runtime_of(cfg) as rt:
         classifier = Classifier(trained, cfg.image_size, rt)

@@ -21,7 +21,7 @@ from pathlib import Path
 from config import NOT_RECIPE, DefaultConfig, UserError, unknown, whole_number
 from models import check_options
 from training.engine import Diverged
-from utils.run_folders import SweepRecord, TrialRecord, best_of, check_folder_name, point_latest
+from utils.run_folders import KfoldRecord, SweepRecord, TrialRecord, best_of, check_folder_name, point_latest
 from utils.runtime import runtime
 
 FORMS = 'name=LOW..HIGH, name=LOW..HIGH:log or name=A|B|C'
@@ -127,8 +127,8 @@ def run_sweep(options, space, trials, metric, storage, train):
     name = str(options.get('name') or f'sweep-{digest}')
     check_folder_name(name, 'sweep')
     folder = base.path('checkpoint_dir') / name
-    if (folder / 'config.json').exists():
-        raise UserError(f'--name={name}: {folder} is a training run, not a sweep; choose another name')
+    if (folder / 'config.json').exists() or KfoldRecord.load(folder):
+        raise UserError(f'--name={name}: {folder} is a training run or a kfold, not a sweep; choose another name')
     plan = Plan(folder, base, fixed, dimensions, metric, trials)
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
         return sweep_trials(open_study(plan, storage, command), plan, train)
@@ -340,7 +340,8 @@ def print_trials(study, dimensions, label, seconds):
     for t in study.get_trials(deepcopy=False):
         values = list(t.intermediate_values.values())
         took = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
-        row = [t.number, t.state.name.lower(), values[-1] if values else None, len(values), took and round(took)]
+        state = 'failed' if t.state.name == 'FAIL' else t.state.name.lower()  # as trial.json and runs say
+        row = [t.number, state, values[-1] if values else None, len(values), took and round(took)]
         if not t.user_attrs.get('surplus'):
             row += [t.params.get(d.name) for d in dimensions]
             rows.append(['-' if v is None else f'{v:.4g}' if isinstance(v, float) else str(v) for v in row])
