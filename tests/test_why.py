@@ -5,6 +5,7 @@ probabilities. One k-fold of SqueezeNets on demo images with flipped labels serv
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,23 @@ def test_a_kfold_is_one_model_once_its_last_fold_has_ended(tmp_path, tiny_data, 
         main.val(**common, load_model_path=str(parent))  # its own held-out images: the folds trained on them all
     with pytest.raises(UserError, match='is a kfold, a model per fold; start from one'):
         main.train(**{**options, 'name': '', 'load_model_path': 'k'})
+
+
+def test_a_kfold_continues_only_on_the_images_it_split(tmp_path, tiny_data):
+    shutil.copytree(tiny_data / 'train', tmp_path / 'data' / 'train')
+    options = fast_options(tmp_path, tmp_path / 'data')
+
+    def stop_in_fold_2(run):
+        if run['fold'] == 2:
+            raise KeyboardInterrupt
+        return main.train_with(run)
+
+    with pytest.raises(KeyboardInterrupt):
+        kfold.run_kfold(options, 2, train=stop_in_fold_2)
+    (tmp_path / 'data' / 'train' / 'cat.0.jpg').unlink()  # a wrong label removed, say: the folds shift
+    kfold.run_kfold(options, 2, train=main.train_with)  # the same command
+    first, second = sorted((tmp_path / 'checkpoints').glob('kfold-*'))
+    assert not (first / 'oof.csv').exists() and len(rows(second / 'oof.csv')) == 39  # fold 1 not taken on
 
 
 def test_kfold_resumes_the_fold_it_was_in(tmp_path, tiny_data):

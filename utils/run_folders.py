@@ -185,6 +185,7 @@ class KfoldRecord(Record):
     FILE: ClassVar[str] = 'kfold.json'
     folds: int
     options: dict
+    images: str = ''  # a digest of the images and labels its folds split
     oof: dict | None = None  # images, accuracy, log_loss, suspects: once every fold has trained
 
 

@@ -11,6 +11,7 @@ the same command started again continues an unfinished kfold.
 """
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -45,8 +46,8 @@ class Suspect(NamedTuple):
 
 def run_kfold(options, folds, train):
     """Train every fold with train(options) (main.train_with), then write oof.csv and suspect_labels.csv."""
-    cfg = checked(options, folds)
-    parent = kfold_folder(cfg, options, folds)
+    cfg, images = checked(options, folds)
+    parent = kfold_folder(cfg, options, folds, images)
     point_latest(cfg.path('checkpoint_dir'), parent)  # the newest run: test and predict take the ensemble
     for k in range(1, folds + 1):
         train_fold(parent, k, folds, options, train)
@@ -103,7 +104,8 @@ def show(cfg, parent, oof, suspects):
 
 
 def checked(options, folds):
-    """The config of the options, or the UserError of what k-fold cannot do with them."""
+    """(the config of the options, a digest of the images and labels they name), or the UserError
+    of what k-fold cannot do with them."""
     whole_number('folds', folds, low=2)
     for key, why in (
         ('fold', 'kfold trains every fold'),
@@ -123,25 +125,26 @@ def checked(options, folds):
     fewest, count = min(collections.Counter(data.targets).items(), key=lambda item: item[1])
     if count < folds:
         raise UserError(f'{root} has {count} images of {data.classes[fewest]}, fewer than --folds={folds}')
-    return cfg
+    listed = json.dumps([[os.path.relpath(path, root) for path in data.paths], data.targets, data.classes])
+    return cfg, hashlib.sha1(listed.encode()).hexdigest()
 
 
-def kfold_folder(cfg, options, folds):
-    """The kfold's folder: --name's, else the newest unfinished one made with the same options,
-    else a new checkpoints/kfold-<time>-<model>."""
+def kfold_folder(cfg, options, folds, images):
+    """The kfold's folder: --name's, else the newest unfinished one made with the same options and
+    `images` (their folds are those it trained), else a new checkpoints/kfold-<time>-<model>."""
     checkpoint_dir = cfg.path('checkpoint_dir')
     recipe = {key: value for key, value in sorted(options.items()) if key not in NOT_RECIPE}
-    made = KfoldRecord(folds, json.loads(json.dumps(recipe)))  # as it reads back: tuples are lists
+    made = KfoldRecord(folds, json.loads(json.dumps(recipe)), images)  # as it reads back: tuples are lists
 
     def made_as(folder):
         record = KfoldRecord.load(folder)
-        return record and KfoldRecord(record.folds, record.options)
+        return record and KfoldRecord(record.folds, record.options, record.images)
 
     if cfg.name:
         check_folder_name(cfg.name, 'kfold')
         folder = checkpoint_dir / cfg.name
         if folder.exists() and made_as(folder) != made:
-            taken = 'a kfold made with other options' if made_as(folder) else 'taken'
+            taken = 'a kfold made with other options or images' if made_as(folder) else 'taken'
             raise UserError(f'--name={cfg.name}: {folder} is {taken}; choose another name')
     else:
         unfinished = [f for f in checkpoint_dir.glob('kfold-*') if not (f / 'oof.csv').exists() and made_as(f) == made]
