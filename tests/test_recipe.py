@@ -14,6 +14,7 @@ import main
 from config import DefaultConfig, UserError
 from conftest import as_flags, fast_options, newest_run, scripted_validation, torchrun
 from data import ImageFiles
+from data.images import Batch
 from data.transforms import eval_transform
 from training import engine, recipe
 from training.checkpoint import NO_PROGRESS, load_trained
@@ -84,7 +85,7 @@ def one_epoch(batches, tmp_path, scaler=None, **options):
     model = small_model()
     cfg = DefaultConfig().parse(fast_options(tmp_path, tmp_path, channels_last=False, print_freq=1, **options))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = [(images, targets, list(range(len(targets))), []) for images, targets in batches]
+    loader = [Batch(images, targets, list(range(len(targets))), []) for images, targets in batches]
     training = Training(
         model,
         model,
