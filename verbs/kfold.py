@@ -11,6 +11,7 @@ the same command started again continues an unfinished kfold.
 """
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -138,7 +139,7 @@ def kfold_folder(cfg, options, folds, images):
 
     def made_as(folder):
         record = KfoldRecord.load(folder)
-        return record and KfoldRecord(record.folds, record.options, record.images)
+        return record and dataclasses.replace(record, oof=None)  # what it was made with, not its figures
 
     if cfg.name:
         check_folder_name(cfg.name, 'kfold')
