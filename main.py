@@ -248,10 +248,11 @@ def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
     --port: the port to listen on
     --max_mb: the largest image accepted, in MB
     """
-    from verbs.serve import serve_model  # the web stack loads only here
+    from verbs.serve import listen, serve_model  # the web stack loads only here
 
     cfg = options(kwargs, run, trains=False)
-    serve_model(cfg, load_trained(cfg), host, port, max_mb)
+    listener = listen(host, port, max_mb)  # a busy --port is said before the model loads
+    serve_model(cfg, load_trained(cfg), listener, host, max_mb)
 
 
 def sweep(trials=10, space='', metric='log_loss', storage='', **kwargs):

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 import main
-from config import DefaultConfig, UserError
+from config import UserError
 from conftest import ROOT, fast_options, newest_run
 from models import build_model
 
@@ -293,9 +293,18 @@ def test_requests_that_wait_go_through_the_model_together_each_with_its_own_answ
 
 
 def test_a_host_that_does_not_resolve_is_one_line_naming_it():
-    from training.checkpoint import Trained
-    from verbs.serve import serve_model
+    from verbs.serve import listen
 
-    trained = Trained(build_model('SqueezeNet', 2), ['cat', 'dog'], Path('run'), False)
     with pytest.raises(UserError, match=r'^--host=nosuch\.invalid: no such address \('):  # not 'Unknown error -2'
-        serve_model(DefaultConfig(), trained, host='nosuch.invalid', port=0)
+        listen('nosuch.invalid', 0)
+
+
+@pytest.mark.parametrize('option', ['port', 'max_mb'])
+def test_a_bad_port_or_size_is_said_before_the_model_loads(tmp_path, option):
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        given = {'port': busy.getsockname()[1]} if option == 'port' else {'max_mb': 0}
+        # no run in checkpoint_dir: loading a model first would say that instead
+        with pytest.raises(UserError, match='cannot listen on 127.0.0.1' if option == 'port' else '--max_mb=0'):
+            main.serve(checkpoint_dir=str(tmp_path), **given)

@@ -35,23 +35,27 @@ MAX_BATCH = 64  # images the model takes at once; more wait for the next batch
 MAX_PIXELS = 50_000_000
 
 
-def serve_model(cfg, trained, host='127.0.0.1', port=8000, max_mb=10):
-    """Serve `trained` on http://host:port until Ctrl-C."""
-    import uvicorn
-
+def listen(host='127.0.0.1', port=8000, max_mb=10):
+    """The socket to serve on, once --host, --port and --max_mb are seen to be good: before the model loads."""
     whole_number('port', port, 0, 65535)
     if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or max_mb <= 0:
         raise UserError(f'--max_mb={max_mb!r} is invalid; it takes a number of MB above 0')
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    # for the whole process, not only inside load_pixels(): its catch_warnings() is not thread-safe,
-    # and decoding threads entering and leaving it could otherwise restore a filter without it
-    warnings.simplefilter('error', Image.DecompressionBombWarning)
     try:
-        listener = socket.create_server((host, port), family=socket.AF_INET6 if ':' in host else socket.AF_INET)
+        return socket.create_server((host, port), family=socket.AF_INET6 if ':' in host else socket.AF_INET)
     except OSError as e:
         if e.errno < 0:  # getaddrinfo's: a name that does not resolve
             raise UserError(f'--host={host}: no such address ({e.strerror.split(" (")[0]})') from None
         raise UserError(f'cannot listen on {host}:{port} ({os.strerror(e.errno)}); pick another --port') from None
+
+
+def serve_model(cfg, trained, listener, host, max_mb=10):
+    """Serve `trained` on `listener`, listen()'s socket on `host`, until Ctrl-C."""
+    import uvicorn
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # for the whole process, not only inside load_pixels(): its catch_warnings() is not thread-safe,
+    # and decoding threads entering and leaving it could otherwise restore a filter without it
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
     with runtime_of(cfg) as rt:
         classifier = Classifier(trained, cfg.image_size, rt)
         app = make_app(classifier, int(max_mb * 1e6), f'{trained.path.parent.name}: {", ".join(trained.classes)}')
