@@ -16,7 +16,10 @@ class TorchvisionModel(BasicModule):
     def __init__(self, name, num_classes=2, imagenet_state=None):
         super().__init__()
         self.name = name
-        self.net = models.get_model(name, weights=None)  # 1000 classes, the shape of the ImageNet weights
+        # 1000 classes, the shape of the ImageNet weights; GoogLeNet's and Inception's initialisation
+        # named, as torchvision warns it will change
+        kept_init = {'init_weights': True} if name in ('googlenet', 'inception_v3') else {}
+        self.net = models.get_model(name, weights=None, **kept_init)
         if imagenet_state is not None:
             self.net.load_state_dict(imagenet_state)
         if hasattr(self.net, 'transform_input'):

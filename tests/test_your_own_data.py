@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -240,7 +241,9 @@ def test_googlenet_and_inception_see_their_imagenet_weights_input_as_torchvision
     # torchvision's model as it builds it with its ImageNet weights
     reference = models.get_model(name, weights=None, init_weights=False, transform_input=True)
     reference.load_state_dict(imagenet)
-    model = build_model(name, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', FutureWarning)  # torchvision's about its initialisation: none
+        model = build_model(name, 5)
     model.net.load_state_dict({k: v for k, v in imagenet.items() if not k.startswith(('fc.', 'aux', 'AuxLogits'))},
                               strict=False)  # fmt: skip
     model.net.fc = reference.fc = torch.nn.Identity()  # the features the head is trained on
