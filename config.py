@@ -107,7 +107,7 @@ class DefaultConfig:
     seed: int = 0  # fixes the split, the shuffling and the initial weights
 
     def __post_init__(self):
-        self._given = set()  # options set on the command line (not a field: not in to_dict)
+        self.given = set()  # options set on the command line (not a field: not in to_dict)
 
     def parse(self, kwargs):
         """Apply command-line overrides, check them (a typo is a UserError, never a silent default),
@@ -127,7 +127,7 @@ class DefaultConfig:
             if key not in fields:
                 raise unknown('option', key, fields, prefix='--')
             setattr(self, key, _coerce(key, value, fields[key].type))
-            self._given.add(key)
+            self.given.add(key)
         self.amp = {'true': 'True', 'false': 'False', 'auto': 'auto'}.get(str(self.amp).lower(), self.amp)
         rules = [
             ('amp', self.amp in ('auto', 'True', 'False'), 'auto, True or False'),
@@ -172,9 +172,9 @@ class DefaultConfig:
         """
         taken = {}
         for key in keys:
-            if key not in stored or stored[key] == getattr(self, key) or (key in self._given and not strict):
+            if key not in stored or stored[key] == getattr(self, key) or (key in self.given and not strict):
                 continue
-            if key in self._given:
+            if key in self.given:
                 raise UserError(
                     f'--{key}={getattr(self, key)!r} conflicts with {source}, which was '
                     f'made with {key}={stored[key]!r}; drop --{key} or use another checkpoint'
@@ -183,10 +183,6 @@ class DefaultConfig:
             setattr(self, key, stored[key])
         if taken:
             print(f'from {source}: ' + ' '.join(f'{k}={v}' for k, v in taken.items()))
-
-    @property
-    def given(self):  # the options set on the command line
-        return set(self._given)
 
     def path(self, name):
         """The option `name` as an absolute Path, relative ones taken from the project folder."""

@@ -93,7 +93,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     reporter = Reporter(cfg, rt, run_dir, len(train_loader), resume.start_epoch)
     if fresh:
         blank = model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), rt.device, rt.layout)
-        reporter.graph(model_without_ddp, blank)
+        reporter.board.graph(model_without_ddp, blank)
     finished = resume.start_epoch  # epochs whose checkpoint is on disk
     try:
         for epoch in range(resume.start_epoch, cfg.max_epoch):

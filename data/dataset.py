@@ -251,16 +251,10 @@ def _counts(samples):
 def list_unlabelled(root):
     """(paths, ids, ignored names) of a test folder: Kaggle's N.jpg when there are any (ids are
     the numbers, sorted as numbers), else every image (ids are the names less the extension)."""
-    numbered, named, ignored = [], [], []
-    with os.scandir(root) as entries:
-        for entry in entries:
-            match = TEST_NAME.fullmatch(entry.name)
-            if match and entry.is_file():
-                numbered.append((int(match[1]), entry.name))
-            elif entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.startswith('.'):
-                named.append((Path(entry.name).stem, entry.name))
-            else:
-                ignored.append(entry.name)
+    images = _images_by_id(root)[0]
+    numbered = [(int(match[1]), name) for name in images if (match := TEST_NAME.fullmatch(name))]
+    named = [(Path(name).stem, name) for name in images if not TEST_NAME.fullmatch(name)]
+    ignored = list(set(os.listdir(root)) - set(images))
     if numbered:
         ignored += [name for _, name in named]
     samples = sorted(numbered or named)

@@ -44,7 +44,10 @@ def make_training(model, model_without_ddp, cfg, rt, *, steps_per_epoch, num_cla
     steps = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
     step_scheduler, epoch_scheduler = make_schedulers(optimizer, cfg, steps)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    scaler, ema, augment = rt.grad_scaler(), make_ema(model_without_ddp, cfg), batch_augment(cfg, num_classes)
+    scaler, augment = rt.grad_scaler(), batch_augment(cfg, num_classes)
+    ema = None
+    if cfg.ema_decay:  # the exponential moving average of the weights and BatchNorm statistics
+        ema = AveragedModel(model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     return Training(
         model, model_without_ddp, criterion, optimizer, step_scheduler, epoch_scheduler, scaler, ema, augment, steps
     )
@@ -144,10 +147,3 @@ def batch_augment(cfg, num_classes):
         return mix(images, targets) if mix is not None else (images, targets)
 
     return augment
-
-
-def make_ema(model, cfg):
-    """The exponential moving average of `model`'s weights and BatchNorm statistics (--ema_decay), or None."""
-    if not cfg.ema_decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

@@ -38,9 +38,6 @@ class Reporter:
         if self.board.enabled:
             print(f'curves: tensorboard --logdir {run_dir.parent}  (this run: {run_dir.name})')
 
-    def graph(self, model, example):
-        self.board.graph(model, example)
-
     def train_loss(self, value, step):
         self.vis.plot('train_loss', value, x=step)
         self.board.scalar('train/loss', value, step)

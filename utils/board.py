@@ -12,15 +12,11 @@ class Board:
     """What train() shows in TensorBoard; with enabled=False, nothing, and nothing is imported."""
 
     def __init__(self, run_dir, purge_step=None, enabled=True):
-        self.writer = None
+        self.enabled, self.writer = enabled, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # here: --tensorboard=False never pays
 
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
-
-    @property
-    def enabled(self):
-        return self.writer is not None
 
     def scalar(self, tag, value, step):
         if self.writer:

@@ -34,14 +34,12 @@ def new_run_dir(checkpoint_dir, model, name=''):
     """Make the folder of a new run: `name`, or the start time and the model. os.mkdir is
     atomic, so two runs started in the same second (or from two terminals) get two folders."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if name:
-        check_name_free(checkpoint_dir, name)
-    stem = name or f'{time.strftime("%Y%m%d-%H%M%S")}-{model.replace("/", "-")}'
+    stem = f'{time.strftime("%Y%m%d-%H%M%S")}-{model.replace("/", "-")}'
     for candidate in [checkpoint_dir / name] if name else numbered(checkpoint_dir, stem):
         with contextlib.suppress(FileExistsError):
             candidate.mkdir()
             return candidate.resolve()
-    check_name_free(checkpoint_dir, name)  # taken meanwhile by another run
+    check_name_free(checkpoint_dir, name)  # taken by another run since resume_point() checked it
 
 
 def check_name_free(checkpoint_dir, name):
