@@ -16,8 +16,9 @@ from conftest import as_flags, fast_options, newest_run, scripted_validation, to
 from data import ImageFiles
 from data.images import Batch
 from data.transforms import eval_transform
+from models import SqueezeNet
 from training import engine, recipe
-from training.checkpoint import NO_PROGRESS, load_trained
+from training.checkpoint import NO_PROGRESS, load_trained, load_weights
 from training.recipe import WARMUP_START, Training, batch_augment
 from training.report import Reporter
 from utils.files import load_checkpoint
@@ -161,7 +162,8 @@ def test_moving_average_is_validated_kept_and_used_when_it_validates_better(tmp_
         torch.save({**state, 'weights': chosen}, path)
         cfg = DefaultConfig().parse(fast_options(tmp_path, tiny_data, load_model_path=str(path)))
         model = load_trained(cfg).model
-        for name, tensor in model.state_dict().items():
+        started = load_weights(SqueezeNet(), path)  # and what train --load_model_path starts from
+        for name, tensor in [*model.state_dict().items(), *started.state_dict().items()]:
             assert torch.equal(tensor, state[chosen][name]), name
     assert 'using the moving average of the weights' in capsys.readouterr().out
 

@@ -180,12 +180,20 @@ def restore(resume, training, classes):
 def load_weights(model, file):
     """Load into `model` the weights in `file`: a run's checkpoint, or what BasicModule.save() wrote."""
     state = load_checkpoint(file)
-    if isinstance(state.get('model'), dict):  # a run's checkpoint: its weights
+    if isinstance(state.get('model'), dict):  # a run's checkpoint
         made_as = state['config']['model']
         if made_as != model.model_name:
             raise UserError(f'{file} is a checkpoint of {made_as}, not of {model.model_name}; pass --model={made_as}')
-        state = state['model']
+        state = better_weights(state, file)
     return model.load_state_dict_from(state, file)
+
+
+def better_weights(state, file):
+    """The weights of a run's checkpoint that validated better: the model's, or their moving average's (said)."""
+    if state.get('weights') != 'ema':
+        return state['model']
+    print(f'using the moving average of the weights in {file}: it validated better')
+    return state['ema']
 
 
 @dataclass
@@ -257,10 +265,7 @@ def load_one(cfg, path, data_options=()):
     tta = cfg.tta and made['hflip']
     if cfg.tta and not tta:
         print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added')
-    if state.get('weights') == 'ema':
-        print(f'using the moving average of the weights in {path}: it validated better')
-        state = {**state, 'model': state['ema']}
-    model = build_model(cfg.model, len(state['classes'])).load_state_dict_from(state['model'], path).eval()
+    model = build_model(cfg.model, len(state['classes'])).load_state_dict_from(better_weights(state, path), path).eval()
     return Trained(model, state['classes'], path, tta)
 
 
