@@ -184,13 +184,28 @@ def test_early_stop_ends_a_run_whose_validation_loss_does_not_improve(tmp_path, 
 
 
 def tta_probabilities(folder, model, tta):
+    return tta_log_probabilities(folder, model, tta).exp()
+
+
+def tta_log_probabilities(folder, model, tta):
     files = sorted(str(p) for p in folder.iterdir())
     loader = engine.make_loader(
         ImageFiles(files, [0] * len(files), eval_transform(32)),
         DefaultConfig().parse(dict(num_workers=0, batch_size=4)),
         Runtime(torch.device('cpu')),
     )
-    return engine.infer(model, loader, Runtime(torch.device('cpu')), tta=tta)[0].exp()
+    return engine.infer(model, loader, Runtime(torch.device('cpu')), tta=tta)[0]
+
+
+def test_tta_keeps_a_confident_models_log_probabilities_finite(tmp_path):
+    class Confident(nn.Module):  # the first class 200 below the second: its probability underflows to 0
+        def forward(self, images):
+            return torch.tensor([[0.0, 200.0]]).expand(len(images), 2) + 0 * images.mean()
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / 'black.png')
+    plain, mirrored = (tta_log_probabilities(tmp_path, Confident(), tta) for tta in (False, True))
+    torch.testing.assert_close(mirrored, plain)  # the same answer twice: its mean is itself, -200 and 0
+    assert plain[0, 0].item() == pytest.approx(-200)
 
 
 def test_tta_averages_an_image_and_its_mirror_image(tmp_path):

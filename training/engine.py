@@ -181,7 +181,9 @@ def infer(model, loader, rt, tta=False):
         if log_probs is None:
             log_probs = torch.empty(count, logits.shape[1])
         if tta:
-            log_probs[rows] = ((logits.float().softmax(dim=1) + mirrored.float().softmax(dim=1)) / 2).log()
+            # the log of the mean probability, in logs: a probability that underflows to 0 would give -inf
+            log_probs[rows] = torch.logaddexp(logits.float().log_softmax(dim=1), mirrored.float().log_softmax(dim=1))
+            log_probs[rows] -= math.log(2)
         else:
             log_probs[rows] = logits.float().log_softmax(dim=1)
         targets[rows], indices[rows] = batch_targets, batch_indices
