@@ -209,8 +209,9 @@ def test_resuming_takes_the_runs_data_and_a_finished_run_says_to_raise_max_epoch
     main.train(**fast_options(tmp_path, tiny_data, name='done'))
     options = fast_options(tmp_path, tiny_data, resume='done', max_epoch=2)
     del options['train_data_root']  # the default, data/train, is not where the run's data is
+    del options['num_workers']  # the default, one a core: the run's augmentation drew from none
     main.train(**options)
-    assert f'train_data_root={tiny_data / "train"}' in capsys.readouterr().out
+    assert f'train_data_root={tiny_data / "train"} num_workers=0' in capsys.readouterr().out
     with pytest.raises(UserError, match='has trained its 2 epochs; raise --max_epoch'):
         main.train(**options)
 
