@@ -109,7 +109,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
             seconds = time.perf_counter() - started
             metrics = engine.validate(training, val_loader, rt)
             if training.epoch_scheduler is not None and epoch >= cfg.warmup_epochs:
-                training.epoch_scheduler.step(metrics['loss'])
+                training.epoch_scheduler.step(metrics['model_loss'])
             progress = advance(progress, metrics, cfg)
 
             state = training_state(cfg, classes, epoch, training, progress)
@@ -152,11 +152,11 @@ def fit(cfg, root, resume, rt, on_epoch=None):
 
 def advance(progress, metrics, cfg):
     """The run's progress (see checkpoint.NO_PROGRESS) after an epoch validated with `metrics`."""
-    better_loss = metrics['loss'] < progress['best_loss']
+    better_loss = metrics['model_loss'] < progress['best_loss']
     stale = 0 if better_loss else progress['stale_epochs'] + 1
     return {
         'best_accuracy': max(progress['best_accuracy'], metrics['accuracy']),
-        'best_loss': min(progress['best_loss'], metrics['loss']),
+        'best_loss': min(progress['best_loss'], metrics['model_loss']),
         'stale_epochs': stale,
         'weights': metrics['weights'],
         'stopped_early': bool(cfg.early_stop) and stale >= cfg.early_stop,

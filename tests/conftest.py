@@ -94,7 +94,7 @@ def scripted_validation(monkeypatch, accuracies, losses):
 
     def validate(*args, **kwargs):
         accuracy, loss = next(script)
-        return {**real(*args, **kwargs), 'accuracy': accuracy, 'loss': loss}
+        return {**real(*args, **kwargs), 'accuracy': accuracy, 'loss': loss, 'model_loss': loss}
 
     monkeypatch.setattr(engine, 'validate', validate)
 

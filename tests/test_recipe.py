@@ -498,6 +498,30 @@ def test_validation_scores_the_model_and_its_average_apart(tmp_path, better):
         model, average.module = average.module, model
     metrics = engine.validate(Training(model, model, None, None, None, None, None, average, None), loader, cpu)
     assert (metrics['weights'], metrics['accuracy'], metrics['other_accuracy']) == (better, 0.75, 0.25)
+    assert metrics['model_loss'] == engine.score(engine.infer(model, loader, cpu))['loss']  # the model's own
+
+
+def test_with_a_moving_average_the_decay_and_early_stop_follow_the_models_own_loss(tmp_path, tiny_data, monkeypatch):
+    # the model and its average improve every epoch, but the better of them swaps: epoch 3's model
+    # (0.29) would be a stall after epoch 2's average (0.28), and halve the rate and stop the run
+    script = iter(
+        [
+            (0.85, 0.40, 'model', 0.40),
+            (0.905, 0.28, 'ema', 0.30),
+            (0.92, 0.29, 'model', 0.29),
+            (0.93, 0.27, 'ema', 0.28),
+        ]
+    )
+    real = engine.validate
+
+    def validate(*args, **kwargs):
+        accuracy, loss, weights, own = next(script)
+        return {**real(*args, **kwargs), 'accuracy': accuracy, 'loss': loss, 'weights': weights, 'model_loss': own}
+
+    monkeypatch.setattr(engine, 'validate', validate)
+    main.train(**fast_options(tmp_path, tiny_data, max_epoch=4, ema_decay=0.5, early_stop=1))
+    assert len(run_records(tmp_path)) == 4  # no early stop after epoch 3
+    assert len({r['lr'] for r in run_records(tmp_path)}) == 1  # no decay
 
 
 def test_fp16_loss_scaling_resumes_where_it_stood(tmp_path):

@@ -219,7 +219,8 @@ def test_a_trial_that_stopped_early_is_complete_however_it_compares(tmp_path, ti
     falls_behind, calls = bad_rate_falls_behind(engine.validate), itertools.count()
 
     def never_better(*args, **kwargs):  # a validation loss that grows: each trial stops after epoch 2 of 3
-        return {**falls_behind(*args, **kwargs), 'loss': float(next(calls))}
+        loss = float(next(calls))
+        return {**falls_behind(*args, **kwargs), 'loss': loss, 'model_loss': loss}
 
     monkeypatch.setattr(engine, 'validate', never_better)
     options = sweep_options(tmp_path, tiny_data, batch_size=8, max_epoch=3, early_stop=1)

@@ -222,15 +222,18 @@ def score(predictions):
 
 def validate(training, loader, rt):
     """score() of the model and, with --ema_decay, of its moving average: the better's metrics (by
-    accuracy, then loss), 'weights' naming it ('model' or 'ema'), 'other_accuracy' the other's."""
+    accuracy, then loss), 'weights' naming it ('model' or 'ema'), 'other_accuracy' the other's, and
+    'model_loss', the model's own loss: the plateau decay and early stopping follow it, as the
+    better's, epoch by epoch, would compare the losses of two models."""
     model = training.model_without_ddp.eval()
     rt.share_buffers(model)
     metrics = {**score(infer(model, loader, rt)), 'weights': 'model'}
+    metrics['model_loss'] = metrics['loss']
     if training.ema is not None:
         rt.share_buffers(training.ema.module)
         averaged = {**score(infer(training.ema.module.eval(), loader, rt)), 'weights': 'ema'}
         if (averaged['accuracy'], -averaged['loss']) > (metrics['accuracy'], -metrics['loss']):
-            averaged, metrics = metrics, averaged
+            averaged, metrics = metrics, {**averaged, 'model_loss': metrics['loss']}
         metrics['other_accuracy'] = averaged['accuracy']
     return metrics
 
