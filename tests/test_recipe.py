@@ -103,6 +103,21 @@ def one_epoch(batches, tmp_path, scaler=None, **options):
     return model.state_dict()
 
 
+def test_a_step_whose_images_all_failed_to_load_counts_in_the_schedule(tmp_path):
+    # a resume puts the schedule at epochs x steps an epoch: the run that never stopped counts as many
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    training = Training(model, model, nn.CrossEntropyLoss(), optimizer, schedule, None, scaler, None, None)
+    good = Batch(torch.zeros(2, 3, 12, 12, dtype=torch.uint8), torch.tensor([0, 1]), [0, 1], [])
+    failed = Batch(None, None, None, [2, 3])
+    cfg = DefaultConfig().parse(fast_options(tmp_path, tmp_path, channels_last=False))
+    cpu = Runtime(torch.device('cpu'))
+    engine.train_one_epoch(training, [good, failed, good], cpu, cfg, 0, Reporter(cfg, cpu, tmp_path, 3, 0))
+    assert schedule.last_epoch == 3
+
+
 def test_accumulating_two_batches_of_8_gives_the_step_of_one_batch_of_16(tmp_path):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, generator=generator)

@@ -61,6 +61,8 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
         if last_of_group and pending:
             optimizer_step(training, cfg.clip_grad_norm)
             pending = False
+        elif last_of_group and training.step_scheduler is not None:
+            training.step_scheduler.step()  # a step with no image to train on: the schedule counts it, as a resume does
         if step % cfg.print_freq == 0 or step == steps:
             window_loss = window.read(rt)  # every process joins, whatever it holds
             if window_loss is not None and not math.isfinite(window_loss):
