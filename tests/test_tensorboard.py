@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -33,6 +34,23 @@ def events(run):
 
 def records(run):
     return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_the_graph_is_drawn_without_the_tracers_warnings(tmp_path):
+    import torch
+
+    from utils.board import Board
+
+    class Branches(torch.nn.Module):  # a branch on a tensor's value, as ViTs check their input's size
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    board = Board(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        board.graph(Branches(), torch.ones(1, 3, 4, 4))
+    board.close()
+    assert events(tmp_path).Tags()['graph']
 
 
 def train_with_tensorboard(tmp_path, data, **more):

@@ -53,8 +53,10 @@ class Board:
         if not self.writer:
             return
         try:
-            with warnings.catch_warnings():  # torch.jit.trace, which add_graph uses, says it is deprecated
-                warnings.simplefilter('ignore', FutureWarning)
+            # torch.jit.trace, which add_graph uses, says it is deprecated, and warns of each branch it
+            # cannot follow (TracerWarning, in ViTs): about the picture, not the training
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
                 self.writer.add_graph(model, example)
         except Exception as e:  # tracing fails on some control flow: the graph is a nicety
             print(f'warning: TensorBoard gets no graph of this model ({type(e).__name__})', file=sys.stderr)
