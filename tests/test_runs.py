@@ -17,6 +17,7 @@ import utils.run_folders
 from config import UserError
 from conftest import ROOT, as_flags, assert_one_line_error, fast_options, newest_run, run_main, scripted_validation
 from models import SqueezeNet
+from training import engine
 from utils.run_folders import new_run_dir
 
 
@@ -106,6 +107,24 @@ def test_a_name_that_is_taken_is_an_error(tmp_path, tiny_data):
     main.train(**fast_options(tmp_path, tiny_data, name='mine'))
     result = run_main('train', *as_flags(fast_options(tmp_path, tiny_data, name='mine')))
     assert_one_line_error(result, '--name=mine:', 'is taken', '--resume=mine')
+
+
+def test_a_named_run_stopped_in_its_first_epoch_says_how_to_start_it_again(tmp_path, tiny_data, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, 'train_one_epoch', ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        main.train(**fast_options(tmp_path, tiny_data, name='mine'))
+    monkeypatch.undo()
+    unfinished = r'has not finished an epoch \(if it has stopped, remove that folder'
+    with pytest.raises(UserError, match=r'--name=mine: .* holds a run that ' + unfinished):
+        main.train(**fast_options(tmp_path, tiny_data, name='mine'))
+    for option in ('resume', 'load_model_path'):
+        with pytest.raises(UserError, match=rf'--{option}=mine: .* has no (last|best)\.pth: its run ' + unfinished):
+            main.train(**fast_options(tmp_path, tiny_data, **{option: 'mine'}))
+    shutil.rmtree(tmp_path / 'checkpoints' / 'mine')  # as it says
+    main.train(**fast_options(tmp_path, tiny_data, name='mine'))
 
 
 def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):

@@ -44,11 +44,21 @@ def new_run_dir(checkpoint_dir, model, name=''):
 
 def check_name_free(checkpoint_dir, name):
     check_folder_name(name, 'run')
+    if unfinished(checkpoint_dir / name):
+        raise UserError(
+            f'--name={name}: {checkpoint_dir / name} holds a run that has not finished an epoch (if it has '
+            'stopped, remove that folder to start again under this name), or choose another name'
+        )
     if (checkpoint_dir / name).exists():
         raise UserError(
             f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
             f'continue that run with --resume={name}'
         )
+
+
+def unfinished(folder):
+    """Whether `folder` holds a run without a checkpoint: one stopped in its first epoch, or still in it."""
+    return (folder / 'config.json').is_file() and not (folder / 'last.pth').exists()
 
 
 def point_latest(checkpoint_dir, run_dir):
@@ -87,12 +97,19 @@ def find_checkpoint(checkpoint_dir, value, file, option):
         run = latest_run(checkpoint_dir)
         if run is None:
             raise UserError(f'--{option}=latest: there is no run in {checkpoint_dir} yet')
-        return (run / file).resolve()
-    path = ROOT / Path(value).expanduser()  # relative: to the project folder, as every path option
-    if not path.exists() and (checkpoint_dir / value).is_dir():
-        path = checkpoint_dir / value
-    path = path / file if path.is_dir() else path
-    return path.resolve() if path.exists() else path  # checkpoints/latest/last.pth: the run's own
+        path = (run / file).resolve()
+    else:
+        path = ROOT / Path(value).expanduser()  # relative: to the project folder, as every path option
+        if not path.exists() and (checkpoint_dir / value).is_dir():
+            path = checkpoint_dir / value
+        path = path / file if path.is_dir() else path
+        path = path.resolve() if path.exists() else path  # checkpoints/latest/last.pth: the run's own
+    if not path.exists() and unfinished(path.parent):
+        raise UserError(
+            f'--{option}={value}: {path.parent} has no {path.name}: its run has not finished an epoch '
+            '(if it has stopped, remove that folder and train afresh)'
+        )
+    return path
 
 
 def write_config(run_dir, cfg, classes, device, world_size):
