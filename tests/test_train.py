@@ -482,6 +482,20 @@ def test_a_run_starts_from_the_best_weights_of_a_run_named_as_val_names_it(tmp_p
     assert all(torch.equal(tensor, kept[key]) for key, tensor in model.state_dict().items())
 
 
+def test_a_run_of_other_classes_gives_a_new_run_its_features_and_a_new_head(tmp_path, tiny_data, capsys):
+    main.train(**fast_options(tmp_path, tiny_data, name='first'))
+    kept = load_checkpoint(tmp_path / 'checkpoints' / 'first' / 'best.pth')['model']
+    cfg = main.options(fast_options(tmp_path, tiny_data, load_model_path='first'))
+    for classes in (['cat', 'dog', 'fox'], ['fox', 'wolf']):  # another number of classes, or other names
+        _, model = recipe.model_of(cfg, classes, Runtime(torch.device('cpu')))
+        state, head = model.state_dict(), ('net.classifier.1.weight', 'net.classifier.1.bias')
+        assert all(torch.equal(tensor, kept[key]) for key, tensor in state.items() if key not in head)
+        assert state[head[0]].shape[0] == len(classes) and not torch.equal(
+            state[head[1]], kept[head[1]][: len(classes)]
+        )
+    assert capsys.readouterr().out.count('(cat, dog), with a new head') == 2
+
+
 def test_a_resume_keeps_the_command_that_made_the_run(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['main.py', 'train', '--max_epoch=1'])
     main.train(**fast_options(tmp_path, tiny_data))

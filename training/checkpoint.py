@@ -178,14 +178,20 @@ def restore(resume, training, classes):
     )
 
 
-def load_weights(model, file):
-    """Load into `model` the weights in `file`: a run's checkpoint, or what BasicModule.save() wrote."""
+def load_weights(model, file, classes=None):
+    """Load into `model` the weights in `file`: a run's checkpoint, or what BasicModule.save() wrote. A run
+    trained on other classes than `classes` gives its features only: the model's head keeps its fresh weights."""
     state = load_checkpoint(file)
     if isinstance(state.get('model'), dict):  # a run's checkpoint
-        made_as = state['config']['model']
+        made_as, made_for = state['config']['model'], state.get('classes')
         if made_as != model.model_name:
             raise UserError(f'{file} is a checkpoint of {made_as}, not of {model.model_name}; pass --model={made_as}')
         state = better_weights(state, file)
+        if made_for and classes is not None and made_for != list(classes):
+            print(f'starting from the features of {file} ({", ".join(made_for)}), with a new head')
+            head = {id(p) for p in model.head().parameters()}
+            fresh = {name: p.detach() for name, p in model.state_dict(keep_vars=True).items() if id(p) in head}
+            state = {**state, **fresh}
     return model.load_state_dict_from(state, file)
 
 

@@ -65,7 +65,7 @@ def model_of(cfg, classes, rt, fresh=True):
             raise UserError(
                 f'--load_model_path: {file} is a kfold, a model per fold; start from one, {file / "fold-1"}'
             )
-        load_weights(model, file)
+        load_weights(model, file, classes)
     if cfg.sync_bn and rt.distributed:
         if rt.device.type != 'cuda':
             raise UserError('--sync_bn needs CUDA devices: SyncBatchNorm works on GPUs only')
