@@ -34,6 +34,7 @@ def test_predict_prints_a_line_per_image_and_writes_csv(tmp_path, tiny_data, tra
         'predict',
         str(photos),
         str(single),
+        str(photos / 'album' / '1.jpg'),  # named again: predicted once
         f'--load_model_path={trained}',
         f'--out={tmp_path}/mine.csv',
         '--use_gpu=False',

@@ -84,7 +84,7 @@ def find_images(paths):
             sys.exit(f'error: {path} does not exist')
     if not files:
         sys.exit(f'error: no .jpg, .jpeg or .png files in {", ".join(paths)}')
-    return [str(f) for f in files]
+    return list(dict.fromkeys(str(f) for f in files))  # a file also in a folder given: once
 
 
 def prepared(path, size):

@@ -98,4 +98,4 @@ def find_images(paths):
             raise UserError(f'{path} does not exist')
     if not files:
         raise UserError(f'no .jpg, .jpeg or .png files in {", ".join(map(str, paths))}')
-    return [str(f) for f in files]
+    return list(dict.fromkeys(str(f) for f in files))  # a file also in a folder given: once
