@@ -180,7 +180,8 @@ def _named_in_csv(root, labels, held_out=frozenset(), count_unnamed=True):
     }
     if not samples:
         raise UserError(f'{file}: none of its {len(rows)} rows names an image of {root} with a label '
-                        f'({"; ".join(counted.values())})')  # fmt: skip
+                        f'({"; ".join(counted.values())}); ids read from its column {header[i]!r}, labels from '
+                        f'{header[j]!r} (--image_column and --label_column name others)')  # fmt: skip
     new = [line for kind, line in counted.items() if (file, kind) not in WARNED]  # the training and
     WARNED.update((file, kind) for kind in counted)  # validation sets may read the same CSV
     if new and os.environ.get('RANK', '0') == '0':  # under torchrun every process reads it: one says so

@@ -80,6 +80,7 @@ def test_a_csv_names_the_images_and_what_does_not_match_is_counted_in_one_line(t
         ('just one column\nimg-0\n', {}, 'not a CSV of labels'),
         (b'\x89PNG\r\n\x1a\n\x00\x00\xff\xfe', {}, 'cannot be read as a CSV of labels'),
         ('id,label\nnobody,cat\nimg-1,\n', {}, 'none of its 2 rows names an image'),
+        ('note,image_id,label\nx,img-0,cat\n', {}, "ids read from its column 'note', labels from 'label' (--image_"),
     ],
 )
 def test_a_csv_that_cannot_label_the_images_is_a_clear_error(tmp_path, csv_data, content, options, message):
