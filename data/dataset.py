@@ -137,8 +137,8 @@ def _listed(root):
     if not samples:
         found = f'only {len(ignored)} other entries such as {", ".join(sorted(ignored)[:3])}' if ignored else 'nothing'
         raise UserError(
-            f'{root} holds no cat.N.jpg / dog.N.jpg images ({found}); name them '
-            f'<class>.<N>.jpg or put each class in a folder of its own'
+            f'{root} holds no cat.N.jpg / dog.N.jpg images ({found}); name them <class>.<N>.jpg or put each '
+            f'class in a folder of its own (images are {", ".join(IMAGE_SUFFIXES)} files)'
         )
     return {c: [(file, file) for file in files] for c, files in samples.items()}, layout, ignored
 

@@ -52,6 +52,10 @@ def test_a_folder_without_samples_is_a_clear_error(tmp_path):
     write_images(tmp_path, ['1.jpg', 'photo.jpg'])
     with pytest.raises(UserError, match=r'holds no cat.N.jpg / dog.N.jpg images \(only 2 other entries'):
         DogCat(tmp_path, 'train')
+    for name in ('cat', 'dog'):  # a folder per class, in a format not read
+        write_images(tmp_path / 'webp' / name, ['0.webp'])
+    with pytest.raises(UserError, match=r'in a folder of its own \(images are \.jpg, \.jpeg, \.png files\)$'):
+        DogCat(tmp_path / 'webp', 'train')
 
 
 def test_a_missing_folder_is_a_clear_error(tmp_path):
