@@ -109,6 +109,21 @@ def test_resume_refuses_options_that_would_make_another_run(tmp_path, tiny_data)
         main.train(**fast_options(tmp_path, tiny_data, max_epoch=2, resume=last, lr=0.5))
 
 
+def test_a_run_holds_out_the_same_images_when_resumed_or_validated_or_says_it_cannot(tmp_path, tiny_data, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    main.train(**fast_options(tmp_path, data, name='run'))
+    moved = tmp_path / 'moved'
+    shutil.copytree(data, moved)  # the same images elsewhere: the same share held out
+    main.train(**fast_options(tmp_path, moved, max_epoch=2, resume='run'))
+    capsys.readouterr()
+    shutil.copy(moved / 'train' / 'cat.0.jpg', moved / 'train' / 'cat.99.jpg')  # the cats' share drawn anew
+    with pytest.raises(UserError, match=r'best.pth|last.pth held out other images for validation: an image added'):
+        main.train(**fast_options(tmp_path, moved, max_epoch=3, resume='run'))
+    main.val(**fast_options(tmp_path, moved, load_model_path='run'))
+    assert 'held out other images (an image added to, removed from' in capsys.readouterr().err
+
+
 def test_resume_from_weights_only_says_to_use_load_model_path(tmp_path, tiny_data):
     path = SqueezeNet().save(tmp_path / 'weights.pth')
     with pytest.raises(UserError, match='--load_model_path'):

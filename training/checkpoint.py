@@ -8,6 +8,7 @@ they load with weights_only=True:
     classes               index i of the model's output is classes[i]
     epoch                 the last finished epoch, counted from 0: a resume starts at epoch + 1
     best_accuracy, ...    where the run stands (NO_PROGRESS); `weights` names the better weights
+    held_out              engine.images_digest() of the images held out for validation, or None
     config                the options the run was made with
     optimizer, scheduler, step_scheduler, scaler, ema_updates
                           the rest of the training state: last.pth only (TRAINING_ONLY)
@@ -24,6 +25,8 @@ from config import UserError
 from models import FoldEnsemble, build_model
 from utils.files import atomic_link, atomic_save, load_checkpoint
 from utils.run_folders import KfoldRecord, SweepRecord, check_name_free, find_checkpoint, latest_run, runs_newest_first
+
+from .engine import REDRAWN
 
 # the options that define a run: --resume takes them from its checkpoint, a different value is an error
 RESUME_KEYS = (
@@ -58,7 +61,7 @@ NO_PROGRESS = {
 }
 
 
-def training_state(cfg, classes, epoch, training, progress):
+def training_state(cfg, classes, epoch, training, progress, held_out=None):
     """What last.pth holds after `epoch` (see the top of this file)."""
     ema = training.ema
     return {
@@ -67,6 +70,7 @@ def training_state(cfg, classes, epoch, training, progress):
         'classes': list(classes),
         'epoch': epoch,
         **progress,
+        'held_out': held_out,
         'config': cfg.to_dict(),
         'optimizer': training.optimizer.state_dict(),
         'scheduler': training.epoch_scheduler.state_dict() if training.epoch_scheduler else {},
@@ -143,13 +147,17 @@ def resume_point(cfg):
     return Resume(file, state)
 
 
-def restore(resume, training, classes):
-    """Put the checkpoint of `resume` back into `training` (a recipe.Training)."""
+def restore(resume, training, classes, held_out=None):
+    """Put the checkpoint of `resume` back into `training` (a recipe.Training), once the data is seen to
+    hold its classes and, where it held out a share for validation (`held_out`), the same share."""
     state, file = resume.state, resume.file
     if state['classes'] != classes:
         raise UserError(
             f'{file} was trained on the classes {", ".join(state["classes"])}, the data holds {", ".join(classes)}'
         )
+    if None not in (state.get('held_out'), held_out) and state['held_out'] != held_out:
+        raise UserError(f'{file} held out other images for validation: {REDRAWN}; put them back as they were, or '
+                        'train a new run')  # fmt: skip
     training.model_without_ddp.load_state_dict_from(state['model'], file)
     training.optimizer.load_state_dict(state['optimizer'])
     for scheduler, key in ((training.epoch_scheduler, 'scheduler'), (training.step_scheduler, 'step_scheduler')):
@@ -211,6 +219,7 @@ class Trained:
     classes: list
     path: Path  # the checkpoint file (a kfold's: its kfold.json)
     tta: bool  # --tta, for a model trained on mirror images; False otherwise
+    held_out: str | None = None  # engine.images_digest() of the images it validated on, if held out of training
 
 
 def load_trained(cfg, data_options=()):
@@ -273,7 +282,7 @@ def load_one(cfg, path, data_options=()):
     if cfg.tta and not tta:
         print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added')
     model = build_model(cfg.model, len(state['classes'])).load_state_dict_from(better_weights(state, path), path).eval()
-    return Trained(model, state['classes'], path, tta)
+    return Trained(model, state['classes'], path, tta, state.get('held_out'))
 
 
 def load_folds(cfg, folder, data_options=()):

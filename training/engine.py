@@ -4,6 +4,8 @@ fit() is the recipe that calls them; tools/benchmark.py times them."""
 
 import contextlib
 import functools
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -291,6 +293,22 @@ def validation_data(cfg, classes=None):
         root = cfg.require_dir('val_data_root' if cfg.val_data_root else 'train_data_root')
         return labelled_data(cfg, 'val', root, 'val_labels', Split(0), classes)
     return labelled_data(cfg, 'val', cfg.require_dir('train_data_root'), 'train_labels', split_of(cfg), classes)
+
+
+# why a run's validation images change where it holds out a share of its training folder
+REDRAWN = 'an image added to, removed from or relabelled in a class of the training folder draws its share anew'
+
+
+def images_digest(data, root):
+    """A digest of `data`'s images (their paths from root), labels and classes: which images a kfold
+    split, or a run held out for validation; other images, or a class's share redrawn, change it."""
+    listed = json.dumps([[os.path.relpath(path, root) for path in data.paths], data.targets, data.classes])
+    return hashlib.sha1(listed.encode()).hexdigest()
+
+
+def held_out_digest(cfg, data):
+    """images_digest() of validation `data` that is a share held out of the training images, else None."""
+    return None if cfg.val_data_root or cfg.val_labels else images_digest(data, cfg.path('train_data_root'))
 
 
 def split_of(cfg):

@@ -12,7 +12,6 @@ the same command started again continues an unfinished kfold.
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from data import Split
 from data.decode import load_rgb
 from models import check_options
 from training.checkpoint import load_one
-from training.engine import Predictions, infer_dataset, labelled_data, score, validation_data
+from training.engine import Predictions, images_digest, infer_dataset, labelled_data, score, validation_data
 from utils.board import Board
 from utils.files import load_checkpoint, unused, write_csv
 from utils.run_folders import KfoldRecord, check_folder_name, point_latest
@@ -126,8 +125,7 @@ def checked(options, folds):
     fewest, count = min(collections.Counter(data.targets).items(), key=lambda item: item[1])
     if count < folds:
         raise UserError(f'{root} has {count} images of {data.classes[fewest]}, fewer than --folds={folds}')
-    listed = json.dumps([[os.path.relpath(path, root) for path in data.paths], data.targets, data.classes])
-    return cfg, hashlib.sha1(listed.encode()).hexdigest()
+    return cfg, images_digest(data, root)
 
 
 def kfold_folder(cfg, options, folds, images):
