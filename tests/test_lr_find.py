@@ -8,7 +8,7 @@ import torch
 import main
 from config import UserError
 from conftest import as_flags, assert_one_line_error, fast_options, newest_run, run_main, torchrun
-from training import recipe
+from training import engine, recipe
 from verbs import lr_find
 
 # ResNet34 learns the tiny set within a few dozen steps, so its loss has somewhere to fall
@@ -65,13 +65,13 @@ def test_it_tests_from_trains_starting_weights_and_a_train_after_it_is_unchanged
 
 
 def test_it_takes_the_steps_the_recipe_takes(tmp_path, tiny_data, monkeypatch):
-    seen, real = [], lr_find.forward_backward
+    seen, real = [], engine.forward_backward
 
     def spy(training, images, targets, rt, scale, sync):
         seen.append((type(training.optimizer).__name__, training.criterion.label_smoothing, scale, sync, rt.layout))
         return real(training, images, targets, rt, scale, sync)
 
-    monkeypatch.setattr(lr_find, 'forward_backward', spy)
+    monkeypatch.setattr(engine, 'forward_backward', spy)
     recipe = dict(optimizer='sgd', label_smoothing=0.1, grad_accum_steps=2, channels_last=True)
     main.lr_find(steps=10, **fast_options(tmp_path, tiny_data, **OPTIONS, **recipe))
     recorded = len(curve(tmp_path / 'checkpoints')[0])  # a step whose loss diverged is taken, not recorded

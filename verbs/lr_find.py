@@ -16,15 +16,7 @@ import shlex
 import torch
 
 from config import UserError
-from training.engine import (
-    Diverged,
-    LossWindow,
-    forward_backward,
-    make_loader,
-    optimizer_step,
-    trainable,
-    training_data,
-)
+from training import engine
 from training.recipe import make_training, model_of
 from utils.board import Board
 from utils.files import writable_folder, write_csv
@@ -46,8 +38,8 @@ def run_lr_find(cfg, options, steps):
     writable_folder(cfg.path('checkpoint_dir'), 'checkpoint_dir')
     with runtime_of(cfg) as rt:
         seed_everything(cfg.seed)  # the data, order and weights a train with these options starts from
-        train_data, _ = training_data(cfg, root)
-        loader = make_loader(train_data, cfg, rt, shuffle=True)
+        train_data, _ = engine.training_data(cfg, root)
+        loader = engine.make_loader(train_data, cfg, rt, shuffle=True)
         model, model_without_ddp = model_of(cfg, train_data.classes, rt)
         training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(loader),
                                  num_classes=len(train_data.classes))  # fmt: skip
@@ -68,13 +60,13 @@ def range_test(training, loader, rt, cfg, steps):
         rate = START * growth**step
         for group in training.optimizer.param_groups:
             group['lr'] = rate
-        window = LossWindow(rt.device)
+        window = engine.LossWindow(rt.device)
         for k in range(cfg.grad_accum_steps):
             images, targets = next(batches)
-            loss = forward_backward(training, images, targets, rt, 1 / cfg.grad_accum_steps,
-                                    sync=k == cfg.grad_accum_steps - 1)  # fmt: skip
+            loss = engine.forward_backward(training, images, targets, rt, 1 / cfg.grad_accum_steps,
+                                           sync=k == cfg.grad_accum_steps - 1)  # fmt: skip
             window.add(loss, len(targets), 1.0)
-        optimizer_step(training, cfg.clip_grad_norm)
+        engine.optimizer_step(training, cfg.clip_grad_norm)
         loss = window.read(rt)
         smoothed = SMOOTHING * smoothed + (1 - SMOOTHING) * loss
         debiased = smoothed / (1 - SMOOTHING ** (step + 1))  # the average's start leans towards 0
@@ -84,7 +76,9 @@ def range_test(training, loader, rt, cfg, steps):
         losses.append(debiased)
         lowest = min(lowest, debiased)
     if len(losses) < 5:
-        raise Diverged(f'the loss diverged within {len(losses) + 1} steps, at rates up to {rate:.1e}; check the data')
+        raise engine.Diverged(
+            f'the loss diverged within {len(losses) + 1} steps, at rates up to {rate:.1e}; check the data'
+        )
     return rates, losses
 
 
@@ -97,7 +91,7 @@ def endless(loader):
         readable = 0
         for batch in loader:
             readable += 0 if batch.images is None else len(batch.images)
-            images, targets = trainable(batch)
+            images, targets = engine.trainable(batch)
             if images is not None:
                 yield images, targets
         if readable < 2:  # a batch to train on needs two
