@@ -125,6 +125,9 @@ def test_a_named_run_stopped_in_its_first_epoch_says_how_to_start_it_again(tmp_p
             main.train(**fast_options(tmp_path, tiny_data, **{option: 'mine'}))
     shutil.rmtree(tmp_path / 'checkpoints' / 'mine')  # as it says
     main.train(**fast_options(tmp_path, tiny_data, name='mine'))
+    (tmp_path / 'checkpoints' / 'mine' / 'last.pth').unlink()  # a finished run whose best.pth is kept alone
+    with pytest.raises(UserError, match=r'--name=mine: .* is taken'):
+        main.train(**fast_options(tmp_path, tiny_data, name='mine'))
 
 
 def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def check_name_free(checkpoint_dir, name):
 
 def unfinished(folder):
     """Whether `folder` holds a run without a checkpoint: one stopped in its first epoch, or still in it."""
-    return (folder / 'config.json').is_file() and not (folder / 'last.pth').exists()
+    return (folder / 'config.json').is_file() and not any((folder / f).exists() for f in ('last.pth', 'best.pth'))
 
 
 def point_latest(checkpoint_dir, run_dir):
