@@ -70,7 +70,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     train_loader = engine.make_loader(train_data, cfg, rt, shuffle=True)
     val_loader = engine.make_loader(val_data, cfg, rt)
     ignored = train_data.ignored + (val_data.ignored if cfg.val_data_root else [])
-    held_out = engine.held_out_digest(cfg, val_data)  # a resume validates on these images, or refuses
+    validated = engine.val_digest(cfg, val_data)  # a resume validates on these images, or refuses
     print(
         f'{len(train_data)} training and {len(val_data)} validation images in {root} '
         f'({train_data.layout}; {len(classes)} classes: {", ".join(classes)})'
@@ -86,7 +86,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     training = make_training(model, model_without_ddp, cfg, rt, steps_per_epoch=len(train_loader),
                              num_classes=len(classes))  # fmt: skip
     if resume.state is not None:
-        restore(resume, training, classes, held_out)
+        restore(resume, training, classes, validated)
     progress = resume.progress
 
     # step 4: train, validate, report and keep the checkpoints, epoch by epoch, in the run's folder
@@ -113,7 +113,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                 training.epoch_scheduler.step(metrics['model_loss'])
             progress = advance(progress, metrics, cfg)
 
-            state = training_state(cfg, classes, epoch, training, progress, held_out)
+            state = training_state(cfg, classes, epoch, training, progress, validated)
             unreadable = [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']]
             record = epoch_record(epoch, metrics, lr=lr, train_loss=train_loss, classes=classes, seconds=seconds,
                                   seen=seen, skipped_files=unreadable)  # fmt: skip
@@ -199,9 +199,9 @@ def val(**kwargs):
     trained = load_trained(cfg, WHERE if given_data else HELD_OUT)
     classes = trained.classes
     data = engine.validation_data(cfg, classes)
-    if None not in (trained.held_out, now := engine.held_out_digest(cfg, data)) and trained.held_out != now:
-        print(f'warning: {trained.path} held out other images ({engine.REDRAWN}): these figures count images '
-              'it trained on', file=sys.stderr)  # fmt: skip
+    if None not in (trained.val_digest, now := engine.val_digest(cfg, data)) and trained.val_digest != now:
+        print(f'warning: these are not the images {trained.path} validated on (another --val_ratio, --seed or '
+              f'fold, or {engine.REDRAWN}): the figures count images it trained on', file=sys.stderr)  # fmt: skip
     m = engine.score(engine.infer_dataset(cfg, trained.model, data, trained.tta)[0])
     print(
         f'{len(m["labels"])} validation images: loss {m["loss"]:.4f}  accuracy {m["accuracy"]:.2%}  '

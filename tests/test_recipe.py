@@ -556,9 +556,9 @@ def test_fp16_loss_scaling_resumes_where_it_stood(tmp_path):
     assert before.scaler.is_enabled()
     before.scaler.scale(torch.ones(1))
     before.scaler.update(512.0)  # as after a few overflows
-    state = training_state(cfg, ['cat', 'dog'], 0, before, dict(NO_PROGRESS))
+    state = training_state(cfg, ['cat', 'dog'], 0, before, dict(NO_PROGRESS), None)
     after = training()
-    restore(Resume(tmp_path / 'last.pth', state), after, ['cat', 'dog'])
+    restore(Resume(tmp_path / 'last.pth', state), after, ['cat', 'dog'], None)
     assert after.scaler.get_scale() == 512.0 and after.scaler.state_dict() == before.scaler.state_dict()
 
 

@@ -8,7 +8,7 @@ they load with weights_only=True:
     classes               index i of the model's output is classes[i]
     epoch                 the last finished epoch, counted from 0: a resume starts at epoch + 1
     best_accuracy, ...    where the run stands (NO_PROGRESS); `weights` names the better weights
-    held_out              engine.images_digest() of the images held out for validation, or None
+    val_digest            engine.val_digest() of the images it validated on, if a share of its training folder
     config                the options the run was made with
     optimizer, scheduler, step_scheduler, scaler, ema_updates
                           the rest of the training state: last.pth only (TRAINING_ONLY)
@@ -61,7 +61,7 @@ NO_PROGRESS = {
 }
 
 
-def training_state(cfg, classes, epoch, training, progress, held_out=None):
+def training_state(cfg, classes, epoch, training, progress, val_digest):
     """What last.pth holds after `epoch` (see the top of this file)."""
     ema = training.ema
     return {
@@ -70,7 +70,7 @@ def training_state(cfg, classes, epoch, training, progress, held_out=None):
         'classes': list(classes),
         'epoch': epoch,
         **progress,
-        'held_out': held_out,
+        'val_digest': val_digest,
         'config': cfg.to_dict(),
         'optimizer': training.optimizer.state_dict(),
         'scheduler': training.epoch_scheduler.state_dict() if training.epoch_scheduler else {},
@@ -147,17 +147,19 @@ def resume_point(cfg):
     return Resume(file, state)
 
 
-def restore(resume, training, classes, held_out=None):
+def restore(resume, training, classes, val_digest):
     """Put the checkpoint of `resume` back into `training` (a recipe.Training), once the data is seen to
-    hold its classes and, where it held out a share for validation (`held_out`), the same share."""
+    hold its classes and, where the run validates on images of its training folder, the same ones."""
     state, file = resume.state, resume.file
     if state['classes'] != classes:
         raise UserError(
             f'{file} was trained on the classes {", ".join(state["classes"])}, the data holds {", ".join(classes)}'
         )
-    if None not in (state.get('held_out'), held_out) and state['held_out'] != held_out:
-        raise UserError(f'{file} held out other images for validation: {REDRAWN}; put them back as they were, or '
-                        'train a new run')  # fmt: skip
+    if None not in (state.get('val_digest'), val_digest) and state['val_digest'] != val_digest:
+        raise UserError(
+            f'{file} validated on other images than its training folder gives now ({REDRAWN}), so it would '
+            'validate on images it trained on; put the folder back as it was, or train a new run'
+        )
     training.model_without_ddp.load_state_dict_from(state['model'], file)
     training.optimizer.load_state_dict(state['optimizer'])
     for scheduler, key in ((training.epoch_scheduler, 'scheduler'), (training.step_scheduler, 'step_scheduler')):
@@ -219,7 +221,7 @@ class Trained:
     classes: list
     path: Path  # the checkpoint file (a kfold's: its kfold.json)
     tta: bool  # --tta, for a model trained on mirror images; False otherwise
-    held_out: str | None = None  # engine.images_digest() of the images it validated on, if held out of training
+    val_digest: str | None = None  # engine.val_digest() of the images it validated on
 
 
 def load_trained(cfg, data_options=()):
@@ -282,7 +284,7 @@ def load_one(cfg, path, data_options=()):
     if cfg.tta and not tta:
         print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added')
     model = build_model(cfg.model, len(state['classes'])).load_state_dict_from(better_weights(state, path), path).eval()
-    return Trained(model, state['classes'], path, tta, state.get('held_out'))
+    return Trained(model, state['classes'], path, tta, state.get('val_digest'))
 
 
 def load_folds(cfg, folder, data_options=()):

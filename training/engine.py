@@ -295,19 +295,19 @@ def validation_data(cfg, classes=None):
     return labelled_data(cfg, 'val', cfg.require_dir('train_data_root'), 'train_labels', split_of(cfg), classes)
 
 
-# why a run's validation images change where it holds out a share of its training folder
-REDRAWN = 'an image added to, removed from or relabelled in a class of the training folder draws its share anew'
+# why a run's validation share of its training folder is no longer the one it validated on
+REDRAWN = "the training images or labels changed: a class's held-out share is drawn anew when it gains or loses one"
 
 
 def images_digest(data, root):
     """A digest of `data`'s images (their paths from root), labels and classes: which images a kfold
-    split, or a run held out for validation; other images, or a class's share redrawn, change it."""
-    listed = json.dumps([[os.path.relpath(path, root) for path in data.paths], data.targets, data.classes])
-    return hashlib.sha1(listed.encode()).hexdigest()
+    split, or a run validated on; other images, or a class's share drawn anew, change it."""
+    paths = [os.path.relpath(path, root).replace(os.sep, '/') for path in data.paths]  # alike on every OS
+    return hashlib.sha1(json.dumps([paths, data.targets, data.classes]).encode()).hexdigest()
 
 
-def held_out_digest(cfg, data):
-    """images_digest() of validation `data` that is a share held out of the training images, else None."""
+def val_digest(cfg, data):
+    """images_digest() of validation `data` drawn as a share of the training folder, else None (named apart)."""
     return None if cfg.val_data_root or cfg.val_labels else images_digest(data, cfg.path('train_data_root'))
 
 
