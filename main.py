@@ -127,8 +127,9 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                 on_epoch(epoch, metrics, epoch + 1 == cfg.max_epoch or progress['stopped_early'])
             if progress['stopped_early']:
                 print(
-                    f'stopped early: the validation loss has not improved for {cfg.early_stop} epochs '
-                    f'(best {progress["best_loss"]:.4f}); --resume with a higher --max_epoch trains on'
+                    f'stopped early: the validation loss{" of the model" if cfg.ema_decay else ""} has not '
+                    f'improved for {cfg.early_stop} epochs (best {progress["best_loss"]:.4f}); --resume with a '
+                    'higher --max_epoch trains on'
                 )
                 break
     except KeyboardInterrupt:

@@ -536,6 +536,7 @@ def test_with_a_moving_average_the_decay_and_early_stop_follow_the_models_own_lo
     monkeypatch.setattr(engine, 'validate', validate)
     main.train(**fast_options(tmp_path, tiny_data, max_epoch=4, ema_decay=0.5, early_stop=1))
     assert len(run_records(tmp_path)) == 4  # no early stop after epoch 3
+    assert [r['model_val_loss'] for r in run_records(tmp_path)] == [0.40, 0.30, 0.29, 0.28]  # the loss it followed
     assert len({r['lr'] for r in run_records(tmp_path)}) == 1  # no decay
 
 

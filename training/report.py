@@ -113,8 +113,10 @@ def epoch_record(epoch, metrics, *, lr, train_loss, classes, seconds, seen, skip
         'skipped': len(skipped_files),
         'skipped_files': skipped_files[:5],
     }
-    if 'other_accuracy' in metrics:  # --ema_decay: which weights these are, and the other's accuracy
-        record.update(weights=metrics['weights'], other_accuracy=metrics['other_accuracy'])
+    if 'other_accuracy' in metrics:  # --ema_decay: which weights these are, the other's accuracy, and the
+        # model's own loss, which the plateau decay and early stopping follow
+        record.update(weights=metrics['weights'], other_accuracy=metrics['other_accuracy'],
+                      model_val_loss=metrics['model_loss'])  # fmt: skip
     return record
 
 
