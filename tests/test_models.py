@@ -1,8 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
 from config import UserError
-from models import MODELS, AlexNet, ResNet34, SqueezeNet
+from models import MODELS, AlexNet, BasicModule, ResNet34, SqueezeNet
 from training.checkpoint import load_weights
 
 
@@ -49,6 +50,23 @@ def test_loading_a_training_checkpoint_of_another_model_names_it(tmp_path):
     torch.save({'model': SqueezeNet().state_dict(), 'config': {'model': 'SqueezeNet'}}, tmp_path / 'ck.pth')
     with pytest.raises(UserError, match='checkpoint of SqueezeNet, not of AlexNet; pass --model=SqueezeNet'):
         load_weights(AlexNet(), tmp_path / 'ck.pth')
+
+
+def test_a_new_head_for_other_classes_starts_afresh_its_statistics_too(tmp_path):
+    class Net(BasicModule):
+        def __init__(self):
+            super().__init__()
+            self.features, self.classifier = nn.Linear(4, 4), nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+        def head(self):
+            return self.classifier
+
+    trained = Net()
+    trained.classifier[0].running_mean.fill_(5.0)
+    torch.save({'model': trained.state_dict(), 'config': {'model': 'Net'}, 'classes': ['a', 'b']}, tmp_path / 'run.pth')
+    model = load_weights(Net(), tmp_path / 'run.pth', ['c', 'd'])
+    assert torch.equal(model.features.weight, trained.features.weight)  # the features, trained
+    assert torch.equal(model.classifier[0].running_mean, torch.zeros(4))  # the head's statistics, fresh
 
 
 class RunsCode:

@@ -509,7 +509,7 @@ def test_a_run_of_other_classes_gives_a_new_run_its_features_and_a_new_head(tmp_
         assert state[head[0]].shape[0] == len(classes) and not torch.equal(
             state[head[1]], kept[head[1]][: len(classes)]
         )
-    assert capsys.readouterr().out.count('(cat, dog), with a new head') == 2
+    assert capsys.readouterr().out.count('(cat, dog), a new head for ') == 2
 
 
 def test_a_resume_keeps_the_command_that_made_the_run(tmp_path, tiny_data, monkeypatch):

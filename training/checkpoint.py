@@ -198,9 +198,9 @@ def load_weights(model, file, classes=None):
             raise UserError(f'{file} is a checkpoint of {made_as}, not of {model.model_name}; pass --model={made_as}')
         state = better_weights(state, file)
         if made_for and classes is not None and made_for != list(classes):
-            print(f'starting from the features of {file} ({", ".join(made_for)}), with a new head')
-            head = {id(p) for p in model.head().parameters()}
-            fresh = {name: p.detach() for name, p in model.state_dict(keep_vars=True).items() if id(p) in head}
+            print(f'starting from the features of {file} ({", ".join(made_for)}), a new head for {", ".join(classes)}')
+            head = {id(t) for t in [*model.head().parameters(), *model.head().buffers()]}
+            fresh = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items() if id(t) in head}
             state = {**state, **fresh}
     return model.load_state_dict_from(state, file)
 
