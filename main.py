@@ -256,8 +256,8 @@ def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):
     from verbs.serve import listen, serve_model  # the web stack loads only here
 
     cfg = options(kwargs, run, trains=False)
-    listener = listen(host, port, max_mb)  # a busy --port is said before the model loads
-    serve_model(cfg, load_trained(cfg), listener, host, max_mb)
+    with listen(host, port, max_mb) as listener:  # a busy --port is said before the model loads
+        serve_model(cfg, load_trained(cfg), listener, host, max_mb)
 
 
 def sweep(trials=10, space='', metric='log_loss', storage='', **kwargs):
