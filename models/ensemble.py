@@ -1,3 +1,5 @@
+import math
+
 import torch
 from torch import nn
 
@@ -12,5 +14,6 @@ class FoldEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x):
-        probs = torch.stack([member(x).float().softmax(dim=1) for member in self.members]).mean(dim=0)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        # the mean in logs: a probability that underflows to 0 in one member would give -inf
+        log_probs = torch.stack([member(x).float().log_softmax(dim=1) for member in self.members])
+        return log_probs.logsumexp(dim=0) - math.log(len(self.members))

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from config import UserError
-from models import MODELS, AlexNet, BasicModule, ResNet34, SqueezeNet
+from models import MODELS, AlexNet, BasicModule, FoldEnsemble, ResNet34, SqueezeNet
 from training.checkpoint import load_weights
 
 
@@ -67,6 +67,23 @@ def test_a_new_head_for_other_classes_starts_afresh_its_statistics_too(tmp_path)
     model = load_weights(Net(), tmp_path / 'run.pth', ['c', 'd'])
     assert torch.equal(model.features.weight, trained.features.weight)  # the features, trained
     assert torch.equal(model.classifier[0].running_mean, torch.zeros(4))  # the head's statistics, fresh
+
+
+def test_a_fold_ensemble_is_the_mean_of_its_members_probabilities_in_logs():
+    class Says(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor([logits])
+
+        def forward(self, x):
+            return self.logits.expand(len(x), 2)
+
+    ensemble = FoldEnsemble([Says([0.0, 200.0]), Says([0.0, 200.0]), Says([0.0, 0.0])])
+    log_probs = ensemble(torch.zeros(1, 3, 8, 8))[0]
+    mean = torch.tensor([1.0, 5.0]) / 6  # (0 + 0 + 1/2) / 3 and (1 + 1 + 1/2) / 3
+    torch.testing.assert_close(log_probs, mean.log())
+    lone = FoldEnsemble([Says([0.0, 200.0])])(torch.zeros(1, 3, 8, 8))[0]
+    assert lone[0].item() == pytest.approx(-200)  # not -inf, nor clipped where fp32 runs out
 
 
 class RunsCode:
