@@ -5,7 +5,8 @@ import difflib
 from pathlib import Path
 
 import torch
-from torchvision.models import get_model_weights
+import torchvision
+from torchvision.models import get_model_weights, list_models
 
 from config import UserError
 from utils.files import load_checkpoint
@@ -16,7 +17,7 @@ from .ensemble import FoldEnsemble
 from .resnet34 import ResNet34
 from .squeezenet import SqueezeNet
 from .timm_model import PREFIX, TimmModel, check_timm_options
-from .torchvision_model import TorchvisionModel, image_size_rule, torchvision_names
+from .torchvision_model import FIXED_IMAGE_SIZE, MIN_IMAGE_SIZE, TorchvisionModel
 
 # what --model=NAME can pick besides torchvision's own names
 MODELS = {cls.__name__: cls for cls in (ResNet34, SqueezeNet, AlexNet)}
@@ -27,8 +28,8 @@ def check_options(cfg):
     name = cfg.model
     if name.startswith(PREFIX):
         return check_timm_options(cfg)
-    if name not in MODELS and name not in torchvision_names():
-        names = list(MODELS) + torchvision_names()
+    names = list(MODELS) + list_models(module=torchvision.models)
+    if name not in names:
         by_lower = {n.lower(): n for n in names}
         close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
         hint = f'; did you mean {" or ".join(close)}?' if close else ''
@@ -36,7 +37,9 @@ def check_options(cfg):
             f'--model={name!r} is invalid; it takes one of {", ".join(MODELS)}, a torchvision '
             f'classification model by its name (resnet50, efficientnet_b0, ...) or timm/<name>{hint}'
         )
-    min_size, max_size = (MODELS[name].min_image_size, None) if name in MODELS else image_size_rule(name)
+    fixed = name.startswith(FIXED_IMAGE_SIZE)
+    min_size = MODELS[name].min_image_size if name in MODELS else 224 if fixed else MIN_IMAGE_SIZE.get(name, 32)
+    max_size = 224 if fixed else None
     if not min_size <= cfg.image_size <= (max_size or cfg.image_size):
         sizes = f'{min_size}' if min_size == max_size else f'a whole number >= {min_size}'
         raise UserError(f'--image_size={cfg.image_size!r} is invalid; it takes {sizes} for {name}')

@@ -31,7 +31,12 @@ class TorchvisionModel(BasicModule):
             for aux in ('aux1', 'aux2', 'AuxLogits'):
                 if hasattr(self.net, aux):
                     setattr(self.net, aux, None)
-        self.head_name = _last_imagenet_layer(self.net)
+        # the ImageNet classifier: the last layer with 1000 outputs
+        self.head_name = [
+            name
+            for name, module in self.net.named_modules()
+            if isinstance(module, nn.Linear | nn.Conv2d) and module.weight.shape[0] == IMAGENET_CLASSES
+        ][-1]
         old = self.net.get_submodule(self.head_name)
         new = (
             nn.Linear(old.in_features, num_classes)
@@ -46,25 +51,3 @@ class TorchvisionModel(BasicModule):
 
     def forward(self, x):
         return self.net(x)
-
-
-def _last_imagenet_layer(net):
-    """The name of the last layer with 1000 outputs: the ImageNet classifier."""
-    found = None
-    for name, module in net.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv2d) and module.weight.shape[0] == IMAGENET_CLASSES:
-            found = name
-    if found is None:
-        raise ValueError(f'{type(net).__name__} has no layer with {IMAGENET_CLASSES} outputs to replace')
-    return found
-
-
-def torchvision_names():
-    return models.list_models(module=models)
-
-
-def image_size_rule(name):
-    """(smallest, largest) image side the torchvision model `name` takes."""
-    if name.startswith(FIXED_IMAGE_SIZE):
-        return 224, 224
-    return MIN_IMAGE_SIZE.get(name, 32), None
