@@ -148,15 +148,8 @@ def amp_dtype(device):
 def cpu_has_bf16():
     """x86's AVX512-BF16 or AMX (AMD from Zen 4 on, Xeons of Cooper Lake and from Sapphire Rapids
     on), as torch detects them. That is private API: should a release rename it, this raises
-    instead of quietly computing in fp32 ever after."""
-    checks = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
-    missing = [name for name in checks if not hasattr(torch.cpu, name)]
-    if missing:
-        raise RuntimeError(
-            f'torch {torch.__version__} has no torch.cpu.{", ".join(missing)}: update '
-            f"cpu_has_bf16() in {__name__} to torch's new way of detecting bf16"
-        )
-    return any(getattr(torch.cpu, name)() for name in checks)
+    (AttributeError) instead of quietly computing in fp32 ever after."""
+    return any([torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()])
 
 
 def compute_dtype(device, amp):
