@@ -38,18 +38,30 @@ def free_port():
 
 
 @pytest.fixture(scope='module')
-def served(tmp_path_factory, tiny_data):
-    """(address, photos, {photo name: (label, P(dog))} as `predict` wrote them) of a server of a
-    one-epoch run, taking images of up to 1 MB; stopped, all its processes, at the end."""
+def trained(tmp_path_factory, tiny_data):
+    """(run folder, photos, predict(photos, **more) -> {photo name: (label, P(dog))} as `predict` writes
+    them, the server's flags) of a one-epoch run."""
     tmp = tmp_path_factory.mktemp('serve')
     options = fast_options(tmp, tiny_data)
     main.train(**options)
     run = newest_run(tmp / 'checkpoints')
     photos = sorted((tiny_data / 'test1').glob('*.jpg')) + sorted((tiny_data / 'train').glob('*.jpg'))[:8]
-    main.predict(*map(str, photos), out=str(tmp / 'predict.csv'), **options, load_model_path=str(run))
-    with open(tmp / 'predict.csv', newline='') as f:
-        expected = {Path(path).name: (label, float(p)) for path, label, p in list(csv.reader(f))[1:]}
+
+    def predicted(photos, **more):
+        main.predict(*map(str, photos), out=str(tmp / 'predict.csv'), **options, load_model_path=str(run), **more)
+        with open(tmp / 'predict.csv', newline='') as f:
+            return {Path(path).name: (label, float(p)) for path, label, p in list(csv.reader(f))[1:]}
+
     flags = ['--max_mb=1', f'--checkpoint_dir={tmp / "checkpoints"}', '--use_gpu=False', '--amp=False']
+    return run, photos, predicted, flags
+
+
+@pytest.fixture(scope='module')
+def served(trained):
+    """(address, photos, {photo name: (label, P(dog))} as `predict` wrote them) of a server of a
+    one-epoch run, taking images of up to 1 MB; stopped, all its processes, at the end."""
+    run, photos, predicted, flags = trained
+    expected = predicted(photos)
     with serving(run, *flags) as (address, server):
         yield address, photos, expected, server
 
@@ -112,6 +124,14 @@ def test_fifty_requests_at_once_each_get_predicts_answer(served):
     for files, status, answer in answers:
         assert status == 200, answer
         assert_as_predicted(answer, files, expected)
+
+
+def test_with_tta_it_answers_as_predict_with_tta_does(trained):
+    run, photos, predicted, flags = trained
+    photos = photos[:4]
+    expected = predicted(photos, tta=True)
+    with serving(run, *flags, '--tta=True') as (address, _):
+        assert_as_predicted(post(address, *photos).json(), photos, expected)
 
 
 def bomb(width, height):

@@ -177,20 +177,11 @@ def infer(model, loader, rt, tta=False):
         skipped += bad
         if images is None:
             continue
-        images = model_input(images, rt.device, rt.layout)
-        with rt.autocast():
-            logits = model(images)
-            mirrored = model(images.flip(-1)) if tta else None
+        batch_log_probs = log_probabilities(model, model_input(images, rt.device, rt.layout), rt, tta)
         rows = slice(filled, filled + len(batch_indices))
         if log_probs is None:
-            log_probs = torch.empty(count, logits.shape[1])
-        if tta:
-            # the log of the mean probability, in logs: a probability that underflows to 0 would give -inf
-            log_probs[rows] = torch.logaddexp(logits.float().log_softmax(dim=1), mirrored.float().log_softmax(dim=1))
-            log_probs[rows] -= math.log(2)
-        else:
-            log_probs[rows] = logits.float().log_softmax(dim=1)
-        targets[rows], indices[rows] = batch_targets, batch_indices
+            log_probs = torch.empty(count, batch_log_probs.shape[1])
+        log_probs[rows], targets[rows], indices[rows] = batch_log_probs, batch_targets, batch_indices
         filled = rows.stop
     parts = rt.gather((log_probs[:filled] if filled else None, targets[:filled], indices[:filled], skipped))
     skipped = sorted(i for part in parts for i in part[3])
@@ -201,6 +192,19 @@ def infer(model, loader, rt, tta=False):
     log_probs, targets, indices = (torch.cat([part[k] for part in loaded]) for k in range(3))
     order = indices.argsort()
     return Predictions(log_probs[order], targets[order], indices[order], skipped)
+
+
+def log_probabilities(model, images, rt, tta=False):
+    """The model's log-probabilities of `images` (on the device, in its layout), computed as `rt` says;
+    tta: of the mean of each image's and its mirror image's probabilities, taken in logs, where a
+    probability that underflows to 0 cannot give -inf."""
+    with rt.autocast():
+        logits = model(images)
+        mirrored = model(images.flip(-1)) if tta else None
+    log_probs = logits.float().log_softmax(dim=1)
+    if tta:
+        log_probs = torch.logaddexp(log_probs, mirrored.float().log_softmax(dim=1)) - math.log(2)
+    return log_probs
 
 
 def score(predictions):

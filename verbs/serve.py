@@ -25,7 +25,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from config import UserError, whole_number
 from data.decode import UNREADABLE, load_pixels
 from data.transforms import eval_transform, model_input
-from training.engine import on_device, predicted
+from training.engine import log_probabilities, on_device, predicted
 from utils.runtime import runtime_of
 
 MAX_FILES = 64  # images in one request
@@ -132,11 +132,7 @@ class Classifier:
     def forward(self, images):
         """predict's probabilities: the same device, precision, layout and --tta."""
         images = model_input(images, self.rt.device, self.rt.layout)
-        with self.rt.autocast():
-            probs = self.model(images).float().softmax(dim=1)
-            if self.tta:
-                probs = (probs + self.model(images.flip(-1)).float().softmax(dim=1)) / 2
-        return probs.tolist()
+        return log_probabilities(self.model, images, self.rt, self.tta).exp().tolist()
 
 
 def answer(name, p, classes):
