@@ -373,8 +373,7 @@ def make_loader(dataset, cfg, rt, shuffle=False):
         # the workers' base seed from a generator of the loader's own: drawn from torch's, it would
         # move the main process's random numbers (dropout, MixUp) whenever a loader first starts
         generator=torch.Generator(),
-        # BatchNorm cannot train on a last batch of one image whose feature map is 1x1 (small
-        # images): that image is left out of this epoch, and reshuffled into the next
+        # a last batch of one image, which BatchNorm may not train on (trainable()), waits for the next epoch
         drop_last=shuffle and len(sampler) > 1 and len(sampler) % cfg.batch_size == 1,
         pin_memory=rt.device.type == 'cuda',
     )

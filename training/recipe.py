@@ -1,7 +1,7 @@
-"""The parts of the training recipe that options choose: the model as it trains, the optimizer, the learning-rate
-schedules, what changes a batch (random erasing, MixUp/CutMix) and the moving average of the
-weights, held together in a Training
-that engine.train_one_epoch() steps and checkpoint.py saves and restores."""
+"""The parts of the training recipe that options choose: the model as it trains, the optimizer, the
+learning-rate schedules, what changes a batch (random erasing, MixUp/CutMix) and the moving average
+of the weights, held together in a Training that engine.train_one_epoch() steps and checkpoint.py
+saves and restores."""
 
 import math
 from dataclasses import dataclass

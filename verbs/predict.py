@@ -26,8 +26,7 @@ def write_submission(cfg, trained):
     predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
     if not rt.is_main:
         return
-    # clipped: Kaggle's log loss punishes a confident mistake without bound (engine.P_MIN)
-    probs = clipped_probabilities(predictions.log_probs)
+    probs = clipped_probabilities(predictions.log_probs)  # for Kaggle's log loss (engine.P_MIN)
     ids = [data.ids[i] for i in predictions.indices.tolist()]  # in the folder's order: by number, else by name
     # Kaggle's formats: with two classes the probability of the second, with more each class's and no other column
     two = len(trained.classes) == 2
