@@ -304,6 +304,7 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
     if isinstance(flip_labels, bool) or not isinstance(flip_labels, int | float) or not 0 <= flip_labels < 0.5:
         raise UserError(f'--flip_labels={flip_labels!r} is invalid; it takes a number from 0 to below 0.5')
     folder = ROOT / root
+    writable_folder(folder, 'root')
     make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout, flip_labels=flip_labels)
     flipped = folder / 'flipped.txt'
     print(

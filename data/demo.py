@@ -4,18 +4,22 @@ Its "cats" wear stripes and its "dogs" wear spots, on random colours, sizes and 
 small CNN learns that in a few epochs, so a working pipeline reaches high validation accuracy.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from config import UserError
+
 CLASSES = ('cat', 'dog', 'fox')  # stripes, spots, checks
+MADE = '.demo_data'  # in a root this wrote: what it holds may be drawn anew, another layout say
 
 
 def make_demo_data(
     root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2, layout='kaggle', flip_labels=0.0
 ):
-    """Write root/train and root/test1 with the first `classes` of CLASSES.
+    """Write root/train and root/test1 anew (an earlier set of its own there goes) with the first `classes` of CLASSES.
 
     flip_labels: this share of the training images is drawn as another class than its name
     says (label noise for kfold's suspect list), listed in root/flipped.txt.
@@ -27,6 +31,16 @@ def make_demo_data(
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
+    earlier = [
+        path for path in (root / name for name in ('train', 'test1', 'train.csv', 'flipped.txt')) if path.exists()
+    ]
+    if earlier and not (root / MADE).exists():
+        raise UserError(f'{root} holds {", ".join(p.name for p in earlier)}, not written by demo_data; '
+                        'give it another --root, or remove them')  # fmt: skip
+    for path in earlier:  # an earlier set's images would mix with this one's
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MADE).touch()
     names = CLASSES[:classes]
     for folder in ['test1'] + (['train'] if layout != 'folders' else [f'train/{name}' for name in names]):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -47,7 +61,6 @@ def make_demo_data(
         wrong += [rows[-1][0] if layout == 'csv' else file] if i in flipped else []  # as kfold names it
     if layout == 'csv':
         (root / 'train.csv').write_text(''.join(f'{id_},{label}\n' for id_, label in rows))
-    (root / 'flipped.txt').unlink(missing_ok=True)  # a list of an earlier call's
     if wrong:
         (root / 'flipped.txt').write_text('\n'.join(wrong) + '\n')
     for kaggle_id in range(1, n_test + 1):  # Kaggle's test ids start at 1

@@ -216,3 +216,28 @@ def test_train_transform_gives_the_crops_and_flips_of_torchvisions_v2(crop_scale
         ours = train_transform(48, crop_scale, hflip)(pixels)
         torch.manual_seed(seed)
         assert torch.equal(ours, reference(pixels)), seed
+
+
+def test_demo_data_draws_a_set_anew_and_never_writes_over_other_data(tmp_path):
+    import main
+
+    root = tmp_path / 'demo'
+    main.demo_data(root=str(root), n_train=6, n_test=3)
+    # the README's second set, into the same default root: none of the first set's images stay
+    main.demo_data(root=str(root), n_train=6, n_test=2, classes=3, layout='folders')
+    assert sorted(p.name for p in (root / 'train').iterdir()) == ['cat', 'dog', 'fox']
+    assert sorted(p.name for p in (root / 'test1').iterdir()) == ['photo-1.jpg', 'photo-2.jpg']
+    data = DogCat(root / 'train', 'train', 32, Split(0))
+    assert data.classes == ['cat', 'dog', 'fox'] and len(data) == 6
+
+    own = tmp_path / 'kaggle'
+    write_images(own / 'train', ['cat.0.jpg'])
+    before = (own / 'train' / 'cat.0.jpg').read_bytes()
+    with pytest.raises(UserError, match='holds train, not written by demo_data'):
+        main.demo_data(root=str(own))
+    assert [p.name for p in own.rglob('*')] == ['train', 'cat.0.jpg']
+    assert (own / 'train' / 'cat.0.jpg').read_bytes() == before
+
+    (tmp_path / 'notes.txt').write_text('')
+    with pytest.raises(UserError, match='--root: cannot write in'):
+        main.demo_data(root=str(tmp_path / 'notes.txt'))
