@@ -7,6 +7,7 @@ directory, so a run behaves the same wherever it is started from.
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ class DefaultConfig:
             setattr(self, key, _coerce(key, value, fields[key].type))
             self.given.add(key)
         self.amp = {'true': 'True', 'false': 'False', 'auto': 'auto'}.get(str(self.amp).lower(), self.amp)
-        rules = [
+        rules = [  # each rule may name the options above it
+            ('max_epoch', self.max_epoch >= 1, 'a whole number >= 1'),
             ('amp', self.amp in ('auto', 'True', 'False'), 'auto, True or False'),
             ('lr', self.lr > 0, 'a number > 0'),
             ('optimizer', self.optimizer in ('adam', 'adamw', 'sgd'), 'adam, adamw or sgd'),
@@ -146,7 +148,6 @@ class DefaultConfig:
             ('early_stop', self.early_stop >= 0, 'a whole number >= 0'),
             ('weight_decay', self.weight_decay >= 0, 'a number >= 0'),
             ('batch_size', self.batch_size >= 1, 'a whole number >= 1'),
-            ('max_epoch', self.max_epoch >= 1, 'a whole number >= 1'),
             ('num_workers', self.num_workers >= 0, 'a whole number >= 0'),
             ('print_freq', self.print_freq >= 1, 'a whole number >= 1'),
             ('val_ratio', 0 < self.val_ratio < 1, 'a number strictly between 0 and 1'),
@@ -216,10 +217,13 @@ def _coerce(key, value, kind):
     try:
         if isinstance(value, bool) or (kind is int and isinstance(value, float)):
             raise ValueError
-        return kind(value)
+        number = kind(value)
     except (TypeError, ValueError):
         name = 'a whole number' if kind is int else 'a number'
         raise UserError(f'--{key}={value!r} is invalid; it takes {name}') from None
+    if not math.isfinite(number):  # --lr=inf would train to a NaN loss
+        raise UserError(f'--{key}={value!r} is invalid; it takes a finite number')
+    return number
 
 
 def option_help():

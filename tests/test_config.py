@@ -38,6 +38,9 @@ def test_unknown_option_far_from_any_points_to_help():
         ('lr', 'abc', r"--lr='abc' is invalid; it takes a number"),
         ('lr', -1, r'--lr=-1.0 is invalid; it takes a number > 0'),
         ('lr', 0, r'--lr=0.0 is invalid'),
+        ('lr', 'inf', r"--lr='inf' is invalid; it takes a finite number"),
+        ('clip_grad_norm', float('nan'), r'--clip_grad_norm=nan is invalid; it takes a finite number'),
+        ('max_epoch', 0, r'--max_epoch=0 is invalid; it takes a whole number >= 1'),  # not --warmup_epochs's rule
         ('batch_size', 0, r'--batch_size=0 is invalid; it takes a whole number >= 1'),
         ('batch_size', 2.5, r'--batch_size=2.5 is invalid; it takes a whole number'),
         ('use_gpu', 'maybe', r'--use_gpu=.maybe. is invalid; it takes True or False'),
