@@ -96,6 +96,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
         blank = model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), rt.device, rt.layout)
         reporter.board.graph(model_without_ddp, blank)
     finished = resume.start_epoch  # epochs whose checkpoint is on disk
+    complete = False  # the last of them ended the run: --max_epoch reached, or stopped early
     try:
         for epoch in range(resume.start_epoch, cfg.max_epoch):
             # shuffling, augmentation and dropout depend on (seed, epoch, rank) only (the loader's
@@ -121,7 +122,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                 if rt.is_main:
                     save_epoch(state, run_dir, best=metrics['accuracy'] == progress['best_accuracy'])
                 reporter.keep(record)
-                finished = epoch + 1
+                finished, complete = epoch + 1, epoch + 1 == cfg.max_epoch or progress['stopped_early']
             reporter.epoch(record, metrics, val_data, training)
             if on_epoch is not None:
                 on_epoch(epoch, metrics, epoch + 1 == cfg.max_epoch or progress['stopped_early'])
@@ -133,6 +134,9 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                 )
                 break
     except KeyboardInterrupt:
+        if complete:
+            print(f'\nstopped after the last epoch was saved: the run in {run_dir} is complete')
+            raise
         # last.pth holds the last finished epoch, and a resume trains the cut one again from its
         # start, to the weights of a run that never stopped: what the cut epoch had done is lost
         if rt.is_main:

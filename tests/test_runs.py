@@ -291,3 +291,20 @@ def test_a_verb_takes_the_newest_run_with_a_trained_model_and_says_so(tmp_path, 
     used.unlink()
     with pytest.raises(UserError, match=f'no run in {checkpoints} has a trained model'):
         main.predict(str(tiny_data / 'test1' / '1.jpg'), **options)
+
+
+def test_a_stop_after_the_last_epoch_is_saved_leaves_a_complete_run(tmp_path, tiny_data, capsys):
+    def stop_at_the_end(epoch, metrics, last):  # Ctrl-C while the last epoch's pictures are drawn, say
+        if last:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        main.train_with(fast_options(tmp_path, tiny_data, max_epoch=2, name='done'), stop_at_the_end)
+    out = capsys.readouterr().out
+    run = tmp_path / 'checkpoints' / 'done'
+    assert f'the run in {run} is complete' in out and 'which is lost' not in out and '--resume' not in out
+    assert 'interrupted' not in json.loads((run / 'config.json').read_text())
+    main.runs(checkpoint_dir=str(tmp_path / 'checkpoints'))
+    assert (
+        'done  SqueezeNet  cat,dog  2/2 epochs' in (listed := capsys.readouterr().out) and 'interrupted' not in listed
+    )
