@@ -104,6 +104,21 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(run_main(*args), *fragments)
 
 
+@pytest.mark.parametrize('verb', ['help', 'runs'])
+def test_output_piped_into_a_reader_that_stops_ends_quietly(verb, tmp_path):
+    """`python main.py help | head -1`: once head has read its line, nothing more is read."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / 'main.py'), verb, *([f'--checkpoint_dir={tmp_path}'] if verb == 'runs' else [])],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # the reader is gone before main.py writes a line
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and err == ''
+
+
 @pytest.mark.slow
 def test_demo_reaches_90_percent_and_writes_a_submission(tmp_path):
     """The README's first command, in a temporary folder: generated data, train, test."""

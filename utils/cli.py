@@ -17,13 +17,16 @@ from utils import raise_interrupt
 def run(verbs):
     """Call the verb named on the command line, whose words answer_early() has checked, with its
     --options. Exit codes: 2 for a UserError; 128 + the signal's number when interrupted (130 for
-    Ctrl-C, 143 for SIGTERM), as a shell reports it."""
+    Ctrl-C, 143 for SIGTERM), as a shell reports it, or when the output's reader has gone (141)."""
     if int(os.environ.get('RANK', 0)) > 0:
         sys.stdout = open(os.devnull, 'w')  # under torchrun, rank 0 alone talks; errors still show
     signal.signal(signal.SIGINT, raise_interrupt)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         fire.Fire(verbs, command=sys.argv[1:], name='main.py')
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is met below
+    except BrokenPipeError:
+        _reader_gone()
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
@@ -43,11 +46,21 @@ def answer_early(main_file, argv):
         # ours lists every option; fire's cannot see inside **kwargs
         if not argv or argv[0] == 'help' or any(word in ('-h', '--help') for word in argv):
             print_help(main_file)
+            sys.stdout.flush()
             sys.exit(0)
         check_words(main_file, argv)
+    except BrokenPipeError:
+        _reader_gone()
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+
+
+def _reader_gone():
+    """The program reading our output (`| head`) has stopped: stop without a traceback, as a shell's
+    tools do, with the exit code of a writer that SIGPIPE stopped."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit fails again
+    sys.exit(128 + 13)
 
 
 @dataclasses.dataclass
