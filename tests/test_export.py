@@ -19,6 +19,7 @@ from data import DogCat
 from data.decode import UNREADABLE, load_pixels
 from data.transforms import eval_transform, model_input
 from tools.predict_onnx import find_images, prepared
+from tools.predict_onnx import main as predict_onnx
 from training.checkpoint import load_trained
 from verbs import export
 
@@ -164,21 +165,21 @@ def test_predict_onnx_writes_predicts_csv_without_torch(run, photos, tmp_path):
         str(folder / 'model.onnx'),
         str(photos),
         '--out',
-        str(tmp_path / 'onnx.csv'),
+        str(tmp_path / 'new' / 'onnx.csv'),  # a folder that is not there yet: made, as predict makes it
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert 'could not read 1 files, left out:' in result.stderr and 'broken.jpg' in result.stderr
     with open(tmp_path / 'torch.csv', newline='') as f:
         expected = list(csv.reader(f))
-    with open(tmp_path / 'onnx.csv', newline='') as f:
+    with open(tmp_path / 'new' / 'onnx.csv', newline='') as f:
         got = list(csv.reader(f))
     assert len(got) == len(expected) == 16 and got[0] == expected[0] == ['path', 'label', 'p_dog']
     for row, want in zip(got[1:], expected[1:]):
         assert row[:2] == want[:2]
         assert abs(float(row[2]) - float(want[2])) <= 1e-4 + 1e-9  # both rounded to 4 places
-    ends = [(tmp_path / name).read_bytes().count(b'\n') for name in ('onnx.csv', 'torch.csv')]
-    assert ends == [16, 16] and b'\r' not in (tmp_path / 'onnx.csv').read_bytes()  # line ends as predict's
+    ends = [(tmp_path / name).read_bytes().count(b'\n') for name in ('new/onnx.csv', 'torch.csv')]
+    assert ends == [16, 16] and b'\r' not in (tmp_path / 'new' / 'onnx.csv').read_bytes()  # line ends as predict's
 
     (tmp_path / 'uses_torch.py').write_text('import torch\n')
     blocked = subprocess.run(
@@ -188,3 +189,22 @@ def test_predict_onnx_writes_predicts_csv_without_torch(run, photos, tmp_path):
         timeout=60,
     )
     assert blocked.returncode != 0 and 'torch is blocked here' in blocked.stderr
+
+
+def test_predict_onnx_says_a_mistake_in_one_line_before_the_work(tmp_path, photos):
+    (tmp_path / 'notes.onnx').write_text('not a model')
+    for argv, said in [
+        ([str(tmp_path / 'notes.onnx'), str(photos)], 'notes.onnx is not an ONNX model ('),
+        ([str(photos), str(tmp_path / 'notes.onnx')], 'is a folder: give the model.onnx first, then the photos'),
+        ([str(tmp_path / 'notes.onnx'), str(photos), f'--out={tmp_path}'], f'--out={tmp_path} is a folder'),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            predict_onnx(argv)
+        assert str(stopped.value.code).startswith('error: ') and said in str(stopped.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.onnx']  # nothing left behind
+
+
+def test_predict_out_naming_a_folder_is_said_before_the_work(run, photos, tmp_path):
+    options, folder = run
+    with pytest.raises(UserError, match=f'--out={tmp_path} is a folder; give a file name'):
+        main.predict(str(photos), out=str(tmp_path), **{**options, 'load_model_path': str(folder)})

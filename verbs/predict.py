@@ -44,6 +44,8 @@ def predict_files(cfg, trained, files, out='', explain=False):
     """Print a line per image file (class, probability) and write them to `out` if given;
     explain: and a Grad-CAM picture per image (explain.py), beside `out` or in the run's explained/."""
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
+    if out and Path(out).is_dir():
+        raise UserError(f'--out={out} is a folder; give a file name, {Path(out) / "predictions.csv"} say')
     if out:
         writable_folder(Path(out).parent, 'out')
     if explain not in (True, False):
