@@ -244,6 +244,8 @@ def export(*run, format='onnx', **kwargs):
 
     --format: onnx (checked against PyTorch on the run's validation images before it is kept)
     """
+    if format != 'onnx':
+        raise UserError(f'--format={format!r} is invalid; it takes onnx')
     from verbs.export import export_model  # onnx and onnxruntime load only here
 
     cfg = options(kwargs, run, trains=False)

@@ -138,6 +138,7 @@ def test_an_unknown_format_is_one_line(run):
     options, folder = run
     result = run_main('export', str(folder), '--format=tflite', *as_flags(options))
     assert_one_line_error(result, '--format=', 'it takes onnx')
+    assert result.stdout == ''  # said before the options are read and the model loads
 
 
 @pytest.mark.parametrize('size', [32, 75, 224])

@@ -36,8 +36,6 @@ class Normalised(nn.Module):
 def export_model(cfg, trained, format='onnx'):
     """Write trained.model as model.onnx beside its checkpoint, once onnxruntime has been seen to
     give PyTorch's probabilities and classes on the run's validation images."""
-    if format != 'onnx':
-        raise UserError(f'--format={format!r} is invalid; it takes onnx')
     images = validation_images(cfg, trained.classes)  # before the slow export: missing data fails at once
     model_bytes = to_onnx(trained.model, cfg.image_size, metadata(cfg, trained))
     difference, same = compare(model_bytes, trained.model, images)
