@@ -71,9 +71,14 @@ class DogCat(ImageFiles):
             paths, targets, self.classes, self.layout, self.ignored, self.ids = listed
             if split.val_ratio or split.folds:
                 kept = _split(targets, len(self.classes), split)[mode]
+                if not kept:
+                    images = ', '.join(f'{c}: {targets.count(i)}' for i, c in enumerate(self.classes))
+                    share = f'--folds={split.folds}' if split.folds else f'--val_ratio={split.val_ratio}'
+                    raise UserError(
+                        f'{root}: too few images ({images}) to hold out a {mode} split at {share}; give more, '
+                        'another share, or validation images of their own (--val_data_root)'
+                    )
                 paths, targets, self.ids = ([column[i] for i in kept] for column in (paths, targets, self.ids))
-                if not paths:
-                    raise UserError(f'{root}: too few images to hold out a {mode} split at val_ratio={split.val_ratio}')
         if mode == 'train':
             super().__init__(paths, targets, transform or train_transform(image_size))
         else:  # a JPEG may be decoded straight to a smaller scale, never below image_size

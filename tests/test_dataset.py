@@ -118,7 +118,7 @@ def test_dataset_keeps_paths_not_images(tmp_path):
 
 def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
     root = write_images(tmp_path, labelled_names(1))
-    with pytest.raises(UserError, match='too few images to hold out a val split'):
+    with pytest.raises(UserError, match=r'too few images \(cat: 1, dog: 1\) to hold out a val split.*--val_data_root'):
         DogCat(root, 'val', split=Split(0.3))
 
 
