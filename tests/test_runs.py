@@ -126,8 +126,10 @@ def test_a_named_run_stopped_in_its_first_epoch_says_how_to_start_it_again(tmp_p
     shutil.rmtree(tmp_path / 'checkpoints' / 'mine')  # as it says
     main.train(**fast_options(tmp_path, tiny_data, name='mine'))
     (tmp_path / 'checkpoints' / 'mine' / 'last.pth').unlink()  # a finished run whose best.pth is kept alone
-    with pytest.raises(UserError, match=r'--name=mine: .* is taken'):
-        main.train(**fast_options(tmp_path, tiny_data, name='mine'))
+    (tmp_path / 'checkpoints' / 'sweep-or-kfold').mkdir()  # a folder of runs, which --resume refuses
+    for name in ('mine', 'sweep-or-kfold'):
+        with pytest.raises(UserError, match=rf'--name={name}: .* is taken; choose another name$'):
+            main.train(**fast_options(tmp_path, tiny_data, name=name))
 
 
 def test_runs_started_at_once_get_folders_of_their_own(tmp_path, monkeypatch):

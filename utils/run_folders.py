@@ -50,9 +50,10 @@ def check_name_free(checkpoint_dir, name):
             'stopped, remove that folder to start again under this name), or choose another name'
         )
     if (checkpoint_dir / name).exists():
+        resumable = (checkpoint_dir / name / 'last.pth').is_file()  # not a sweep's or a kfold's folder, say
         raise UserError(
-            f'--name={name}: {checkpoint_dir / name} is taken; choose another name, or '
-            f'continue that run with --resume={name}'
+            f'--name={name}: {checkpoint_dir / name} is taken; choose another name'
+            + (f', or continue that run with --resume={name}' if resumable else '')
         )
 
 
