@@ -292,7 +292,7 @@ def kfold(folds=5, **kwargs):
 def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layout='kaggle', flip_labels=0.0):
     """Write a small synthetic dataset: ROOT/train and ROOT/test1, in Kaggle's layout, folders or a CSV.
 
-    --root: the folder to write into
+    --root: the folder to write into (the same set there again: nothing to do; other data: refused)
     --n_train: training images, shared equally by the classes
     --n_test: test images
     --seed: the same seed draws the same images
@@ -311,10 +311,11 @@ def demo_data(root='data/demo', n_train=600, n_test=100, seed=0, classes=2, layo
         raise UserError(f'--flip_labels={flip_labels!r} is invalid; it takes a number from 0 to below 0.5')
     folder = ROOT / root
     writable_folder(folder, 'root')
-    make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout, flip_labels=flip_labels)
+    made = make_demo_data(folder, n_train, n_test, seed, classes=classes, layout=layout, flip_labels=flip_labels)
     flipped = folder / 'flipped.txt'
     print(
-        f'wrote {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
+        ('wrote' if made else 'already there:')
+        + f' {n_train} training images ({", ".join(CLASSES[:classes])}) to {folder / "train"} '
         f'and {n_test} test images to {folder / "test1"}'
         + (f'; their labels in {folder / "train.csv"}' if layout == 'csv' else '')
         + (f'; {len(flipped.read_text().split())} labelled wrong on purpose: {flipped}' if flipped.is_file() else '')

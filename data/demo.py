@@ -4,7 +4,7 @@ Its "cats" wear stripes and its "dogs" wear spots, on random colours, sizes and 
 small CNN learns that in a few epochs, so a working pipeline reaches high validation accuracy.
 """
 
-import shutil
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +13,13 @@ from PIL import Image, ImageFilter
 from config import UserError
 
 CLASSES = ('cat', 'dog', 'fox')  # stripes, spots, checks
-MADE = '.demo_data'  # in a root this wrote: what it holds may be drawn anew, another layout say
+MADE = '.demo_data'  # the arguments of the set in its root, written last: a whole set
 
 
 def make_demo_data(
     root, n_train=600, n_test=100, seed=0, sizes=(96, 192), blur=0, classes=2, layout='kaggle', flip_labels=0.0
 ):
-    """Write root/train and root/test1 anew (an earlier set of its own there goes) with the first `classes` of CLASSES.
+    """Write root/train and root/test1 with the first `classes` of CLASSES; False: the same set is there.
 
     flip_labels: this share of the training images is drawn as another class than its name
     says (label noise for kfold's suspect list), listed in root/flipped.txt.
@@ -29,18 +29,16 @@ def make_demo_data(
     lens softens a photo; it sets the bytes a file takes, so its decoding time: 1.5 gives files
     a little larger than Kaggle's.
     """
-    rng = np.random.default_rng(seed)
     root = Path(root)
-    earlier = [
-        path for path in (root / name for name in ('train', 'test1', 'train.csv', 'flipped.txt')) if path.exists()
-    ]
-    if earlier and not (root / MADE).exists():
-        raise UserError(f'{root} holds {", ".join(p.name for p in earlier)}, not written by demo_data; '
-                        'give it another --root, or remove them')  # fmt: skip
-    for path in earlier:  # an earlier set's images would mix with this one's
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MADE).touch()
+    asked = json.dumps([n_train, n_test, seed, list(sizes), float(blur), classes, layout, float(flip_labels)])
+    there = [name for name in ('train', 'test1', 'train.csv', 'flipped.txt') if (root / name).exists()]
+    if there:  # never written over: another set's images would mix with this one's, or be someone's data
+        if (root / MADE).is_file() and (root / MADE).read_text() == asked:
+            return False
+        whose = 'another demo set' if (root / MADE).is_file() else "not marked as demo_data's own (.demo_data)"
+        raise UserError(f'{root} holds {", ".join(there)} already ({whose}); remove them, or give demo_data '
+                        'another --root')  # fmt: skip
+    rng = np.random.default_rng(seed)
     names = CLASSES[:classes]
     for folder in ['test1'] + (['train'] if layout != 'folders' else [f'train/{name}' for name in names]):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -67,6 +65,8 @@ def make_demo_data(
         label = int(rng.integers(classes))
         name = f'{kaggle_id}.jpg' if layout == 'kaggle' else f'photo-{kaggle_id}.jpg'
         _draw(label, rng, sizes, blur).save(root / 'test1' / name, quality=int(rng.integers(75, 96)))
+    (root / MADE).write_text(asked)
+    return True
 
 
 def _draw(label, rng, sizes, blur):

@@ -218,22 +218,24 @@ def test_train_transform_gives_the_crops_and_flips_of_torchvisions_v2(crop_scale
         assert torch.equal(ours, reference(pixels)), seed
 
 
-def test_demo_data_draws_a_set_anew_and_never_writes_over_other_data(tmp_path):
+def test_demo_data_never_writes_over_a_set_or_other_data(tmp_path, capsys):
     import main
 
     root = tmp_path / 'demo'
     main.demo_data(root=str(root), n_train=6, n_test=3)
-    # the README's second set, into the same default root: none of the first set's images stay
-    main.demo_data(root=str(root), n_train=6, n_test=2, classes=3, layout='folders')
-    assert sorted(p.name for p in (root / 'train').iterdir()) == ['cat', 'dog', 'fox']
-    assert sorted(p.name for p in (root / 'test1').iterdir()) == ['photo-1.jpg', 'photo-2.jpg']
-    data = DogCat(root / 'train', 'train', 32, Split(0))
-    assert data.classes == ['cat', 'dog', 'fox'] and len(data) == 6
+    made = {p: p.stat().st_mtime_ns for p in root.rglob('*')}
+    main.demo_data(root=str(root), n_train=6, n_test=3, flip_labels=0)  # `make demo` again: the same set
+    assert {p: p.stat().st_mtime_ns for p in root.rglob('*')} == made
+    assert 'already there: 6 training images' in capsys.readouterr().out.splitlines()[-1]
+    # the README's 3-class set, into the same root: it would mix with the first set's images
+    with pytest.raises(UserError, match=r'holds train, test1 already \(another demo set\); remove them, or give'):
+        main.demo_data(root=str(root), n_train=6, n_test=2, classes=3, layout='folders')
+    assert {p: p.stat().st_mtime_ns for p in root.rglob('*')} == made
 
     own = tmp_path / 'kaggle'
     write_images(own / 'train', ['cat.0.jpg'])
     before = (own / 'train' / 'cat.0.jpg').read_bytes()
-    with pytest.raises(UserError, match='holds train, not written by demo_data'):
+    with pytest.raises(UserError, match=r"holds train already \(not marked as demo_data's own"):
         main.demo_data(root=str(own))
     assert [p.name for p in own.rglob('*')] == ['train', 'cat.0.jpg']
     assert (own / 'train' / 'cat.0.jpg').read_bytes() == before
