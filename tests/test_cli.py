@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -117,6 +118,11 @@ def test_output_piped_into_a_reader_that_stops_ends_quietly(verb, tmp_path):
     process.stdout.close()  # the reader is gone before main.py writes a line
     err = process.stderr.read()
     assert process.wait(timeout=120) == 141 and err == ''
+    # started with its output closed (`main.py help >&-`): nothing to say it to, and no error either
+    closed = subprocess.run(
+        process.args, cwd=ROOT, stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1)
+    )
+    assert closed.returncode == 0 and closed.stderr == ''
 
 
 @pytest.mark.slow

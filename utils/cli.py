@@ -24,7 +24,7 @@ def run(verbs):
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         fire.Fire(verbs, command=sys.argv[1:], name='main.py')
-        sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is met below
+        _flush_stdout()
     except BrokenPipeError:
         _reader_gone()
     except UserError as e:
@@ -46,7 +46,7 @@ def answer_early(main_file, argv):
         # ours lists every option; fire's cannot see inside **kwargs
         if not argv or argv[0] == 'help' or any(word in ('-h', '--help') for word in argv):
             print_help(main_file)
-            sys.stdout.flush()
+            _flush_stdout()
             sys.exit(0)
         check_words(main_file, argv)
     except BrokenPipeError:
@@ -56,11 +56,17 @@ def answer_early(main_file, argv):
         sys.exit(2)
 
 
+def _flush_stdout():
+    # here, not at exit, where a reader gone (`| head`) would print a traceback; None: started with it closed
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
 def _reader_gone():
     """The program reading our output (`| head`) has stopped: stop without a traceback, as a shell's
-    tools do, with the exit code of a writer that SIGPIPE stopped."""
+    tools do, with the exit code of a writer that SIGPIPE stopped (the idiom of Python's signal docs)."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit fails again
-    sys.exit(128 + 13)
+    sys.exit(128 + getattr(signal, 'SIGPIPE', 13))
 
 
 @dataclasses.dataclass
