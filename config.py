@@ -221,7 +221,7 @@ def _coerce(key, value, kind):
     except (TypeError, ValueError):
         name = 'a whole number' if kind is int else 'a number'
         raise UserError(f'--{key}={value!r} is invalid; it takes {name}') from None
-    if not math.isfinite(number):  # --lr=inf would train to a NaN loss
+    if kind is float and not math.isfinite(number):  # --lr=inf would train to a NaN loss
         raise UserError(f'--{key}={value!r} is invalid; it takes a finite number')
     return number
 

@@ -43,6 +43,7 @@ def test_unknown_option_far_from_any_points_to_help():
         ('max_epoch', 0, r'--max_epoch=0 is invalid; it takes a whole number >= 1'),  # not --warmup_epochs's rule
         ('batch_size', 0, r'--batch_size=0 is invalid; it takes a whole number >= 1'),
         ('batch_size', 2.5, r'--batch_size=2.5 is invalid; it takes a whole number'),
+        ('batch_size', -(10**400), r'--batch_size=-1000.* is invalid; it takes a whole number >= 1'),  # no overflow
         ('use_gpu', 'maybe', r'--use_gpu=.maybe. is invalid; it takes True or False'),
         ('model', 'ResNet35', r'--model=.ResNet35. is invalid; it takes one of ResNet34, SqueezeNet, AlexNet'),
         ('val_ratio', 1.0, r'--val_ratio=1.0 is invalid'),

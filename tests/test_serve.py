@@ -317,6 +317,9 @@ def test_a_host_that_does_not_resolve_is_one_line_naming_it():
 
     with pytest.raises(UserError, match=r'^--host=nosuch\.invalid: no such address \('):  # not 'Unknown error -2'
         listen('nosuch.invalid', 0)
+    for size in (float('nan'), float('inf')):  # --max_mb=nan, --max_mb=1e999: no size at all
+        with pytest.raises(UserError, match=f'^--max_mb={size} is invalid; it takes a number of MB above 0'):
+            listen('127.0.0.1', 0, size)
 
 
 @pytest.mark.parametrize('option', ['port', 'max_mb'])

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import html
 import io
+import math
 import os
 import socket
 import warnings
@@ -38,7 +39,7 @@ MAX_PIXELS = 50_000_000
 def listen(host='127.0.0.1', port=8000, max_mb=10):
     """The socket to serve on, once --host, --port and --max_mb are seen to be good: before the model loads."""
     whole_number('port', port, 0, 65535)
-    if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or max_mb <= 0:
+    if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or not 0 < max_mb < math.inf:
         raise UserError(f'--max_mb={max_mb!r} is invalid; it takes a number of MB above 0')
     try:
         return socket.create_server((host, port), family=socket.AF_INET6 if ':' in host else socket.AF_INET)
