@@ -125,7 +125,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                 finished, complete = epoch + 1, epoch + 1 == cfg.max_epoch or progress['stopped_early']
             reporter.epoch(record, metrics, val_data, training)
             if on_epoch is not None:
-                on_epoch(epoch, metrics, epoch + 1 == cfg.max_epoch or progress['stopped_early'])
+                on_epoch(epoch, metrics, complete)
             if progress['stopped_early']:
                 print(
                     f'stopped early: the validation loss{" of the model" if cfg.ema_decay else ""} has not '
