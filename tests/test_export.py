@@ -194,15 +194,18 @@ def test_predict_onnx_writes_predicts_csv_without_torch(run, photos, tmp_path):
 
 def test_predict_onnx_says_a_mistake_in_one_line_before_the_work(tmp_path, photos):
     (tmp_path / 'notes.onnx').write_text('not a model')
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'model.onnx').write_text('a run folder, exported')
     for argv, said in [
-        ([str(tmp_path / 'notes.onnx'), str(photos)], 'notes.onnx is not an ONNX model ('),
-        ([str(photos), str(tmp_path / 'notes.onnx')], 'is a folder: give the model.onnx first, then the photos'),
+        ([str(tmp_path / 'notes.onnx'), str(photos), f'--out={tmp_path}/new/p.csv'], 'notes.onnx cannot be loaded as'),
+        ([str(photos), str(tmp_path / 'notes.onnx')], 'is a folder; give the model.onnx first'),
         ([str(tmp_path / 'notes.onnx'), str(photos), f'--out={tmp_path}'], f'--out={tmp_path} is a folder'),
+        ([str(tmp_path / 'run'), str(photos)], f'run is a folder; give {tmp_path / "run" / "model.onnx"}'),
     ]:
         with pytest.raises(SystemExit) as stopped:
             predict_onnx(argv)
         assert str(stopped.value.code).startswith('error: ') and said in str(stopped.value.code)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.onnx']  # nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.onnx', 'run']  # nothing left behind
 
 
 def test_predict_out_naming_a_folder_is_said_before_the_work(run, photos, tmp_path):

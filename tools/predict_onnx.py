@@ -33,27 +33,32 @@ def main(argv=None):
     parser.add_argument('paths', nargs='+', help='image files or folders (searched recursively)')
     parser.add_argument('--out', default='', help='a CSV file to write the predictions to (besides printing them)')
     args = parser.parse_args(argv)
-    if Path(args.model).is_dir():
-        sys.exit(f'error: {args.model} is a folder: give the model.onnx first, then the photos')
-    if not Path(args.model).is_file():
-        sys.exit(f'error: {args.model} does not exist')
+    model = Path(args.model)
+    if model.is_dir():
+        exported = model / 'model.onnx'
+        sys.exit(
+            f'error: {model} is a folder; give ' + (f'{exported}' if exported.is_file() else 'the model.onnx first')
+        )
+    if not model.is_file():
+        sys.exit(f'error: {model} does not exist')
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         sys.exit(f'error: --out={out} is a folder; give a file name, {out / "predictions.csv"} say')
     files = find_images(args.paths)  # the mistakes a user can make are said before the work
     try:
+        session = onnxruntime.InferenceSession(model, providers=['CPUExecutionProvider'])
+    except Exception as e:  # onnxruntime's errors share no base class of their own
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        sys.exit(f'error: {model} cannot be loaded as an ONNX model ({reason})')
+    meta = session.get_modelmeta().custom_metadata_map
+    if 'classes' not in meta or 'image_size' not in meta:
+        sys.exit(f'error: {model} names no classes or image size; export it with `python main.py export`')
+    classes, size = json.loads(meta['classes']), int(meta['image_size'])
+    try:
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         sys.exit(f'error: --out: cannot make {out.parent} ({e.strerror})')
-    try:
-        session = onnxruntime.InferenceSession(args.model, providers=['CPUExecutionProvider'])
-    except Exception as e:  # onnxruntime's errors share no base class of their own
-        sys.exit(f'error: {args.model} is not an ONNX model ({str(e).splitlines()[0][:200]})')
-    meta = session.get_modelmeta().custom_metadata_map
-    if 'classes' not in meta or 'image_size' not in meta:
-        sys.exit(f'error: {args.model} names no classes or image size: export it with `python main.py export`')
-    classes, size = json.loads(meta['classes']), int(meta['image_size'])
     names, probs, skipped = [], [], []
     for start in range(0, len(files), BATCH):
         images = []
