@@ -72,12 +72,7 @@ class DogCat(ImageFiles):
             if split.val_ratio or split.folds:
                 kept = _split(targets, len(self.classes), split)[mode]
                 if not kept:
-                    images = ', '.join(f'{c}: {targets.count(i)}' for i, c in enumerate(self.classes))
-                    share = f'--folds={split.folds}' if split.folds else f'--val_ratio={split.val_ratio}'
-                    raise UserError(
-                        f'{root}: too few images ({images}) to hold out a {mode} split at {share}; give more, '
-                        'another share, or validation images of their own (--val_data_root)'
-                    )
+                    raise _too_few(root, mode, split, targets, self.classes)
                 paths, targets, self.ids = ([column[i] for i in kept] for column in (paths, targets, self.ids))
         if mode == 'train':
             super().__init__(paths, targets, transform or train_transform(image_size))
@@ -271,6 +266,18 @@ def list_unlabelled(root):
         if id_ == next_id:  # x.jpg and x.png: two rows of one id in the submission
             raise UserError(f'{root / first} and {second} would have the same id {id_} in the submission; rename one')
     return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
+
+
+def _too_few(root, mode, split, targets, classes):
+    """The UserError of a split that holds no image, naming the ways out."""
+    images = ', '.join(f'{c}: {targets.count(i)}' for i, c in enumerate(classes))
+    if split.folds:
+        share, ways = f'--folds={split.folds}', 'fewer --folds'
+    else:
+        share = f'--val_ratio={split.val_ratio}'
+        more = 'higher' if mode == 'val' else 'lower'
+        ways = f'a {more} --val_ratio, or validation images of their own (--val_data_root)'
+    return UserError(f'{root}: too few images ({images}) for a {mode} split at {share}; give more, {ways}')
 
 
 def _split(targets, n_classes, split):

@@ -118,8 +118,16 @@ def test_dataset_keeps_paths_not_images(tmp_path):
 
 def test_too_few_images_for_a_split_is_a_clear_error(tmp_path):
     root = write_images(tmp_path, labelled_names(1))
-    with pytest.raises(UserError, match=r'too few images \(cat: 1, dog: 1\) to hold out a val split.*--val_data_root'):
+    with pytest.raises(
+        UserError,
+        match=r'too few images \(cat: 1, dog: 1\) for a val split at --val_ratio=0.3; give '
+        r'more, a higher --val_ratio, or validation images of their own \(--val_data_root\)$',
+    ):
         DogCat(root, 'val', split=Split(0.3))
+    with pytest.raises(UserError, match=r'for a train split at --val_ratio=0.9; give more, a lower --val_ratio'):
+        DogCat(root, 'train', split=Split(0.9))
+    with pytest.raises(UserError, match=r'\(cat: 1, dog: 1\) for a val split at --folds=3; give more, fewer --folds$'):
+        DogCat(root, 'val', split=Split(0, folds=3, fold=2))
 
 
 def pillow_pixels(path, draft=None):
