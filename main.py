@@ -249,7 +249,7 @@ def export(*run, format='onnx', **kwargs):
     from verbs.export import export_model  # onnx and onnxruntime load only here
 
     cfg = options(kwargs, run, trains=False)
-    export_model(cfg, load_trained(cfg, HELD_OUT), format)  # checked on val's images
+    export_model(cfg, load_trained(cfg, HELD_OUT))  # checked on val's images
 
 
 def serve(*run, host='127.0.0.1', port=8000, max_mb=10, **kwargs):

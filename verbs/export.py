@@ -33,7 +33,7 @@ class Normalised(nn.Module):
         return self.model((images.float() - self.mean) / self.std)
 
 
-def export_model(cfg, trained, format='onnx'):
+def export_model(cfg, trained):
     """Write trained.model as model.onnx beside its checkpoint, once onnxruntime has been seen to
     give PyTorch's probabilities and classes on the run's validation images."""
     images = validation_images(cfg, trained.classes)  # before the slow export: missing data fails at once
