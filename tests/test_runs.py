@@ -234,8 +234,10 @@ def test_resuming_takes_the_runs_data_and_a_finished_run_says_to_raise_max_epoch
     options = fast_options(tmp_path, tiny_data, resume='done', max_epoch=2)
     del options['train_data_root']  # the default, data/train, is not where the run's data is
     del options['num_workers']  # the default, one a core: the run's augmentation drew from none
+    del options['vis'], options['tensorboard']  # the defaults, True: a run made without curves goes on without
     main.train(**options)
-    assert f'train_data_root={tiny_data / "train"} num_workers=0' in capsys.readouterr().out
+    assert f'train_data_root={tiny_data / "train"} num_workers=0 vis=False tensorboard=False' in capsys.readouterr().out
+    assert not list((tmp_path / 'checkpoints' / 'done').glob('events.out.tfevents.*'))
     with pytest.raises(UserError, match='has trained its 2 epochs; raise --max_epoch'):
         main.train(**options)
 

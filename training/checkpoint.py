@@ -34,11 +34,12 @@ RESUME_KEYS = (
     'lr_scheduler lr_step_size warmup_epochs no_decay_norm label_smoothing mixup_alpha cutmix_alpha grad_accum_steps '
     'clip_grad_norm ema_decay early_stop auto_augment random_erase'
 ).split()
-# ...and those it takes unless given: the plan and the data, which may have moved, and the loader's
-# workers, whose count the default takes from the machine: each draws random numbers of its own
+# ...and those it takes unless given: the plan and the data, which may have moved, the loader's
+# workers, whose count the default takes from the machine (each draws random numbers of its own),
+# and where its curves go
 RESUME_DEFAULTS = (
     'max_epoch train_data_root val_data_root test_data_root train_labels val_labels image_column label_column '
-    'batch_size num_workers'
+    'batch_size num_workers vis env tensorboard print_freq'
 ).split()
 # the options that say which images a run validated on: val and export take them from its checkpoint
 SPLIT = ('val_ratio', 'folds', 'fold', 'seed')
