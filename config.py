@@ -159,6 +159,7 @@ class DefaultConfig:
             ('image_column', self.train_labels or self.val_labels or not self.image_column, NO_CSV),
             ('label_column', self.train_labels or self.val_labels or not self.label_column, NO_CSV),
             ('vis_port', 0 < self.vis_port < 65536, 'a port number 1-65535'),
+            ('seed', 0 <= self.seed < 2**32, 'a whole number from 0 to 4294967295'),  # NumPy's range (Optuna's)
         ]
         for name, ok, accepts in rules:
             if not ok:

@@ -40,6 +40,8 @@ def test_unknown_option_far_from_any_points_to_help():
         ('lr', 0, r'--lr=0.0 is invalid'),
         ('lr', 'inf', r"--lr='inf' is invalid; it takes a finite number"),
         ('clip_grad_norm', float('nan'), r'--clip_grad_norm=nan is invalid; it takes a finite number'),
+        ('seed', -1, r'--seed=-1 is invalid; it takes a whole number from 0 to 4294967295'),
+        ('seed', 2**32, r'--seed=4294967296 is invalid'),
         ('max_epoch', 0, r'--max_epoch=0 is invalid; it takes a whole number >= 1'),  # not --warmup_epochs's rule
         ('batch_size', 0, r'--batch_size=0 is invalid; it takes a whole number >= 1'),
         ('batch_size', 2.5, r'--batch_size=2.5 is invalid; it takes a whole number'),

@@ -479,3 +479,10 @@ def test_a_sweep_never_takes_a_kfolds_folder(tmp_path, tiny_data):
     with pytest.raises(UserError, match='is a training run or a kfold, not a sweep'):
         main.sweep(trials=1, space='hflip=True|False', **sweep_options(tmp_path, tiny_data), name='k')
     assert sorted(p.name for p in folder.iterdir()) == ['kfold.json']
+
+
+def test_the_largest_seed_draws_trials_and_trains_them(tmp_path, tiny_data):
+    # a loader worker seeds itself from the run's seed, the epoch and more: a larger number still
+    options = sweep_options(tmp_path, tiny_data, max_epoch=1, seed=2**32 - 1, num_workers=1)
+    out, folder = sweep_here(1, 'lr=1e-3..1e-2:log', options)
+    assert [t.state.name for t in trials_of(folder).values()] == ['COMPLETE']

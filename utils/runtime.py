@@ -131,7 +131,7 @@ def pick_device(use_gpu, announce=False):
 
 def seed_everything(seed):
     random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA
+    torch.manual_seed(seed % 2**64)  # also seeds CUDA; a seed made of the run's, an epoch's and more may be larger
 
 
 def amp_dtype(device):

@@ -201,7 +201,7 @@ def run_trial(trial, study, plan, train, share):
     import optuna
 
     # a seed per trial: the same command draws the same trials, processes sharing a study draw apart
-    study.sampler = optuna.samplers.TPESampler(seed=plan.base.seed * 100_003 + trial.number)
+    study.sampler = optuna.samplers.TPESampler(seed=(plan.base.seed * 100_003 + trial.number) % 2**32)
     earlier = study.get_trials(deepcopy=False, states=counted(running=True))  # other processes' running ones too
     if sum(t.number < trial.number for t in earlier) >= plan.trials:
         study.stop()  # another process took the last trial meanwhile
