@@ -213,6 +213,8 @@ def _coerce(key, value, kind):
             return False
         raise UserError(f'--{key}={value!r} is invalid; it takes True or False')
     if kind is str:
+        if value is True and key != 'amp':  # `--name` alone, which fire reads as True (--amp alone: --amp=True)
+            raise UserError(f'--{key} takes a value: --{key}=...')
         # fire turns `--env=123` into an int and `--load_model_path=None` into None
         return '' if value is None else str(value)
     try:

@@ -40,6 +40,7 @@ def test_unknown_option_far_from_any_points_to_help():
         ('lr', 0, r'--lr=0.0 is invalid'),
         ('lr', 'inf', r"--lr='inf' is invalid; it takes a finite number"),
         ('clip_grad_norm', float('nan'), r'--clip_grad_norm=nan is invalid; it takes a finite number'),
+        ('name', True, r'^--name takes a value: --name=\.\.\.$'),  # `--name` alone, which fire reads as True
         ('seed', -1, r'--seed=-1 is invalid; it takes a whole number from 0 to 4294967295'),
         ('seed', 2**32, r'--seed=4294967296 is invalid'),
         ('max_epoch', 0, r'--max_epoch=0 is invalid; it takes a whole number >= 1'),  # not --warmup_epochs's rule
@@ -173,3 +174,7 @@ def test_the_readmes_option_table_shows_real_options_with_their_defaults():
     for name, default, meaning in rows:
         assert name in options, name
         assert default == str(options[name][0]) and meaning == options[name][1], name
+
+
+def test_amp_alone_turns_it_on():
+    assert DefaultConfig().check_values({'amp': True}).amp == 'True'  # `--amp`, which fire reads as True
