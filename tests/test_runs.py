@@ -227,6 +227,8 @@ def test_a_checkpoint_folder_from_before_runs_is_still_usable_by_path(tmp_path, 
     assert (old / 'result.csv').read_text().startswith('id,label\n')
     main.test(**options, load_model_path=str(old / 'best.pth'))
     assert (old / 'result-2.csv').exists()
+    with pytest.raises(UserError, match=f'--result_file={tmp_path} is a folder; give a file name'):
+        main.test(**options, result_file=str(tmp_path))
 
 
 def test_resuming_takes_the_runs_data_and_a_finished_run_says_to_raise_max_epoch(tmp_path, tiny_data, capsys):

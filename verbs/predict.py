@@ -22,6 +22,10 @@ def write_submission(cfg, trained):
     folder = cfg.require_dir('test_data_root')
     data = DogCat(folder, 'test', cfg.image_size)
     result_file = cfg.path('result_file') if cfg.result_file else unused(trained.path.parent, 'result', '.csv')
+    if result_file.is_dir():
+        raise UserError(
+            f'--result_file={cfg.result_file} is a folder; give a file name, {result_file / "result.csv"} say'
+        )
     writable_folder(result_file.parent, 'result_file')
     predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
     if not rt.is_main:
