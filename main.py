@@ -8,7 +8,8 @@ from utils.cli import answer_early
 if __name__ == '__main__':
     answer_early(__file__, sys.argv[1:])  # help and mistyped words answer before torch loads
 
-import time  # noqa: E402 (the check above comes first: these imports take seconds)
+import bdb  # noqa: E402 (the check above comes first: these imports take seconds)
+import time
 
 import torch
 
@@ -133,7 +134,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
                     'higher --max_epoch trains on'
                 )
                 break
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, bdb.BdbQuit):  # Ctrl-C, a SIGTERM, or `q` in debug mode's ipdb
         if complete:
             print(f'\nstopped after the last epoch was saved: the run in {run_dir} is complete')
             raise

@@ -1,5 +1,6 @@
 """Debug mode: while tmp/debug exists, training stops in ipdb with the step's objects at hand."""
 
+import json
 import subprocess
 import sys
 import time
@@ -71,6 +72,8 @@ def test_quitting_the_debugger_ends_cleanly_and_keeps_the_checkpoint(tmp_path, t
     assert result.returncode == 130
     assert 'quit from the debugger' in result.stderr and 'Traceback' not in result.stderr
     assert last.read_bytes() == before
+    assert f'stopped during epoch 2, which is lost; {last} holds epoch 1: --resume=' in result.stdout  # as Ctrl-C
+    assert json.loads((last.parent / 'config.json').read_text())['interrupted'] == 'during epoch 2'
     time.sleep(0.5)
     leftover = subprocess.run(['pgrep', '-f', str(tmp_path / 'checkpoints')], capture_output=True, text=True)
     assert not leftover.stdout.split(), 'DataLoader workers outlived the run'
