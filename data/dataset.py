@@ -94,7 +94,7 @@ def list_labelled(root, classes=None, labels=None, held_out=frozenset(), count_u
     found = sorted(samples, key=by_class)
     if classes is None:
         if len(found) == 1:
-            raise UserError(f'{root} holds one class only ({_counts(samples)}): a classifier needs two or more')
+            raise _one_class(root, found[0], samples[found[0]], ignored)
         classes = found
     elif not set(found) <= set(classes):
         raise UserError(
@@ -266,6 +266,17 @@ def list_unlabelled(root):
         if id_ == next_id:  # x.jpg and x.png: two rows of one id in the submission
             raise UserError(f'{root / first} and {second} would have the same id {id_} in the submission; rename one')
     return [str(root / name) for _, name in samples], [i for i, _ in samples], sorted(ignored)
+
+
+def _one_class(root, name, samples, ignored):
+    """The UserError of a folder holding one class, and what else it holds."""
+    hint = ''
+    if all(len(Path(file).parts) > 1 and KAGGLE_NAME.fullmatch(Path(file).name) for _, file in samples):
+        # Kaggle's zip unpacked one level deeper: train/train/cat.0.jpg
+        hint = f'; its images are in a folder of their own: --train_data_root={root / name}?'
+    elif ignored:
+        hint = f'; also there: {", ".join(sorted(ignored)[:3])} (images are {", ".join(IMAGE_SUFFIXES)} files)'
+    return UserError(f'{root} holds one class only ({name}: {len(samples)}): a classifier needs two or more{hint}')
 
 
 def _too_few(root, mode, split, targets, classes):

@@ -171,6 +171,17 @@ def test_layout_errors_say_what_was_found_per_class(tmp_path, make, fragments):
     assert_one_line_error(result, *fragments)
 
 
+def test_one_class_says_where_the_others_may_be(tmp_path):
+    kaggle_names(tmp_path / 'unzipped' / 'train', {'cat': 2, 'dog': 2})  # train/train/cat.0.jpg
+    with pytest.raises(UserError, match=r'one class only \(train: 4\).*: --train_data_root=.*unzipped/train\?$'):
+        DogCat(tmp_path / 'unzipped', 'train')
+    for name in ('cat/1.jpg', 'cat/2.jpg', 'dog/1.tif'):  # a format this project does not read
+        (tmp_path / 'mixed' / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (40, 30)).save(tmp_path / 'mixed' / name)
+    with pytest.raises(UserError, match=r'one class only \(cat: 2\).*; also there: dog, dog/1.tif \(images are \.jpg'):
+        DogCat(tmp_path / 'mixed', 'train')
+
+
 def test_petimages_layout_skips_unreadable_files_and_ignores_the_rest(tmp_path, tiny_data):
     root = tmp_path / 'PetImages'
     for kind, folder in (('cat', 'Cat'), ('dog', 'Dog')):
