@@ -314,3 +314,20 @@ def test_a_stop_after_the_last_epoch_is_saved_leaves_a_complete_run(tmp_path, ti
     assert (
         'done  SqueezeNet  cat,dog  2/2 epochs' in (listed := capsys.readouterr().out) and 'interrupted' not in listed
     )
+
+
+def test_a_resumed_run_on_moved_data_is_validated_and_tested_where_its_data_is_now(tmp_path, tiny_data, monkeypatch):
+    scripted_validation(monkeypatch, accuracies=[0.9, 0.5], losses=[0.3, 0.6])  # best.pth: the epoch before the move
+    moved = tmp_path / 'moved'
+    shutil.copytree(tiny_data, moved)
+    main.train(**fast_options(tmp_path, moved, name='mv'))
+    moved.rename(tmp_path / 'there')
+    main.train(**fast_options(tmp_path, tmp_path / 'there', resume='mv', max_epoch=2))
+    run = tmp_path / 'checkpoints' / 'mv'
+    assert not os.path.samefile(run / 'best.pth', run / 'last.pth')
+    options = fast_options(tmp_path, tiny_data)
+    for data_option in ('train_data_root', 'test_data_root', 'result_file'):
+        del options[data_option]
+    main.val(**options, load_model_path='mv')
+    main.test(**options, load_model_path='mv')
+    assert (run / 'result.csv').read_text().count('\n') == 1 + len(list((tmp_path / 'there' / 'test1').iterdir()))

@@ -24,7 +24,15 @@ from torch.optim.lr_scheduler import LambdaLR, LinearLR
 from config import UserError
 from models import FoldEnsemble, build_model
 from utils.files import atomic_link, atomic_save, load_checkpoint
-from utils.run_folders import KfoldRecord, SweepRecord, check_name_free, find_checkpoint, latest_run, runs_newest_first
+from utils.run_folders import (
+    KfoldRecord,
+    SweepRecord,
+    check_name_free,
+    find_checkpoint,
+    latest_run,
+    read_config,
+    runs_newest_first,
+)
 
 from .engine import REDRAWN
 
@@ -280,7 +288,9 @@ def load_one(cfg, path, data_options=()):
         raise UserError(f'{path} holds no classes: it is not the checkpoint of a run, nor weights from model.save()')
     made = state['config']
     cfg.inherit(made, ('model', 'image_size'), path)
-    cfg.inherit(made, data_options, path, strict=False)
+    # the data as the run's folder says now: a resume since may have moved it, which an earlier best.pth does not know
+    now = read_config(path.parent)['options'] if (path.parent / 'config.json').is_file() else made
+    cfg.inherit(now, data_options, path, strict=False)
     tta = cfg.tta and made['hflip']
     if cfg.tta and not tta:
         print(f'--tta: {path} was trained without mirror images (--hflip=False), so none are added')
