@@ -92,7 +92,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
 
     # step 4: train, validate, report and keep the checkpoints, epoch by epoch, in the run's folder
     run_dir = rt.broadcast(start_run(cfg, resume, classes, rt) if rt.is_main else None)
-    reporter = Reporter(cfg, rt, run_dir, len(train_loader), resume.start_epoch)
+    reporter = Reporter(cfg, rt, run_dir, len(train_loader), resume.start_epoch, progress['steps'])
     if fresh:
         blank = model_input(torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), rt.device, rt.layout)
         reporter.board.graph(model_without_ddp, blank)
@@ -113,7 +113,7 @@ def fit(cfg, root, resume, rt, on_epoch=None):
             metrics = engine.validate(training, val_loader, rt)
             if training.epoch_scheduler is not None and epoch >= cfg.warmup_epochs:
                 training.epoch_scheduler.step(metrics['model_loss'])
-            progress = advance(progress, metrics, cfg)
+            progress = advance(progress, metrics, cfg, steps=reporter.step(epoch + 1))
 
             state = training_state(cfg, classes, epoch, training, progress, validated)
             unreadable = [train_data.paths[i] for i in skipped] + [val_data.paths[i] for i in metrics['skipped']]
@@ -157,8 +157,9 @@ def fit(cfg, root, resume, rt, on_epoch=None):
     return run_dir
 
 
-def advance(progress, metrics, cfg):
-    """The run's progress (see checkpoint.NO_PROGRESS) after an epoch validated with `metrics`."""
+def advance(progress, metrics, cfg, steps):
+    """The run's progress (see checkpoint.NO_PROGRESS) after an epoch validated with `metrics`, having
+    trained `steps` batches in all."""
     better_loss = metrics['model_loss'] < progress['best_loss']
     stale = 0 if better_loss else progress['stale_epochs'] + 1
     return {
@@ -167,6 +168,7 @@ def advance(progress, metrics, cfg):
         'stale_epochs': stale,
         'weights': metrics['weights'],
         'stopped_early': bool(cfg.early_stop) and stale >= cfg.early_stop,
+        'steps': steps,
     }
 
 

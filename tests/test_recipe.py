@@ -462,9 +462,9 @@ def test_label_smoothing_shapes_the_training_loss_and_stays_out_of_the_validatio
     first = {}
     real = Reporter.train_loss
 
-    def first_point(self, value, step):  # print_freq=1: the loss of the first batch, before any step
+    def first_point(self, value, epoch, step):  # print_freq=1: the loss of the first batch, before any step
         first.setdefault(self.metrics_file.parent.parent.parent.name, value)
-        real(self, value, step)
+        real(self, value, epoch, step)
 
     monkeypatch.setattr(Reporter, 'train_loss', first_point)
     main.train(**fast_options(tmp_path / 'plain', tiny_data, print_freq=1))

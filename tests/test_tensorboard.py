@@ -164,3 +164,11 @@ def test_tensorboard_draws_the_curves_of_both_runs_and_listens_on_loopback(tmp_p
     for name, colour in colours.items():  # lines with vertices in that run's colour: its curves, drawn
         lines = re.findall(rf'<path d="(M[^"]*L[^"]*)" style="[^"]*stroke: {re.escape(colour)}', dom)
         assert len(lines) >= 4, (name, len(lines))  # loss/train, loss/val, train/loss, val/log_loss
+
+
+def test_a_run_resumed_with_another_batch_size_keeps_its_earlier_points(tmp_path, tiny_data):
+    run = train_with_tensorboard(tmp_path, tiny_data, max_epoch=1, batch_size=4)  # 7 steps
+    train_with_tensorboard(tmp_path, tiny_data, max_epoch=2, batch_size=8, resume='latest')  # 4 more
+    board = events(run)
+    assert sorted(e.step for e in board.Scalars('val/accuracy')) == [7, 11]
+    assert sorted(e.step for e in board.Scalars('train/loss')) == [2, 4, 6, 9, 11]

@@ -60,13 +60,14 @@ WHERE = ('train_data_root', 'image_column', 'label_column', *SPLIT)
 TRAINING_ONLY = ('optimizer', 'scheduler', 'step_scheduler', 'scaler', 'ema_updates')
 # where a run stands: the best validation accuracy and loss so far, the epochs since the loss
 # last improved (--early_stop), which weights validate better ('model', or 'ema' for the moving
-# average of --ema_decay), and whether it stopped early
+# average of --ema_decay), whether it stopped early, and the batches it has trained (the x of its curves)
 NO_PROGRESS = {
     'best_accuracy': 0.0,
     'best_loss': math.inf,
     'stale_epochs': 0,
     'weights': 'model',
     'stopped_early': False,
+    'steps': 0,
 }
 
 

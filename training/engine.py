@@ -74,7 +74,7 @@ def train_one_epoch(training, loader, rt, cfg, epoch, reporter):
                                f'try a lower --lr{kept}')  # fmt: skip
             if window_loss is not None and step % cfg.print_freq == 0:
                 bar.set_postfix(loss=f'{window_loss:.4f}')
-                reporter.train_loss(window_loss, epoch * steps + step)
+                reporter.train_loss(window_loss, epoch, step)
             if rt.is_main and cfg.path('debug_file').exists():  # the other processes wait for this one
                 debug_prompt(training, cfg, (images, targets), loss, epoch, step)
     bar.close()

@@ -21,26 +21,33 @@ LOOKED = 'most wrong, where it looked'  # the Grad-CAM pictures' window and tag
 class Reporter:
     """The dashboards of one run: metrics.jsonl, visdom and TensorBoard, in the run's folder."""
 
-    def __init__(self, cfg, rt, run_dir, steps_per_epoch, start_epoch):
+    def __init__(self, cfg, rt, run_dir, steps_per_epoch, start_epoch, start_step=0):
         self.max_epoch = cfg.max_epoch
         self.given = cfg.given  # shown in HParams even at their default: a sweep's options, say
-        self.steps = steps_per_epoch  # the x of every TensorBoard point is the number of batches trained
+        # the x of every point is the number of batches trained; a resumed run counts on from its
+        # checkpoint's (start_step), as another --batch_size changes the batches an epoch takes
+        self.steps, self.start_epoch = steps_per_epoch, start_epoch
+        self.start_step = start_step or start_epoch * steps_per_epoch
         self.rt, self.cam_layer = rt, cfg.cam_layer
         self.cams = True  # Grad-CAM pictures in the dashboards: off once --cam_layer named no layer
         self.metrics_file = run_dir / 'metrics.jsonl' if rt.is_main else None  # one JSON line per epoch
         env = cfg.env or run_dir.name
         self.vis = Visualizer(env, cfg.vis_server, cfg.vis_port, enabled=cfg.vis and rt.is_main)
         # a resumed run's points go on after the last checkpointed step; an interrupted epoch's are dropped
-        purge_step = start_epoch * steps_per_epoch + 1 if start_epoch else None
+        purge_step = self.start_step + 1 if start_epoch else None
         self.board = Board(run_dir, purge_step=purge_step, enabled=cfg.tensorboard and rt.is_main)
         if self.vis.enabled:
             print(f'curves: visdom {cfg.vis_server}:{cfg.vis_port}/env/{env}')
         if self.board.enabled:
             print(f'curves: tensorboard --logdir {run_dir.parent}  (this run: {run_dir.name})')
 
-    def train_loss(self, value, step):
-        self.vis.plot('train_loss', value, x=step)
-        self.board.scalar('train/loss', value, step)
+    def step(self, epoch, step=0):
+        """The x of a point `step` batches into epoch `epoch` (from 0): of the end of epoch - 1 with step 0."""
+        return self.start_step + (epoch - self.start_epoch) * self.steps + step
+
+    def train_loss(self, value, epoch, step):
+        self.vis.plot('train_loss', value, x=self.step(epoch, step))
+        self.board.scalar('train/loss', value, self.step(epoch, step))
 
     def keep(self, record):
         """The epoch's line of metrics.jsonl: written with its checkpoint, as `runs` reads them together."""
@@ -60,7 +67,7 @@ class Reporter:
         vis.plot('lr', record['lr'], x=epoch, ytype='log')  # decays by factors: even steps on a log axis
         vis.confusion('confusion', record['confusion'], record['classes'])
         vis.log(summary)
-        step = epoch * self.steps
+        step = self.step(epoch)  # record['epoch'] counts from 1: the end of the epoch
         self.board.epoch(record, step)
         if vis.enabled or self.board.enabled:
             wrong = most_wrong(val_data, metrics, record['classes'])
