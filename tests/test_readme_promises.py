@@ -66,10 +66,10 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_one_that_never_stoppe
 
     real = report.Reporter.train_loss
 
-    def ctrl_c_mid_epoch_2(self, value, step):  # 4 batches an epoch: step 6 is half-way into epoch 2
-        if step == 6:
+    def ctrl_c_mid_epoch_2(self, value, epoch, step):  # 4 batches an epoch: half-way into epoch 2
+        if (epoch, step) == (1, 2):
             raise KeyboardInterrupt
-        real(self, value, step)
+        real(self, value, epoch, step)
 
     monkeypatch.setattr(report.Reporter, 'train_loss', ctrl_c_mid_epoch_2)
     with pytest.raises(KeyboardInterrupt):
