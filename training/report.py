@@ -42,7 +42,7 @@ class Reporter:
             print(f'curves: tensorboard --logdir {run_dir.parent}  (this run: {run_dir.name})')
 
     def step(self, epoch, step=0):
-        """The x of a point `step` batches into epoch `epoch` (from 0): of the end of epoch - 1 with step 0."""
+        """The x of a point `step` batches into epoch `epoch` (counted from 0); step 0: the end of the epoch before."""
         return self.start_step + (epoch - self.start_epoch) * self.steps + step
 
     def train_loss(self, value, epoch, step):
