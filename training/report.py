@@ -46,8 +46,9 @@ class Reporter:
         return self.start_step + (epoch - self.start_epoch) * self.steps + step
 
     def train_loss(self, value, epoch, step):
-        self.vis.plot('train_loss', value, x=self.step(epoch, step))
-        self.board.scalar('train/loss', value, self.step(epoch, step))
+        x = self.step(epoch, step)
+        self.vis.plot('train_loss', value, x=x)
+        self.board.scalar('train/loss', value, x)
 
     def keep(self, record):
         """The epoch's line of metrics.jsonl: written with its checkpoint, as `runs` reads them together."""

@@ -85,6 +85,14 @@ def writable_folder(folder, option):
         raise UserError(f'--{option}: cannot write in {folder} ({_reason(e, folder, folder, probe)})') from None
 
 
+def writable_file(path, option, example):
+    """writable_folder() of the file `path` gives, once it is seen to name no folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f'--{option}={path} is a folder; give a file name, {path / example} say')
+    writable_folder(path.parent, option)
+
+
 def _reason(error, folder, *named):
     """Why a write in `folder` failed: a file where one of its folders should be, or what the
     OS said, naming the path it was about unless the message already does (`named`)."""

@@ -11,7 +11,7 @@ from data.decode import IMAGE_SUFFIXES, hidden
 from data.transforms import eval_transform
 from training.engine import clipped_probabilities, infer_dataset, predicted
 from training.explain import check_layer, write_overlays
-from utils.files import unused, writable_folder, write_csv
+from utils.files import unused, writable_file, write_csv
 
 EXPLAINED = re.compile(r'-cam(-\d+)?\.png$')  # the pictures of predict --explain
 
@@ -22,11 +22,7 @@ def write_submission(cfg, trained):
     folder = cfg.require_dir('test_data_root')
     data = DogCat(folder, 'test', cfg.image_size)
     result_file = cfg.path('result_file') if cfg.result_file else unused(trained.path.parent, 'result', '.csv')
-    if result_file.is_dir():
-        raise UserError(
-            f'--result_file={cfg.result_file} is a folder; give a file name, {result_file / "result.csv"} say'
-        )
-    writable_folder(result_file.parent, 'result_file')
+    writable_file(result_file, 'result_file', 'result.csv')
     predictions, rt = infer_dataset(cfg, trained.model, data, trained.tta)
     if not rt.is_main:
         return
@@ -48,10 +44,8 @@ def predict_files(cfg, trained, files, out='', explain=False):
     """Print a line per image file (class, probability) and write them to `out` if given;
     explain: and a Grad-CAM picture per image (explain.py), beside `out` or in the run's explained/."""
     data = ImageFiles(files, list(range(len(files))), eval_transform(cfg.image_size), draft=cfg.image_size)
-    if out and Path(out).is_dir():
-        raise UserError(f'--out={out} is a folder; give a file name, {Path(out) / "predictions.csv"} say')
     if out:
-        writable_folder(Path(out).parent, 'out')
+        writable_file(out, 'out', 'predictions.csv')
     if explain not in (True, False):
         raise UserError(f'--explain={explain!r} is invalid; it takes True or False')
     if explain:
